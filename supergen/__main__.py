@@ -1,0 +1,5 @@
+import sys
+
+from supergen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""The contract between the engine and one family of Diffusers video models.
+
+Everything model-specific lives in an adapter: latent layout and scale
+factors, the native size, prompt encoding (through the pipeline's own
+``encode_prompt``), calling the transformer on a batch of latent tiles with
+classifier-free guidance batched, RoPE positions, and VAE encode/decode. The
+tiling, cache, parallel and sampler code only sees canonical ``B,C,F,H,W``
+latents in the VAE's normalised space and these methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """Pixel <-> latent arithmetic of one backbone.
+
+    ``patch`` is the transformer's patch size in latent cells (t, h, w): tiles,
+    overlaps and grid shifts are kept multiples of it so tokens never straddle
+    a tile edge.
+    """
+
+    channels: int
+    scale_temporal: int
+    scale_spatial: int
+    patch: tuple[int, int, int]
+
+    @property
+    def pixel_multiple(self) -> tuple[int, int]:
+        """Height/width must be multiples of these (VAE scale x patch)."""
+        return self.scale_spatial * self.patch[1], self.scale_spatial * self.patch[2]
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.scale_temporal + 1
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        return (latent_frames - 1) * self.scale_temporal + 1
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+        """(F, H, W) of the latent for a video of this pixel size."""
+        return self.latent_frames(num_frames), height // self.scale_spatial, width // self.scale_spatial
+
+
+@dataclass
+class Conditioning:
+    """Text (and other) conditioning for one prompt, ready for :meth:`BackboneAdapter.predict`.
+
+    ``negative`` is ``None`` when guidance is off. ``extra`` carries what some
+    backbones need besides the sequence embeddings (pooled text, masks...).
+    """
+
+    prompt: str
+    positive: torch.Tensor
+    negative: torch.Tensor | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenPositions:
+    """Per-axis RoPE positions (in tokens) for each tile of a batch.
+
+    Each tensor has shape (N, n_axis): tile ``k`` of the batch has frames
+    ``frames[k]``, rows ``rows[k]`` and columns ``cols[k]``. Positions may be
+    non-contiguous (a tile that wraps around the canvas edge).
+    """
+
+    frames: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+class BackboneAdapter(ABC):
+    """Wraps one loaded Diffusers pipeline; see the module docstring."""
+
+    #: Diffusers transformer classes (by name) this adapter serves.
+    transformer_classes: tuple[str, ...] = ()
+    #: Diffusers pipeline classes (by name) this adapter serves.
+    pipeline_classes: tuple[str, ...] = ()
+
+    def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
+        self.pipeline = pipeline
+        #: Run the conditional and unconditional branches in one batch (faster);
+        #: False runs them one after the other, exactly as the Diffusers pipelines do.
+        self.batch_cfg = True
+        self.geometry = self._geometry()
+        self.native_height, self.native_width, self.native_num_frames = native_size or self.default_native_size()
+
+    # --- description -----------------------------------------------------
+    @abstractmethod
+    def _geometry(self) -> LatentGeometry: ...
+
+    @abstractmethod
+    def default_native_size(self) -> tuple[int, int, int]:
+        """(height, width, frames) the checkpoint was trained at, read from its config."""
+
+    @property
+    def native_latent_shape(self) -> tuple[int, int, int]:
+        return self.geometry.latent_shape(self.native_height, self.native_width, self.native_num_frames)
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline._execution_device
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    def describe(self) -> str:
+        f, h, w = self.native_latent_shape
+        return (
+            f"{type(self).__name__}({type(self.pipeline).__name__}, native {self.native_height}x{self.native_width}"
+            f"x{self.native_num_frames}f = latent {f}x{h}x{w})"
+        )
+
+    # --- conditioning and the model ---------------------------------------
+    @abstractmethod
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str | None, guidance_scale: float, max_sequence_length: int | None = None
+    ) -> Conditioning: ...
+
+    @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float,
+        positions: TokenPositions | None = None,
+        guidance_scale_2: float | None = None,
+    ) -> torch.Tensor:
+        """Model prediction for a batch of latent tiles ``(N, C, F, H, W)`` at one timestep.
+
+        Classifier-free guidance runs the conditional and unconditional branch
+        of every tile in one batch. ``positions`` overrides the RoPE positions
+        (``None``: each tile gets the positions of a standalone video).
+        """
+
+    def token_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        pt, ph, pw = self.geometry.patch
+        f, h, w = latent_shape
+        return f // pt, h // ph, w // pw
+
+    def tokens(self, latent_shape: tuple[int, int, int]) -> int:
+        return int(np.prod(self.token_grid(latent_shape)))
+
+    # --- noise and VAE ----------------------------------------------------
+    def prepare_noise(self, latent_shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
+        """Gaussian noise of shape (1, C, F, H, W), drawn as the Diffusers pipeline draws it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (1, self.geometry.channels, *latent_shape)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Normalised latents (B,C,F,H,W) -> video in [-1, 1] (B,3,F',H',W')."""
+
+    @abstractmethod
+    def encode(self, video: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Video in [-1, 1] (B,3,F,H,W) -> normalised latents (B,C,F',H',W')."""
+
+    def postprocess(self, video: torch.Tensor) -> np.ndarray:
+        """Video in [-1, 1] -> float32 frames in [0, 1], (F, H, W, 3), as the pipeline's ``output_type='np'``."""
+        return self.pipeline.video_processor.postprocess_video(video, output_type="np")[0]
+
+    @contextlib.contextmanager
+    def inference_context(self) -> Iterator[None]:
+        with torch.no_grad():
+            yield

@@ -1,0 +1,217 @@
+"""Adapter for the Wan family: Wan2.1 / Wan2.2 (two experts) / SkyReels-V2 T2V.
+
+All use ``WanTransformer3DModel`` (B,C,F,H,W latents, patch 1x2x2) and
+``AutoencoderKLWan``. Wan2.2 A14B carries a second transformer for the
+low-noise part of the schedule; the switch happens at
+``boundary_ratio * num_train_timesteps`` exactly as in ``WanPipeline``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions
+
+
+class WanRopePositions:
+    """A removable forward hook on ``transformer.rope`` that can replace token positions.
+
+    ``WanRotaryPosEmbed`` always returns positions 0..n-1 on each axis. While
+    :attr:`positions` is set, the hook returns cos/sin tables for the given
+    per-tile positions instead (batch dimension = tiles), read from the
+    module's own frequency table, so nothing is recomputed or copied from
+    Diffusers.
+    """
+
+    def __init__(self, rope: torch.nn.Module):
+        self.rope = rope
+        self.positions: TokenPositions | None = None
+        self.repeat = 1
+        self.handle = rope.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def _hook(self, module, args, output):
+        if self.positions is None:
+            return output
+        limit = module.max_seq_len
+        pos = self.positions
+        for axis, tensor in (("frame", pos.frames), ("row", pos.rows), ("column", pos.cols)):
+            if int(tensor.max()) >= limit or int(tensor.min()) < 0:
+                raise ValueError(
+                    f"RoPE {axis} position {int(tensor.max())} is outside the model's table of {limit} positions; "
+                    "use rope='local' or a smaller canvas"
+                )
+        sizes = [module.t_dim, module.h_dim, module.w_dim]
+        tables = []
+        for table in (module.freqs_cos, module.freqs_sin):
+            t_tab, h_tab, w_tab = table.split(sizes, dim=1)
+            device = table.device
+            f = t_tab[pos.frames.to(device)]  # N, nf, dt
+            h = h_tab[pos.rows.to(device)]  # N, nh, dh
+            w = w_tab[pos.cols.to(device)]  # N, nw, dw
+            n, nf, nh, nw = f.shape[0], f.shape[1], h.shape[1], w.shape[1]
+            grid = torch.cat(
+                [
+                    f[:, :, None, None, :].expand(n, nf, nh, nw, -1),
+                    h[:, None, :, None, :].expand(n, nf, nh, nw, -1),
+                    w[:, None, None, :, :].expand(n, nf, nh, nw, -1),
+                ],
+                dim=-1,
+            ).reshape(n, nf * nh * nw, 1, -1)
+            tables.append(grid.repeat(self.repeat, 1, 1, 1))
+        expected = output[0].shape
+        if tables[0].shape[1:] != expected[1:]:
+            raise RuntimeError(f"RoPE override shape {tuple(tables[0].shape)} does not match the model's {tuple(expected)}")
+        return tables[0], tables[1]
+
+
+class WanAdapter(BackboneAdapter):
+    transformer_classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
+    pipeline_classes = ("WanPipeline", "SkyReelsV2Pipeline")
+
+    def __init__(self, pipeline, native_size=None):
+        if pipeline.transformer is None:
+            raise ValueError("this Wan pipeline has no `transformer`; the engine needs the high-noise expert")
+        super().__init__(pipeline, native_size)
+        self._rope_hooks = {
+            id(model): WanRopePositions(model.rope) for model in self._experts() if hasattr(model, "rope")
+        }
+
+    def _experts(self):
+        return [m for m in (self.pipeline.transformer, getattr(self.pipeline, "transformer_2", None)) if m is not None]
+
+    def _geometry(self) -> LatentGeometry:
+        vae_cfg = self.pipeline.vae.config
+        tr_cfg = self.pipeline.transformer.config
+        return LatentGeometry(
+            channels=tr_cfg.in_channels,
+            scale_temporal=int(vae_cfg.scale_factor_temporal),
+            scale_spatial=int(vae_cfg.scale_factor_spatial),
+            patch=tuple(int(p) for p in tr_cfg.patch_size),
+        )
+
+    def default_native_size(self) -> tuple[int, int, int]:
+        cfg = self.pipeline.transformer.config
+        inner_dim = cfg.num_attention_heads * cfg.attention_head_dim
+        if getattr(self.pipeline.config, "expand_timesteps", False):
+            return 704, 1280, 121  # Wan2.2 TI2V-5B
+        # Wan2.1-1.3B and SkyReels-V2-1.3B are 480p models; the 14B family is 720p.
+        return (480, 832, 81) if inner_dim <= 1536 else (720, 1280, 81)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.transformer.dtype
+
+    def remove_hooks(self) -> None:
+        for hook in self._rope_hooks.values():
+            hook.remove()
+        self._rope_hooks.clear()
+
+    # --- conditioning -------------------------------------------------------
+    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None):
+        do_cfg = guidance_scale > 1.0
+        positive, negative = self.pipeline.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=do_cfg,
+            num_videos_per_prompt=1,
+            max_sequence_length=max_sequence_length or 512,
+            device=self.device,
+        )
+        positive = positive.to(self.dtype)
+        negative = negative.to(self.dtype) if negative is not None else None
+        return Conditioning(prompt=prompt, positive=positive, negative=negative)
+
+    def expert_for(self, timestep: torch.Tensor, guidance_scale: float, guidance_scale_2: float | None):
+        """Wan2.2's switch: ``transformer`` for t >= boundary, ``transformer_2`` below it."""
+        boundary_ratio = getattr(self.pipeline.config, "boundary_ratio", None)
+        if boundary_ratio is None or self.pipeline.transformer_2 is None:
+            return self.pipeline.transformer, guidance_scale
+        boundary = boundary_ratio * self.scheduler.config.num_train_timesteps
+        if timestep >= boundary:
+            return self.pipeline.transformer, guidance_scale
+        return self.pipeline.transformer_2, guidance_scale if guidance_scale_2 is None else guidance_scale_2
+
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None):
+        model, scale = self.expert_for(timestep, guidance_scale, guidance_scale_2)
+        n = latents.shape[0]
+        do_cfg = scale > 1.0 and cond.negative is not None
+        x = latents.to(model.dtype)
+        text = cond.positive.expand(n, -1, -1)
+        if do_cfg:
+            x = torch.cat([x, x])
+            text = torch.cat([cond.negative.expand(n, -1, -1), text])
+        if getattr(self.pipeline.config, "expand_timesteps", False):
+            _, ph, pw = self.geometry.patch
+            tokens = x.shape[2] * (x.shape[3] // ph) * (x.shape[4] // pw)
+            t = timestep.reshape(1, 1).expand(x.shape[0], tokens)
+        else:
+            t = timestep.expand(x.shape[0])
+        hook = self._rope_hooks.get(id(model))
+        if positions is not None and hook is None:
+            raise ValueError(f"{type(model).__name__} exposes no `rope` module, so tile positions cannot be set")
+        batches = [(x, text, t)]
+        if do_cfg and not self.batch_cfg:
+            batches = [(part_x, part_text, part_t) for part_x, part_text, part_t in zip(x.chunk(2), text.chunk(2), t.chunk(2))]
+        outs = []
+        for part_x, part_text, part_t in batches:
+            if hook is not None:
+                hook.positions = positions
+                hook.repeat = part_x.shape[0] // n
+            try:
+                outs.append(model(hidden_states=part_x, timestep=part_t, encoder_hidden_states=part_text, return_dict=False)[0])
+            finally:
+                if hook is not None:
+                    hook.positions = None
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if do_cfg:
+            uncond, cond_out = out.chunk(2)
+            out = uncond + scale * (cond_out - uncond)
+        return out
+
+    # --- VAE ------------------------------------------------------------------
+    def _latent_stats(self, latents: torch.Tensor):
+        cfg = self.pipeline.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        return mean, std
+
+    def _set_vae_tiling(self, tiled: bool) -> None:
+        vae = self.pipeline.vae
+        if not tiled:
+            vae.disable_tiling()
+            return
+        # Tiles of the native size keep decode memory at the native level; a
+        # quarter of overlap is what Diffusers' own defaults use (256/192).
+        stride_h = max(self.geometry.scale_spatial, (self.native_height * 3 // 4) // 8 * 8)
+        stride_w = max(self.geometry.scale_spatial, (self.native_width * 3 // 4) // 8 * 8)
+        vae.enable_tiling(
+            tile_sample_min_height=self.native_height,
+            tile_sample_min_width=self.native_width,
+            tile_sample_stride_height=stride_h,
+            tile_sample_stride_width=stride_w,
+        )
+
+    def decode(self, latents, tiled=False):
+        vae = self.pipeline.vae
+        z = latents.to(vae.device, vae.dtype)
+        mean, std = self._latent_stats(z)
+        self._set_vae_tiling(tiled)
+        try:
+            # Same arithmetic as WanPipeline (divide by 1/std), so native-size output matches it bit for bit.
+            return vae.decode(z / (1.0 / std) + mean, return_dict=False)[0]
+        finally:
+            self._set_vae_tiling(False)
+
+    def encode(self, video, tiled=False):
+        vae = self.pipeline.vae
+        self._set_vae_tiling(tiled)
+        try:
+            dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
+        finally:
+            self._set_vae_tiling(False)
+        z = dist.mode()
+        mean, std = self._latent_stats(z)
+        return ((z - mean) / std).float()

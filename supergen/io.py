@@ -1,0 +1,95 @@
+"""Output files: videos and metrics, written atomically (temp file, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = (".mp4",)) -> Path:
+    """Fail early (before any model work) on an output path that cannot be written."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it or choose another path")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise ValueError(f"output {str(out)!r} must end with {' or '.join(suffixes)}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class VideoWriter:
+    """Append frames to an mp4 as they come (H.264 via imageio-ffmpeg), atomically.
+
+    The file appears at ``path`` when the writer is closed normally, or when
+    :meth:`close` is called with ``keep_partial=True`` (a stream stopped by the
+    user keeps what was made); a crash leaves no file behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: int = 16):
+        import imageio.v2 as imageio
+
+        self.path = Path(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.stem}-", suffix=self.path.suffix, dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp_name)
+        # macro_block_size=1: sizes that are multiples of 16 are not required of tiny models.
+        self._writer = imageio.get_writer(
+            self.tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error"
+        )
+        self.frames = 0
+
+    def append(self, frames_FHW3: np.ndarray) -> None:
+        for frame in frames_FHW3:
+            self._writer.append_data(frame)
+            self.frames += 1
+
+    def close(self, keep: bool = True) -> None:
+        self._writer.close()
+        if keep and self.frames:
+            os.replace(self.tmp, self.path)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(keep=exc_type is None or issubclass(exc_type, KeyboardInterrupt))
+
+
+def write_video(path: str | os.PathLike, frames_FHW3: np.ndarray, fps: int = 16) -> Path:
+    """Write uint8 frames (F, H, W, 3) to an mp4 atomically."""
+    with VideoWriter(path, fps=fps) as writer:
+        writer.append(frames_FHW3)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] -> uint8, rounded."""
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -1,0 +1,344 @@
+"""``SuperGenPipeline``: the Python entry point.
+
+Ultra-high resolution (``__call__``): sketch at the backbone's native size ->
+up-scale to the target -> re-noise to ``strength`` -> tiled refinement ->
+tiled decode. See ``docs/design.md`` in the repository for the contracts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from supergen.backbones import BackboneAdapter, adapter_for
+from supergen.config import TilingConfig
+from supergen.io import to_uint8
+from supergen.models import read_native_size, resolve_model
+from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps, renoise
+from supergen.samplers.tiled import TiledSampler, TileStats
+from supergen.tiling import TilePlanner, resize_latents, resize_video
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TiledRequest:
+    """A validated ultra-high-resolution request, in pixels and latent cells."""
+
+    height: int
+    width: int
+    num_frames: int
+    canvas: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+    shift_stride: tuple[int, int] | None
+    sketch_height: int
+    sketch_width: int
+
+
+@dataclass
+class SuperGenOutput:
+    """Result of a generation: ``frames`` (F, H, W, 3) uint8 (or float/latents by ``output_type``) and ``metrics``."""
+
+    frames: np.ndarray | torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is KiB on Linux: the process's peak resident set.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class SuperGenPipeline:
+    """Wraps a Diffusers video pipeline for tiled ultra-high-resolution generation.
+
+    Build it with :meth:`from_pretrained` (built-in name, local folder or hub
+    id) or :meth:`from_pipe` (an already loaded Diffusers pipeline).
+    """
+
+    def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
+        self.pipe = pipeline
+        self.adapter: BackboneAdapter = adapter_for(pipeline, native_size=native_size)
+
+    # --- construction ---------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = "tiny",
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        native_size: tuple[int, int, int] | None = None,
+    ) -> "SuperGenPipeline":
+        """Load a pipeline by built-in name (``tiny``), local folder or hub id.
+
+        Args:
+            torch_dtype: weights dtype (default: bfloat16 on CUDA, float32 on CPU).
+            device: where to run (default: CUDA when available).
+            native_size: (height, width, frames) the model was trained at, when
+                neither the checkpoint's ``supergen.json`` nor the adapter's
+                defaults are right.
+        """
+        from diffusers import DiffusionPipeline
+
+        source = resolve_model(name_or_path)
+        device = torch.device(device) if device is not None else _default_device()
+        if torch_dtype is None:
+            torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype)
+        pipe.to(device)
+        if native_size is None and Path(source).is_dir():
+            native_size = read_native_size(source)
+        return cls(pipe, native_size=native_size)
+
+    @classmethod
+    def from_pipe(cls, pipeline, native_size: tuple[int, int, int] | None = None) -> "SuperGenPipeline":
+        """Wrap an already loaded Diffusers pipeline (weights are shared, not copied)."""
+        return cls(pipeline, native_size=native_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    # --- validation -----------------------------------------------------------
+    def check_request(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        tiling: TilingConfig | None = None,
+    ) -> TiledRequest:
+        """Validate sizes against the model before any model work; returns latent geometry.
+
+        Defaults: twice the native height and width, the native frame count.
+        """
+        tiling = tiling or TilingConfig()
+        geo = self.adapter.geometry
+        nh, nw, nf = self.adapter.native_height, self.adapter.native_width, self.adapter.native_num_frames
+        height = 2 * nh if height is None else height
+        width = 2 * nw if width is None else width
+        num_frames = nf if num_frames is None else num_frames
+        mult_h, mult_w = geo.pixel_multiple
+        for name, value, mult in (("height", height, mult_h), ("width", width, mult_w)):
+            if value % mult:
+                raise ValueError(
+                    f"{name} {value} is not a multiple of {mult} (VAE {geo.scale_spatial} x patch {mult // geo.scale_spatial}); "
+                    f"try {max(mult, round(value / mult) * mult)}"
+                )
+        for name, value, native in (("height", height, nh), ("width", width, nw)):
+            if value < native:
+                raise ValueError(
+                    f"{name} {value} is smaller than the model's native {name} {native}; SuperGen refines at or "
+                    "above the native size: use the plain Diffusers pipeline for smaller videos"
+                )
+        if (num_frames - 1) % geo.scale_temporal:
+            raise ValueError(
+                f"num_frames {num_frames} must be {geo.scale_temporal}k+1 (VAE temporal factor {geo.scale_temporal}); "
+                f"try {((num_frames - 1) // geo.scale_temporal) * geo.scale_temporal + 1}"
+            )
+        tile_h = tiling.tile_height or nh
+        tile_w = tiling.tile_width or nw
+        tile_f = tiling.tile_frames or min(nf, num_frames)
+        for name, tile, canvas, unit in (
+            ("tile_height", tile_h, height, "pixels"),
+            ("tile_width", tile_w, width, "pixels"),
+            ("tile_frames", tile_f, num_frames, "frames"),
+        ):
+            if tile > canvas:
+                raise ValueError(f"{name} {tile} is larger than the canvas ({canvas} {unit}); use a smaller tile")
+        for name, tile, mult in (("tile_height", tile_h, mult_h), ("tile_width", tile_w, mult_w)):
+            if tile % mult:
+                raise ValueError(f"{name} {tile} is not a multiple of {mult} (VAE x patch)")
+        if (tile_f - 1) % geo.scale_temporal:
+            raise ValueError(f"tile_frames {tile_f} must be {geo.scale_temporal}k+1 (VAE temporal factor)")
+        canvas = geo.latent_shape(height, width, num_frames)
+        tile = geo.latent_shape(tile_h, tile_w, tile_f)
+        pt, ph, pw = geo.patch
+
+        def cells(pixels: int, scale: int, patch: int) -> int:
+            return math.ceil(math.ceil(pixels / scale) / patch) * patch
+
+        overlap = (
+            cells(tiling.frame_overlap, geo.scale_temporal, pt),
+            cells(tiling.overlap, geo.scale_spatial, ph),
+            cells(tiling.overlap, geo.scale_spatial, pw),
+        )
+        for axis, name in ((1, "overlap"), (2, "overlap"), (0, "frame_overlap")):
+            if tile[axis] < canvas[axis] and overlap[axis] >= tile[axis]:
+                raise ValueError(
+                    f"{name} {overlap[axis]} latent cells is not smaller than the tile ({tile[axis]} cells); reduce it"
+                )
+        stride = None
+        if tiling.shift_stride is not None:
+            stride = tuple(max(p, cells(tiling.shift_stride, geo.scale_spatial, p)) for p in (ph, pw))
+        # The sketch keeps the target's aspect ratio at (about) the native area.
+        scale = min(1.0, math.sqrt((nh * nw) / (height * width)))
+        sketch_h = min(height, max(mult_h, round(height * scale / mult_h) * mult_h))
+        sketch_w = min(width, max(mult_w, round(width * scale / mult_w) * mult_w))
+        return TiledRequest(height, width, num_frames, canvas, tile, overlap, stride, sketch_h, sketch_w)
+
+    # --- generation -------------------------------------------------------
+    def _planner(self, request: TiledRequest, tiling: TilingConfig) -> TilePlanner:
+        return TilePlanner(
+            canvas=request.canvas,
+            tile=request.tile,
+            overlap=request.overlap,
+            align=self.adapter.geometry.patch,
+            blend=tiling.blend,
+            shift=tiling.shift,
+            shift_stride=request.shift_stride,
+        )
+
+    def plan(self, height=None, width=None, num_frames=None, tiling: TilingConfig | None = None) -> TilePlanner:
+        """The refinement tile planner a request would use (validates the request)."""
+        tiling = tiling or TilingConfig()
+        return self._planner(self.check_request(height, width, num_frames, tiling), tiling)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        tiling: TilingConfig | None = None,
+        output_type: str = "uint8",
+        progress: bool = True,
+        max_sequence_length: int | None = None,
+    ) -> SuperGenOutput:
+        """Generate a video larger than the backbone's native size.
+
+        Args:
+            height, width, num_frames: target size (default: 2x native height
+                and width, native frame count).
+            seed: seeds a CPU ``torch.Generator`` (ignored when ``generator`` is given).
+            tiling: tile geometry, blend, shift, RoPE, strength, up-scale mode.
+            output_type: ``uint8`` frames (F,H,W,3), ``float`` frames in [0, 1]
+                (what Diffusers' ``output_type='np'`` gives), or ``latent``.
+        """
+        if output_type not in ("uint8", "float", "latent"):
+            raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
+        tiling = tiling or TilingConfig()
+        request = self.check_request(height, width, num_frames, tiling)
+        adapter = self.adapter
+        device = self.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        generator = generator or torch.Generator(device="cpu").manual_seed(seed)
+        t_start = time.perf_counter()
+
+        cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length)
+        planner = self._planner(request, tiling)
+        logger.info(
+            "target %dx%dx%df, %s; sketch %dx%d, strength %.2f, upscale %s, rope %s",
+            request.height,
+            request.width,
+            request.num_frames,
+            planner.describe(),
+            request.sketch_height,
+            request.sketch_width,
+            tiling.strength,
+            tiling.upscale,
+            tiling.rope,
+        )
+        sampler_args = dict(
+            adapter=adapter,
+            cond=cond,
+            guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            tile_batch_size=tiling.tile_batch_size,
+            progress=progress,
+        )
+        sketch_s = 0.0
+        if tiling.strength < 1.0:
+            t0 = time.perf_counter()
+            clean = self._sketch(request, tiling, num_inference_steps, generator, sampler_args)
+            sketch_s = time.perf_counter() - t0
+        scheduler = fresh_scheduler(adapter.scheduler)
+        timesteps, _ = refinement_timesteps(scheduler, num_inference_steps, tiling.strength, device=device)
+        noise = adapter.prepare_noise(request.canvas, generator)
+        latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
+
+        t0 = time.perf_counter()
+        sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", **sampler_args)
+        latents = sampler(latents, scheduler, timesteps)
+        denoise_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = adapter.decode(latents, tiled=request.canvas[1:] != adapter.native_latent_shape[1:])
+            frames = adapter.postprocess(video)
+            if output_type == "uint8":
+                frames = to_uint8(frames)
+        decode_s = time.perf_counter() - t0
+        metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
+        metrics.update(
+            wall_s=time.perf_counter() - t_start,
+            sketch_s=sketch_s,
+            denoise_s=denoise_s,
+            denoise_s_per_step=denoise_s / max(1, len(timesteps)),
+            decode_s=decode_s,
+            peak_mem_bytes=_peak_memory_bytes(device),
+        )
+        return SuperGenOutput(frames=frames, metrics=metrics)
+
+    def _sketch(self, request: TiledRequest, tiling: TilingConfig, steps: int, generator, sampler_args) -> torch.Tensor:
+        """Native-area sketch of the whole video, up-scaled to the target canvas (clean latents)."""
+        adapter = self.adapter
+        geo = adapter.geometry
+        sketch_canvas = geo.latent_shape(request.sketch_height, request.sketch_width, request.num_frames)
+        # The sketch is one tile in space (full attention over the frame), tiled only in time.
+        planner = TilePlanner(
+            canvas=sketch_canvas,
+            tile=(min(request.tile[0], sketch_canvas[0]), sketch_canvas[1], sketch_canvas[2]),
+            overlap=(request.overlap[0], 0, 0),
+            align=geo.patch,
+            blend=tiling.blend,
+        )
+        scheduler = fresh_scheduler(adapter.scheduler)
+        timesteps, _ = refinement_timesteps(scheduler, tiling.sketch_steps or steps, 1.0, device=self.device)
+        noise = adapter.prepare_noise(sketch_canvas, generator)
+        sampler = TiledSampler(planner=planner, rope="local", desc="sketch", **sampler_args)
+        sketch = sampler(noise, scheduler, timesteps)
+        if sketch_canvas == request.canvas:
+            return sketch
+        if tiling.upscale == "latent":
+            return resize_latents(sketch, request.canvas)
+        video = adapter.decode(sketch)
+        video = resize_video(video.float(), (request.num_frames, request.height, request.width))
+        tiled = request.canvas[1:] != adapter.native_latent_shape[1:]
+        return adapter.encode(video.to(adapter.pipeline.vae.dtype), tiled=tiled).to(sketch.dtype)
+
+    def _metrics(self, request, steps, stats: TileStats, planner: TilePlanner, tiling: TilingConfig) -> dict:
+        return {
+            "model": type(self.pipe).__name__,
+            "world_size": 1,
+            "height": request.height,
+            "width": request.width,
+            "num_frames": request.num_frames,
+            "steps": steps,
+            "strength": tiling.strength,
+            "tiles": {**stats.as_dict(), "grid": list(planner.grid), "tile_latent": list(planner.tile)},
+            "comm_bytes": [0],
+        }
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

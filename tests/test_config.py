@@ -1,0 +1,58 @@
+"""Every bad config value gets a ValueError that names it."""
+
+import math
+
+import pytest
+
+from supergen.config import CacheConfig, GenerationConfig, StreamConfig, TilingConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(strength=0.0), "strength"),
+        (dict(strength=1.5), "strength"),
+        (dict(blend="gauss"), "blend"),
+        (dict(shift="roll"), "shift"),
+        (dict(rope="global"), "rope"),
+        (dict(upscale="nearest"), "upscale"),
+        (dict(overlap=-1), "overlap"),
+        (dict(tile_height=64, overlap=64), "overlap=64 must be smaller than tile_height=64"),
+        (dict(tile_frames=9, frame_overlap=9), "frame_overlap"),
+        (dict(tile_batch_size=0), "tile_batch_size"),
+    ],
+)
+def test_tiling_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TilingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mode="lru"), "cache mode"),
+        (dict(threshold=-0.1), "threshold"),
+        (dict(threshold=math.inf), "threshold"),
+        (dict(threshold=math.nan), "threshold"),
+        (dict(max_skips=0), "max_skips"),
+    ],
+)
+def test_cache_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(window=2, block_frames=3), "shorter than one block"), (dict(window=6, sink=7), "sink=7")],
+)
+def test_stream_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StreamConfig(**kwargs)
+
+
+def test_generation_config_defaults_nest():
+    cfg = GenerationConfig(prompt="a cat")
+    assert cfg.tiling.strength == 0.9 and cfg.cache.mode == "off"
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        GenerationConfig(prompt="a cat", num_inference_steps=0)
