@@ -47,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rope", choices=("local", "absolute"), default="local", help="tile RoPE positions")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="how the sketch is up-scaled")
     g.add_argument("--tile-batch-size", type=int, default=1, help="tiles per model call")
-    g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically)")
+    g.add_argument("--exchange", choices=("region", "allgather"), default="region",
+                   help="under torchrun: each rank owns a canvas region and swaps halos (region), or every rank "
+                        "receives every tile output (allgather)")
+    g.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
+                   help="torch.distributed backend under torchrun (auto: NCCL with CUDA, else gloo)")
+    g.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective may wait under torchrun before a hung rank fails the job")
+    g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
     g.add_argument("--fps", type=int, default=16)
     g.add_argument("--metrics-json", default=None, help="write run metrics to this JSON file")
     return parser
@@ -60,9 +67,10 @@ def _dtype(name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from supergen.config import TilingConfig
+    from supergen.config import ParallelConfig, TilingConfig
     from supergen.io import check_output_path, write_json, write_video
     from supergen.models import resolve_model
+    from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline
 
     tiling = TilingConfig(
@@ -82,35 +90,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     resolve_model(args.model)  # unknown names fail before anything loads
+    parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange)
 
-    started = time.perf_counter()
-    pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
-    request = pipe.check_request(args.height, args.width, args.num_frames, tiling)
-    logger.info("model %s loaded in %.1fs: %s", args.model, time.perf_counter() - started, pipe.adapter.describe())
-    result = pipe(
-        args.prompt,
-        height=request.height,
-        width=request.width,
-        num_frames=request.num_frames,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        guidance_scale_2=args.guidance_2,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        tiling=tiling,
-    )
+    with distributed_session(parallel) as ctx:
+        if ctx.enabled:
+            _log_per_rank(args, ctx)
+            ctx.ensure_same("command-line arguments", {k: v for k, v in vars(args).items() if k != "device"})
+        started = time.perf_counter()
+        device = args.device if args.device is not None or not ctx.enabled else ctx.device
+        pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=device)
+        request = pipe.check_request(args.height, args.width, args.num_frames, tiling)
+        logger.info("model %s loaded in %.1fs: %s", args.model, time.perf_counter() - started, pipe.adapter.describe())
+        result = pipe(
+            args.prompt,
+            height=request.height,
+            width=request.width,
+            num_frames=request.num_frames,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            guidance_scale_2=args.guidance_2,
+            negative_prompt=args.negative_prompt,
+            seed=args.seed,
+            tiling=tiling,
+            parallel=parallel,
+            context=ctx,
+        )
+    # Only rank 0 writes, after every rank has finished: a failure anywhere
+    # before this point leaves no file behind.
+    if not ctx.is_main:
+        return 0
     write_video(args.output, result.frames, fps=args.fps)
     metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)
     if args.metrics_json:
         write_json(args.metrics_json, metrics)
     tiles = metrics["tiles"]
+    ranks = ""
+    if metrics["world_size"] > 1:
+        ranks = (
+            f"; {metrics['world_size']} ranks ({metrics['comm_scheme']}), "
+            f"{max(metrics['comm_bytes_per_step']) / 1e6:.2f} MB/step/rank exchanged"
+        )
     print(
         f"wrote {args.output}: {request.width}x{request.height}, {request.num_frames} frames; "
         f"{tiles['count']} tiles x {args.steps} steps, {tiles['tile_steps_computed']}/{tiles['tile_steps_total']} "
         f"tile-steps computed; denoise {metrics['denoise_s']:.1f}s, decode {metrics['decode_s']:.1f}s, "
-        f"total {metrics['wall_s']:.1f}s"
+        f"total {metrics['wall_s']:.1f}s{ranks}"
     )
     return 0
+
+
+def _log_per_rank(args: argparse.Namespace, ctx) -> None:
+    """Rank-tagged log lines; ranks other than 0 keep to warnings unless DEBUG was asked for."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"%(levelname)s [rank {ctx.rank}] %(name)s: %(message)s"))
+    if not ctx.is_main and args.log_level != "DEBUG":
+        logging.getLogger("supergen").setLevel(logging.WARNING)
 
 
 COMMANDS = {"generate": cmd_generate}

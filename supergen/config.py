@@ -18,6 +18,7 @@ SHIFT_MODES = ("wrap", "none")
 ROPE_MODES = ("local", "absolute")
 UPSCALE_MODES = ("pixel", "latent")
 CACHE_MODES = ("off", "region")
+EXCHANGE_MODES = ("region", "allgather")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -143,16 +144,22 @@ class ParallelConfig:
 
     Args:
         backend: ``auto`` picks NCCL when CUDA is available, gloo otherwise.
-        timeout_s: collective timeout; a dead rank fails the job after this.
+        timeout_s: collective timeout; a rank that hangs fails the job after
+            this (a rank that raises fails it at once).
+        exchange: ``region`` (each rank owns a region of the canvas and
+            exchanges only halos) or ``allgather`` (every rank receives every
+            tile output, SuperGen's released scheme; for comparison).
     """
 
     backend: str = "auto"
     timeout_s: float = 300.0
+    exchange: str = "region"
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, ("auto", "nccl", "gloo"))
-        if not (self.timeout_s > 0):
-            raise ValueError(f"timeout_s={self.timeout_s!r} must be > 0 seconds")
+        _choice("exchange", self.exchange, EXCHANGE_MODES)
+        if not isinstance(self.timeout_s, (int, float)) or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            raise ValueError(f"timeout_s={self.timeout_s!r} must be a finite number of seconds > 0")
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from supergen.backbones import BackboneAdapter, adapter_for
-from supergen.config import TilingConfig
+from supergen.config import ParallelConfig, TilingConfig
 from supergen.io import to_uint8
 from supergen.models import read_native_size, resolve_model
 from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps, renoise
@@ -220,6 +220,8 @@ class SuperGenPipeline:
         output_type: str = "uint8",
         progress: bool = True,
         max_sequence_length: int | None = None,
+        parallel: ParallelConfig | None = None,
+        context=None,
     ) -> SuperGenOutput:
         """Generate a video larger than the backbone's native size.
 
@@ -230,11 +232,29 @@ class SuperGenPipeline:
             tiling: tile geometry, blend, shift, RoPE, strength, up-scale mode.
             output_type: ``uint8`` frames (F,H,W,3), ``float`` frames in [0, 1]
                 (what Diffusers' ``output_type='np'`` gives), or ``latent``.
+            parallel: how tiles are spread over ranks (``exchange``).
+            context: the :class:`supergen.parallel.DistributedContext` of a
+                multi-process job (``None``: this process alone). Every rank
+                calls with the same arguments; frames come back on rank 0
+                (``None`` on the others; latents on every rank).
         """
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
         tiling = tiling or TilingConfig()
+        parallel = parallel or ParallelConfig()
         request = self.check_request(height, width, num_frames, tiling)
+        distributed = context is not None and context.enabled
+        if distributed:
+            context.ensure_same(
+                "generation requests",
+                dict(
+                    prompt=prompt, negative_prompt=negative_prompt, request=request, steps=num_inference_steps,
+                    guidance=(guidance_scale, guidance_scale_2), tiling=tiling, parallel=parallel.exchange,
+                    seed=generator.initial_seed() if generator is not None else seed, output_type=output_type,
+                    model=self.adapter.describe(), max_sequence_length=max_sequence_length,
+                ),
+            )
+            progress = progress and context.is_main
         adapter = self.adapter
         device = self.device
         if device.type == "cuda":
@@ -275,20 +295,37 @@ class SuperGenPipeline:
         latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
 
         t0 = time.perf_counter()
-        sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", **sampler_args)
+        executor = None
+        if distributed:
+            from supergen.parallel import make_executor
+            from supergen.samplers.distributed import DistributedTiledSampler
+
+            executor = make_executor(context, planner, parallel.exchange, len(timesteps), adapter.dtype)
+            sampler = DistributedTiledSampler(executor, planner=planner, rope=tiling.rope, desc="refine", **sampler_args)
+        else:
+            sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", **sampler_args)
         latents = sampler(latents, scheduler, timesteps)
         denoise_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        tiled_decode = request.canvas[1:] != adapter.native_latent_shape[1:]
         if output_type == "latent":
             frames = latents
         else:
-            video = adapter.decode(latents, tiled=request.canvas[1:] != adapter.native_latent_shape[1:])
-            frames = adapter.postprocess(video)
-            if output_type == "uint8":
+            if distributed:
+                from supergen.parallel import decode_distributed
+
+                video, moved = decode_distributed(adapter, latents, context, tiled_decode)
+                executor.other_bytes += moved
+            else:
+                video = adapter.decode(latents, tiled=tiled_decode)
+            frames = None if video is None else adapter.postprocess(video)
+            if output_type == "uint8" and frames is not None:
                 frames = to_uint8(frames)
         decode_s = time.perf_counter() - t0
         metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
+        if distributed:
+            metrics.update(self._parallel_metrics(context, executor, sampler.stats))
         metrics.update(
             wall_s=time.perf_counter() - t_start,
             sketch_s=sketch_s,
@@ -325,6 +362,30 @@ class SuperGenPipeline:
         video = resize_video(video.float(), (request.num_frames, request.height, request.width))
         tiled = request.canvas[1:] != adapter.native_latent_shape[1:]
         return adapter.encode(video.to(adapter.pipeline.vae.dtype), tiled=tiled).to(sketch.dtype)
+
+    @staticmethod
+    def _parallel_metrics(context, executor, stats: TileStats) -> dict:
+        """Counts summed over ranks and bytes per rank (collective: every rank calls it)."""
+        comm = executor.comm_summary()
+        steps = context.gather_ints(comm["per_step"])
+        totals = context.gather_ints([comm["total"], stats.tile_steps_computed, stats.model_calls])
+        return {
+            "world_size": context.world_size,
+            "comm_scheme": comm["scheme"],
+            "comm_bytes": [t[0] for t in totals],
+            "comm_bytes_steps": steps,
+            "comm_bytes_per_step": [sum(s) / max(1, len(s)) for s in steps],
+            "tiles": {
+                "count": stats.count,
+                "tile_steps_total": stats.tile_steps_total,
+                "tile_steps_computed": sum(t[1] for t in totals),
+                "tile_steps_skipped": stats.tile_steps_total - sum(t[1] for t in totals),
+                "model_calls": sum(t[2] for t in totals),
+                "tile_steps_per_rank": [t[1] for t in totals],
+                "grid": list(executor.planner.grid),
+                "tile_latent": list(executor.planner.tile),
+            },
+        }
 
     def _metrics(self, request, steps, stats: TileStats, planner: TilePlanner, tiling: TilingConfig) -> dict:
         return {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions
+from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, TokenPositions
 from supergen.backbones.wan import WanAdapter
 
 _REGISTRY: dict[str, type[BackboneAdapter]] = {}
@@ -39,6 +39,7 @@ def adapter_for(pipeline, native_size: tuple[int, int, int] | None = None) -> Ba
 __all__ = [
     "BackboneAdapter",
     "Conditioning",
+    "DecodeBand",
     "LatentGeometry",
     "TokenPositions",
     "adapter_for",

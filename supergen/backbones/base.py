@@ -49,6 +49,20 @@ class LatentGeometry:
         return self.latent_frames(num_frames), height // self.scale_spatial, width // self.scale_spatial
 
 
+@dataclass(frozen=True)
+class DecodeBand:
+    """A horizontal band of a decode that can run on its own.
+
+    Decode latent rows ``latent_rows`` (half-open) the usual way, keep pixel
+    rows ``keep_rows`` of the result (``None`` end: to the bottom); they are
+    pixel rows ``pixel_rows`` of the whole decode.
+    """
+
+    latent_rows: tuple[int, int]
+    keep_rows: tuple[int, int | None]
+    pixel_rows: tuple[int, int]
+
+
 @dataclass
 class Conditioning:
     """Text (and other) conditioning for one prompt, ready for :meth:`BackboneAdapter.predict`.
@@ -170,6 +184,21 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def encode(self, video: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Video in [-1, 1] (B,3,F,H,W) -> normalised latents (B,C,F',H',W')."""
+
+    def decode_bands(self, latent_shape: tuple[int, int, int], parts: int, tiled: bool) -> list[DecodeBand]:
+        """Split ``decode(latents, tiled)`` into at most ``parts`` bands whose stacked output equals it.
+
+        The default cannot split (one band); adapters whose tiled VAE decode
+        is row-separable override this.
+        """
+        rows = latent_shape[1] * self.geometry.scale_spatial
+        return [DecodeBand((0, latent_shape[1]), (0, None), (0, rows))]
+
+    def decode_band(self, latents: torch.Tensor, band: DecodeBand, tiled: bool) -> torch.Tensor:
+        """The pixel rows ``band.pixel_rows`` of ``decode(latents, tiled)``."""
+        lo, hi = band.latent_rows
+        video = self.decode(latents[:, :, :, lo:hi], tiled=tiled)
+        return video[:, :, :, band.keep_rows[0] : band.keep_rows[1]]
 
     def postprocess(self, video: torch.Tensor) -> np.ndarray:
         """Video in [-1, 1] -> float32 frames in [0, 1], (F, H, W, 3), as the pipeline's ``output_type='np'``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions
+from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, TokenPositions
 
 
 class WanRopePositions:
@@ -178,21 +178,64 @@ class WanAdapter(BackboneAdapter):
         std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         return mean, std
 
+    def _vae_tile_stride(self) -> tuple[int, int]:
+        # Tiles of the native size keep decode memory at the native level; a
+        # quarter of overlap is what Diffusers' own defaults use (256/192).
+        stride_h = max(self.geometry.scale_spatial, (self.native_height * 3 // 4) // 8 * 8)
+        stride_w = max(self.geometry.scale_spatial, (self.native_width * 3 // 4) // 8 * 8)
+        return stride_h, stride_w
+
     def _set_vae_tiling(self, tiled: bool) -> None:
         vae = self.pipeline.vae
         if not tiled:
             vae.disable_tiling()
             return
-        # Tiles of the native size keep decode memory at the native level; a
-        # quarter of overlap is what Diffusers' own defaults use (256/192).
-        stride_h = max(self.geometry.scale_spatial, (self.native_height * 3 // 4) // 8 * 8)
-        stride_w = max(self.geometry.scale_spatial, (self.native_width * 3 // 4) // 8 * 8)
+        stride_h, stride_w = self._vae_tile_stride()
         vae.enable_tiling(
             tile_sample_min_height=self.native_height,
             tile_sample_min_width=self.native_width,
             tile_sample_stride_height=stride_h,
             tile_sample_stride_width=stride_w,
         )
+
+    def decode_bands(self, latent_shape, parts, tiled):
+        """Bands of whole tile rows of ``AutoencoderKLWan.tiled_decode``.
+
+        That decoder cuts the latent into tile rows starting every ``stride``
+        latent rows, decodes each tile alone and blends a tile's top into the
+        bottom of the tile above. A band of tile rows [a, b) decoded from a
+        crop that starts one tile row earlier (a - 1, for that blend) and ends
+        where tile row b - 1 ends therefore reproduces those rows exactly.
+        """
+        vae = self.pipeline.vae
+        scale = self.geometry.scale_spatial
+        height = latent_shape[1]
+        tile_px = self.native_height
+        stride_px = self._vae_tile_stride()[0]
+        whole = super().decode_bands(latent_shape, 1, tiled)
+        separable = (
+            tiled
+            and getattr(vae.config, "patch_size", None) is None
+            and tile_px % scale == 0
+            and stride_px % scale == 0
+            and 2 * (tile_px - stride_px) <= tile_px  # a tile's blended top never reaches its bottom
+            # Crops are full-width: wider than a VAE tile, they always take the tiled path too.
+            and latent_shape[2] > self.native_width // scale
+        )
+        if not separable or parts < 2:
+            return whole
+        tile, stride = tile_px // scale, stride_px // scale
+        rows = len(range(0, height, stride))
+        parts = min(parts, rows)
+        edges = [round(k * rows / parts) for k in range(parts + 1)]
+        bands = []
+        for a, b in zip(edges, edges[1:]):
+            first = max(a - 1, 0)
+            end_px = b * stride_px if b < rows else height * scale
+            keep_lo = (a - first) * stride_px
+            keep_hi = None if b == rows else keep_lo + (b - a) * stride_px
+            bands.append(DecodeBand((first * stride, min(height, (b - 1) * stride + tile)), (keep_lo, keep_hi), (a * stride_px, end_px)))
+        return bands
 
     def decode(self, latents, tiled=False):
         vae = self.pipeline.vae

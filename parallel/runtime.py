@@ -1,0 +1,215 @@
+"""Process-group lifetime: start from torchrun's environment, agree on the request, fail fast.
+
+``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) starts one process per
+GPU. :func:`init_distributed` joins them through ``env://`` rendezvous into
+an NCCL group (one GPU per ``LOCAL_RANK``) or a gloo group on CPU, with the
+configured collective timeout.
+
+Failure handling. A collective waits for every rank, so one rank that raises
+would leave the others blocked until the timeout. The rendezvous store is
+therefore also an error board: a rank that fails posts its message there
+(:meth:`DistributedContext.report_failure`), and a watchdog thread on every
+rank polls the board and ends its own process with exit status 1 as soon as
+it sees a message, or when the store itself goes away (the host rank died).
+So a failure anywhere ends the whole job within a fraction of a second
+instead of ``timeout_s``; the timeout is the last resort for a rank that
+hangs without raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from supergen.config import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+_ERROR_KEY = "supergen/error"
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class AgreedError(ValueError):
+    """A refusal every rank reaches together (so no rank needs to tell the others)."""
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun, ``mp.spawn`` with env vars) asked for more than one process."""
+    return all(k in os.environ for k in _ENV_KEYS) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+@dataclass
+class DistributedContext:
+    """This process's place in the job; ``world_size == 1`` is the plain single-process case."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = "none"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout_s: float = 300.0
+    store: dist.Store | None = None
+    _watchdog: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"rank {self.rank}/{self.world_size} (local {self.local_rank}, {self.backend}, {self.device})"
+
+    # --- agreement across ranks ----------------------------------------------
+    def ensure_same(self, what: str, payload: dict) -> None:
+        """Refuse to go on unless every rank was given the same ``payload``.
+
+        Every rank all-gathers a digest of ``payload`` and raises the same
+        ``ValueError`` when they differ, so all ranks stop together before
+        any model work instead of deadlocking or producing a mixed video.
+        """
+        if not self.enabled:
+            return
+        text = json.dumps(payload, sort_keys=True, default=str)
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+        mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        digests = [int(t.item()) for t in gathered]
+        if len(set(digests)) > 1:
+            differ = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise AgreedError(
+                f"{what} differ across ranks (ranks {differ} do not match rank 0); every rank must get the same "
+                "arguments: launch all processes with the same command line"
+            )
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` (same length on every rank), on every rank; for metrics."""
+        if not self.enabled:
+            return [list(values)]
+        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine)
+        return [[int(v) for v in part.tolist()] for part in parts]
+
+    # --- failure propagation ---------------------------------------------------
+    def report_failure(self, message: str) -> None:
+        """Post this rank's failure so that every other rank exits at once (see the module docstring)."""
+        if self.store is None:
+            return
+        with contextlib.suppress(Exception):
+            self.store.set(_ERROR_KEY, f"rank {self.rank}: {message}")
+
+    def _watch(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            try:
+                failed = self.store.check([_ERROR_KEY])
+                message = self.store.get(_ERROR_KEY).decode() if failed else None
+            except Exception as err:  # the store's host is gone: its rank died
+                if self._stop.is_set():
+                    return
+                message = f"lost the rendezvous store ({type(err).__name__}); another rank died"
+            if message is None or self._stop.is_set():
+                continue
+            if message.startswith(f"rank {self.rank}:"):
+                return  # our own failure: the main thread is already unwinding
+            sys.stderr.write(f"supergen rank {self.rank}: stopping because {message}\n")
+            sys.stderr.flush()
+            # The main thread may be blocked inside a collective that only the
+            # timeout would end; nothing of ours needs cleaning up (outputs are
+            # written by rank 0 after the last collective, atomically).
+            os._exit(1)
+
+    def start_watchdog(self, poll_s: float = 0.2) -> None:
+        if self.store is None or self._watchdog is not None:
+            return
+        self._watchdog = threading.Thread(target=self._watch, args=(poll_s,), name="supergen-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def close(self, ok: bool = True) -> None:
+        """Leave the job: after a successful run, wait for every rank first so no rank mistakes an exit for a failure."""
+        if not self.enabled:
+            return
+        if ok:
+            dist.barrier()
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
+        if ok:
+            dist.destroy_process_group()
+
+
+def _pick_backend(config: ParallelConfig) -> str:
+    if config.backend != "auto":
+        if config.backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("backend='nccl' needs CUDA, which this process does not see; use --backend gloo")
+        return config.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(config: ParallelConfig | None = None) -> DistributedContext:
+    """Join the job described by the launcher's environment, or return a single-process context.
+
+    NCCL binds one GPU per ``LOCAL_RANK``; gloo runs on CPU. Collectives time
+    out after ``config.timeout_s`` seconds.
+    """
+    config = config or ParallelConfig()
+    if not launched_distributed():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return DistributedContext(device=device, timeout_s=config.timeout_s)
+    backend = _pick_backend(config)
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; start at most "
+                "one process per GPU (--nproc_per_node)"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    timeout = timedelta(seconds=config.timeout_s)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    ctx = DistributedContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=backend,
+        device=device,
+        timeout_s=config.timeout_s,
+        store=store,
+    )
+    ctx.start_watchdog()
+    logger.info("joined %s, collective timeout %.0fs", ctx.describe(), config.timeout_s)
+    return ctx
+
+
+@contextlib.contextmanager
+def distributed_session(config: ParallelConfig | None = None) -> Iterator[DistributedContext]:
+    """``with distributed_session(cfg) as ctx:`` joins the job and leaves it cleanly, or fails every rank fast."""
+    ctx = init_distributed(config)
+    try:
+        yield ctx
+    except BaseException as err:
+        if not isinstance(err, AgreedError):
+            ctx.report_failure(f"{type(err).__name__}: {err}")
+        ctx.close(ok=False)
+        raise
+    ctx.close(ok=True)

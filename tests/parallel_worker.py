@@ -1,0 +1,68 @@
+"""One rank of a multi-process test job (started by tests/test_parallel.py with torchrun's variables).
+
+Usage: python tests/parallel_worker.py SCENARIO OUTDIR
+  equal     run the region and all-gather schemes; rank 0 saves frames and metrics
+  mismatch  every rank asks for a different seed (must be refused on every rank)
+  fault     rank 1 raises in its second refinement model call (every rank must exit non-zero fast)
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from supergen import ParallelConfig, SuperGenPipeline, TilingConfig
+from supergen.io import write_video
+from supergen.parallel import distributed_session
+
+PROMPT = "a red circle moving left over a blue sky"
+# 9 overlapping tiles (3x3 with 2-cell overlaps, wrap-shifted): blending with
+# up to four tiles per cell, tiles crossing region borders every step.
+TILING = TilingConfig(overlap=16)
+KW = dict(height=128, width=192, num_inference_steps=3, progress=False)
+
+
+def main(scenario: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    with distributed_session(ParallelConfig(timeout_s=120)) as ctx:
+        pipe = SuperGenPipeline.from_pretrained("tiny")
+        if scenario == "equal":
+            # Frames (through the distributed decode) for one scheme, latents for the other: decodes are slow on CPU.
+            for exchange, output_type in (("region", "float"), ("allgather", "latent")):
+                res = pipe(PROMPT, tiling=TILING, output_type=output_type, parallel=ParallelConfig(exchange=exchange),
+                           context=ctx, **KW)
+                if ctx.is_main:
+                    np.save(out / f"{exchange}.npy", np.asarray(res.frames))
+                    (out / f"{exchange}.json").write_text(json.dumps(res.metrics))
+                else:
+                    assert (res.frames is None) == (output_type != "latent")
+        elif scenario == "mismatch":
+            try:
+                pipe(PROMPT, tiling=TILING, seed=ctx.rank, context=ctx, **KW)
+            except ValueError as err:
+                (out / f"refused-{ctx.rank}.txt").write_text(str(err))
+                raise
+        elif scenario == "fault":
+            calls = []
+
+            def fail_in_refinement(*_):
+                calls.append(1)
+                # The 3-step sketch makes calls 1-3 on every rank; call 5 is mid-refinement.
+                if ctx.rank == 1 and len(calls) == 5:
+                    (out / "fault-time.txt").write_text(repr(time.time()))
+                    raise RuntimeError("injected fault on rank 1")
+
+            pipe.pipe.transformer.register_forward_hook(fail_in_refinement)
+            res = pipe(PROMPT, tiling=TILING, context=ctx, **KW)
+        else:
+            raise SystemExit(f"unknown scenario {scenario}")
+    if scenario == "fault" and ctx.is_main:
+        write_video(out / "fault.mp4", res.frames)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
