@@ -27,7 +27,7 @@ from typing import Callable, Hashable
 
 import torch
 
-#: rotate(keys, frames): keys (B, tokens, heads, head_dim) re-roped ``frames`` positions earlier.
+#: rotate(keys, frames) -> new tensor: keys (B, tokens, heads, head_dim) re-roped ``frames`` positions earlier.
 RotateFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
