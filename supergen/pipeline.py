@@ -307,8 +307,7 @@ class SuperGenPipeline:
         if not isinstance(stream, StreamConfig):
             raise ValueError(f"stream must be a StreamConfig, got {type(stream).__name__}")
         adapter = self.adapter
-        if not adapter.supports_streaming:
-            adapter.install_streaming((1, 1), 0, 1, 1)  # raises the adapter's own explanation
+        adapter.check_streaming()
         if num_blocks is not None and (not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1):
             raise ValueError(f"num_blocks={num_blocks!r} must be an integer >= 1, or None for an endless stream")
         geo = adapter.geometry

@@ -310,7 +310,7 @@ def test_backbones_without_streaming_are_refused(tiny):
     sg2.adapter.remove_hooks()
 
     class NoStreamingAdapter(WanAdapter):
-        supports_streaming = False
+        check_streaming = BackboneAdapter.check_streaming
         install_streaming = BackboneAdapter.install_streaming
 
     sg = SuperGenPipeline.from_pipe(p, native_size=(64, 96, 9))

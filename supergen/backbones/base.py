@@ -176,8 +176,12 @@ class BackboneAdapter(ABC):
         return self.pipeline.video_processor.postprocess_video(video, output_type="np")[0]
 
     # --- streaming (block-causal, KV-cached) -------------------------------
-    #: Whether :meth:`install_streaming` is implemented for this backbone.
-    supports_streaming: bool = False
+    def check_streaming(self) -> None:
+        """Raise ``ValueError`` (cheaply, before any model work) if this backbone cannot stream."""
+        raise ValueError(
+            f"{type(self).__name__} ({type(self.pipeline).__name__}) has no streaming support: block-causal KV-cached "
+            "attention is implemented for the Wan family (WanPipeline, SkyReelsV2Pipeline)"
+        )
 
     def install_streaming(
         self,
@@ -193,10 +197,7 @@ class BackboneAdapter(ABC):
         ``cached=False`` returns the uncached reference (full history re-run
         under the equivalent mask) instead.
         """
-        raise ValueError(
-            f"{type(self).__name__} ({type(self.pipeline).__name__}) has no streaming support: block-causal KV-cached "
-            "attention is implemented for the Wan family (WanPipeline, SkyReelsV2Pipeline)"
-        )
+        self.check_streaming()
 
     def stream_decoder(self):
         """A decoder object whose ``decode(latent_block)`` carries the VAE's causal state across blocks."""

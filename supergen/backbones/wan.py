@@ -172,7 +172,10 @@ class WanAdapter(BackboneAdapter):
         return out
 
     # --- streaming ------------------------------------------------------------
-    supports_streaming = True
+    def check_streaming(self) -> None:
+        from supergen.backbones.wan_stream import check_streamable
+
+        check_streamable(self.pipeline)
 
     def install_streaming(self, latent_hw, sink, window, max_segment_frames, guidance_scale=1.0, cached=True):
         from supergen.backbones.wan_stream import WanStreamModel, WanUncachedStreamModel

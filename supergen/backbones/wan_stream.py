@@ -159,6 +159,12 @@ class _StreamModelBase:
         if self.cond is None:
             raise RuntimeError("set_conditioning() must be called before the first forward")
         model = self.transformer
+        limit = model.rope.max_seq_len
+        if int(frame_positions.max()) >= limit:
+            raise ValueError(
+                f"RoPE frame position {int(frame_positions.max())} is outside the model's table of {limit} positions; "
+                "only the KV-cached stream keeps positions bounded"
+            )
         n = self.batch
         x = x.to(model.dtype).expand(n, -1, -1, -1, -1)
         text = self.cond.positive if not self.cfg else torch.cat([self.cond.negative, self.cond.positive])
