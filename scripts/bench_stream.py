@@ -62,12 +62,17 @@ def build_wan13b(device: torch.device, dtype: torch.dtype):
             patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
             text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-        ).to(dtype)
+        )
+        transformer.to(dtype)
         vae = AutoencoderKLWan().to(dtype)
         text_encoder = UMT5EncoderModel(
             UMT5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=256, num_layers=1, num_heads=8,
                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         ).to(dtype)
+    # As from_pretrained(torch_dtype=...) does: RoPE tables, time embedder and norms stay in float32.
+    for name, module in transformer.named_modules():
+        if any(name == keep or name.endswith("." + keep) for keep in transformer._keep_in_fp32_modules):
+            module.float()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=5.0)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,

@@ -19,6 +19,7 @@ causal feature cache carried across blocks.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Hashable
 
@@ -124,6 +125,7 @@ class _StreamModelBase:
         self.grid_hw = (latent_hw[0] // ph, latent_hw[1] // pw)
         self.tokens_per_frame = self.grid_hw[0] * self.grid_hw[1]
         self._saved_processors: list[tuple[torch.nn.Module, object]] = []
+        self._per_frame_timesteps = "enable_diffusion_forcing" in inspect.signature(self.transformer.forward).parameters
 
     @property
     def cfg(self) -> bool:
@@ -169,12 +171,19 @@ class _StreamModelBase:
         x = x.to(model.dtype).expand(n, -1, -1, -1, -1)
         text = self.cond.positive if not self.cfg else torch.cat([self.cond.negative, self.cond.positive])
         timesteps_F = timesteps_F.to(x.device)
+        kwargs = {}
         if bool((timesteps_F == timesteps_F[0]).all()):
             t = timesteps_F[:1].expand(n)
+        elif self._per_frame_timesteps:
+            # SkyReels-V2 (diffusion forcing) takes one timestep per latent frame.
+            t = timesteps_F[None].expand(n, -1)
+            kwargs["enable_diffusion_forcing"] = True
         else:
             # Frames at different noise levels (a joint window, or the reference's
             # clean context): Wan's per-token timestep path.
             t = timesteps_F.repeat_interleave(self.tokens_per_frame)[None].expand(n, -1)
+        if getattr(model.config, "inject_sample_info", False):
+            kwargs["fps"] = [1] * n  # SkyReels-V2's fps embedding: 0 = 16 fps, 1 = 24 fps (its pipelines' default)
         gh, gw = self.grid_hw
         hook = self.adapter._rope_hooks[id(model)]
         hook.positions = TokenPositions(
@@ -182,7 +191,7 @@ class _StreamModelBase:
         )
         hook.repeat = n
         try:
-            out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
         finally:
             hook.positions = None
         if self.cfg:
