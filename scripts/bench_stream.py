@@ -63,16 +63,22 @@ def build_wan13b(device: torch.device, dtype: torch.dtype):
             text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
         )
+        rope_tables = (transformer.rope.freqs_cos.clone(), transformer.rope.freqs_sin.clone())
         transformer.to(dtype)
+        transformer.rope.freqs_cos, transformer.rope.freqs_sin = rope_tables
         vae = AutoencoderKLWan().to(dtype)
         text_encoder = UMT5EncoderModel(
             UMT5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=256, num_layers=1, num_heads=8,
                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         ).to(dtype)
     # As from_pretrained(torch_dtype=...) does: RoPE tables, time embedder and norms stay in float32.
+    keep = transformer._keep_in_fp32_modules
     for name, module in transformer.named_modules():
-        if any(name == keep or name.endswith("." + keep) for keep in transformer._keep_in_fp32_modules):
+        if any(name == k or name.endswith("." + k) for k in keep):
             module.float()
+    for name, param in transformer.named_parameters():
+        if any(name == k or name.endswith("." + k) for k in keep):
+            param.data = param.data.float()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=5.0)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,

@@ -253,6 +253,8 @@ def test_stream_yields_frames_per_block_with_metrics_and_matches_raw_loop(tiny):
 
 def test_endless_stream_stops_when_closed(tiny):
     stream = tiny.stream(PROMPT, stream=StreamConfig(block_frames=1, window=2, sink=0, steps=1))
+    with pytest.raises(RuntimeError, match="another stream is already running"):
+        tiny.stream(PROMPT)
     for block in stream:
         if block.index == 4:
             break

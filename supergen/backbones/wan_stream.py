@@ -96,6 +96,9 @@ class _MaskedSelfAttnProcessor(WanAttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
 
 
+_STREAM_PROCESSORS = (_StreamSelfAttnProcessor, _MaskedSelfAttnProcessor)
+
+
 def check_streamable(pipeline) -> None:
     """Refuse Wan variants whose streaming would be wrong, before any cache is allocated."""
     transformer = pipeline.transformer
@@ -117,6 +120,11 @@ class _StreamModelBase:
         check_streamable(adapter.pipeline)
         self.adapter = adapter
         self.transformer = adapter.pipeline.transformer
+        if any(isinstance(b.attn1.processor, _STREAM_PROCESSORS) for b in self.transformer.blocks):
+            raise RuntimeError(
+                "another stream is already running on this transformer; close() it first (streams share the "
+                "model's attention processors)"
+            )
         self.latent_hw = latent_hw
         self.guidance_scale = guidance_scale
         self.cond: Conditioning | None = None
