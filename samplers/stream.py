@@ -22,6 +22,7 @@ forward (one forward fewer, keys from a slightly noisy input).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -38,11 +39,19 @@ def _clean_timesteps(frames: int) -> torch.Tensor:
     return torch.zeros(frames)
 
 
+def _step(scheduler, pred, t, x, generator):
+    # Stochastic samplers (FlowMatchEuler with stochastic_sampling) draw fresh
+    # noise in step(): give them the stream's generator so a seed reproduces.
+    kwargs = {"generator": generator} if generator is not None and "generator" in inspect.signature(scheduler.step).parameters else {}
+    return scheduler.step(pred, t, x, return_dict=False, **kwargs)[0]
+
+
 def block_stream(
     model: StreamModel,
     next_noise: Callable[[], torch.Tensor | None],
     make_scheduler: Callable[[], object],
     kv_write: str = "rerun",
+    generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
     """Few-step block schedule: denoise one block fully, commit it, move on. Yields clean blocks."""
     if kv_write not in KV_WRITE_MODES:
@@ -55,7 +64,7 @@ def block_stream(
             last = i == len(timesteps) - 1
             write = frames if (last and kv_write == "last_step") else 0
             pred = model.predict(x, t.reshape(1).expand(frames).float(), write_frames=write)
-            x = scheduler.step(pred, t, x, return_dict=False)[0]
+            x = _step(scheduler, pred, t, x, generator)
         if kv_write == "rerun":
             model.predict(x, _clean_timesteps(frames), write_frames=frames)
         yield x
@@ -77,6 +86,7 @@ def rolling_stream(
     next_noise: Callable[[], torch.Tensor | None],
     make_scheduler: Callable[[], object],
     kv_write: str = "rerun",
+    generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
     """Rolling Forcing's joint window: up to ``steps`` blocks denoised together, oldest cleanest.
 
@@ -107,7 +117,7 @@ def rolling_stream(
         write = frames[0] if (exits and kv_write == "last_step") else 0
         pred = model.predict(x, t_F, write_frames=write)
         for entry, p in zip(window, pred.split(frames, dim=2)):
-            entry.x = entry.scheduler.step(p, entry.timestep, entry.x, return_dict=False)[0]
+            entry.x = _step(entry.scheduler, p, entry.timestep, entry.x, generator)
             entry.level += 1
         if exits:
             window.pop(0)

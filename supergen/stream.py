@@ -173,7 +173,7 @@ class VideoStream:
         with torch.no_grad():
             self._started = time.perf_counter()
             block_start = self._started
-            latents = loop(self.model, self._next_noise, self._make_scheduler, self.config.kv_write)
+            latents = loop(self.model, self._next_noise, self._make_scheduler, self.config.kv_write, self._generator)
             for index, clean in enumerate(latents):
                 t_denoised = time.perf_counter()
                 video = self.decoder.decode(clean)
