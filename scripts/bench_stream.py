@@ -187,10 +187,11 @@ def main() -> None:
         print(f"| {s['name']} | {s['blocks']} | {s['ttff_s']:.3f} | {s['fps']:.1f} | {s['fps_denoise_only']:.1f} "
               f"| {s['first10_ms']:.1f} | {s['last10_ms']:.1f} | {s['last10_denoise_ms']:.1f} |")
     if base_rows:
-        n = len(base_rows)
-        c_tail = sum(r["denoise_s"] for r in cached_rows[n - 10 : n]) / 10
-        b_tail = sum(r["denoise_s"] for r in base_rows[-10:]) / 10
-        print(f"\ndenoise time per block at blocks {n - 10}..{n - 1}: no-cache / cached = {b_tail / c_tail:.2f}x")
+        n = min(len(base_rows), len(cached_rows))
+        k = min(10, n)
+        c_tail = sum(r["denoise_s"] for r in cached_rows[n - k : n]) / k
+        b_tail = sum(r["denoise_s"] for r in base_rows[n - k : n]) / k
+        print(f"\ndenoise time per block at blocks {n - k}..{n - 1}: no-cache / cached = {b_tail / c_tail:.2f}x")
     kv = [r["kv_cache_bytes"] for r in cached_rows]
     fill = next(i for i, v in enumerate(kv) if v == max(kv))
     print(f"KV cache in use: grows until block {fill}, then flat at {max(kv) / 1024:.1f} KiB "
