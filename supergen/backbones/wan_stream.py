@@ -85,18 +85,39 @@ class _CachedCrossAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class _MaskedSelfAttnProcessor(WanAttnProcessor):
-    """Diffusers' own processor with a fixed self-attention mask (the uncached reference)."""
+class _ReferenceSelfAttnProcessor(WanAttnProcessor):
+    """Self-attention of the uncached reference.
+
+    With :attr:`views` unset it is Diffusers' own processor with a fixed mask.
+    With :attr:`views` set, each segment's queries attend to their visible
+    keys with that segment's own RoPE positions (a re-indexed sink cannot be
+    expressed by one absolute-position sequence); the RoPE tables the model
+    passes in are then unused.
+    """
 
     def __init__(self):
         super().__init__()
         self.mask: torch.Tensor | None = None
+        #: [(query token index, key token index, (q_cos, q_sin), (k_cos, k_sin))] per segment
+        self.views: list | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+        if self.views is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        out = torch.empty_like(query)
+        for q_idx, k_idx, q_rope, k_rope in self.views:
+            q = _apply_rope(query[:, q_idx], *q_rope)
+            k = _apply_rope(key[:, k_idx], *k_rope)
+            out[:, q_idx] = dispatch_attention_fn(q, k, value[:, k_idx], attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
-_STREAM_PROCESSORS = (_StreamSelfAttnProcessor, _MaskedSelfAttnProcessor)
+_STREAM_PROCESSORS = (_StreamSelfAttnProcessor, _ReferenceSelfAttnProcessor)
 
 
 def check_streamable(pipeline) -> None:
@@ -297,11 +318,14 @@ class WanUncachedStreamModel(_StreamModelBase):
 
     A frame written in a segment that started at frame ``s`` sees the sink
     (frames < ``sink``), the ``window`` frames before ``s`` and its own
-    segment; positions are absolute. This equals :class:`WanStreamModel`
-    exactly when ``sink == 0`` or before its window first rolls (after that
-    the cache re-indexes the sink to sit just before the window, which a
-    single absolute-position sequence cannot express). ``window=None`` keeps
-    the full history (the benchmark's baseline); its cost grows with every block.
+    segment. While every segment sees a contiguous run of frames (no sink, or
+    before the window first rolls) this is one absolute-position sequence
+    through Diffusers' own processor under that mask (RoPE depends only on
+    position differences). Once a sink is separated from the window, each
+    segment attends with the positions the cache gives it (sink, then window,
+    packed contiguously, then the segment), computed per segment.
+    ``window=None`` keeps the full history (the benchmark's baseline); its cost
+    grows with every block.
     """
 
     def __init__(self, adapter, latent_hw, sink: int = 0, window: int | None = None, guidance_scale: float = 1.0):
@@ -313,8 +337,9 @@ class WanUncachedStreamModel(_StreamModelBase):
         self._segment_start: list[int] = []  # per committed frame: where its segment started/ended
         self._segment_end: list[int] = []
         self._processors = []
+        self.view_forwards = 0  # forwards that needed per-segment positions
         for block in self.transformer.blocks:
-            proc = _MaskedSelfAttnProcessor()
+            proc = _ReferenceSelfAttnProcessor()
             self._processors.append(proc)
             self._set_processor(block.attn1, proc)
 
@@ -347,15 +372,17 @@ class WanUncachedStreamModel(_StreamModelBase):
         starts = torch.tensor(self._segment_start + [ctx] * frames)
         ends = torch.tensor(self._segment_end + [total] * frames)
         mask = self._visible(starts, ends, total)
+        views = self._views(mask, starts, ends)
         tpf = self.tokens_per_frame
         token_mask = mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(seq.device)
         for proc in self._processors:
             proc.mask = token_mask[None, None]
+            proc.views = views
         try:
             out = self._run(seq, t_all, torch.arange(total))[:, :, ctx:]
         finally:
             for proc in self._processors:
-                proc.mask = None
+                proc.mask = proc.views = None
         if write_frames:
             for i in range(frames):
                 self._latents.append(x[:, :, i : i + 1].to(self.transformer.dtype))
@@ -363,6 +390,42 @@ class WanUncachedStreamModel(_StreamModelBase):
                 self._segment_start.append(ctx)
                 self._segment_end.append(total)
         return out
+
+    def _views(self, mask: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> list | None:
+        """Per-segment (queries, keys, RoPE) when some segment's context is not one contiguous run, else None."""
+        segments = sorted({(int(s), int(e)) for s, e in zip(starts, ends)})
+        visible = {seg: torch.nonzero(mask[seg[0]]).flatten() for seg in segments}
+        if all(int(v[-1]) - int(v[0]) + 1 == len(v) for v in visible.values()):
+            return None
+        self.view_forwards += 1
+        tpf = self.tokens_per_frame
+        device = self.transformer.device
+
+        def tokens(frames: torch.Tensor) -> torch.Tensor:
+            return (frames[:, None] * tpf + torch.arange(tpf)).flatten().to(device)
+
+        views = []
+        for (start, end), keys in visible.items():
+            # The cache packs visible frames contiguously: key i sits at position i,
+            # so the segment's own frames come right after its context.
+            queries = torch.arange(start, end)
+            q_pos = torch.arange(len(keys) - (end - start), len(keys))
+            views.append((tokens(queries), tokens(keys), self._rope_tables(q_pos), self._rope_tables(torch.arange(len(keys)))))
+        return views
+
+    def _rope_tables(self, frame_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (1, tokens, 1, head_dim) for whole frames at the given frame positions."""
+        rope = self.transformer.rope
+        gh, gw = self.grid_hw
+        n = len(frame_positions)
+        tables = []
+        for table in (rope.freqs_cos, rope.freqs_sin):
+            t_tab, h_tab, w_tab = table.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1)
+            f = t_tab[frame_positions.to(table.device)][:, None, None].expand(n, gh, gw, -1)
+            h = h_tab[:gh][None, :, None].expand(n, gh, gw, -1)
+            w = w_tab[:gw][None, None, :].expand(n, gh, gw, -1)
+            tables.append(torch.cat([f, h, w], dim=-1).reshape(1, n * gh * gw, 1, -1))
+        return tables[0], tables[1]
 
     def reset(self) -> None:
         for history in (self._latents, self._timesteps, self._segment_start, self._segment_end):
