@@ -155,11 +155,16 @@ class RegionExecutor(_Executor):
         return latents[self.box].clone()
 
     def _swap(self, recv_shapes: dict[int, int], payloads: dict[int, torch.Tensor], like: torch.Tensor):
-        """Post receives of ``recv_shapes[q]`` cells from each q and sends ``payloads[q]``; returns (buffers, works, bytes)."""
+        """Post receives of ``recv_shapes[q]`` cells from each q and sends ``payloads[q]``; returns (buffers, works, bytes).
+
+        One batch, so that NCCL groups the pairwise sends and receives
+        instead of deadlocking on their order; gloo runs them in the background.
+        """
         b, c = like.shape[:2]
         bufs = {q: torch.empty((b, c, n), dtype=like.dtype, device=like.device) for q, n in recv_shapes.items()}
-        works = [dist.irecv(buf, src=q) for q, buf in bufs.items()]
-        works += [dist.isend(p, dst=q) for q, p in payloads.items()]
+        ops = [dist.P2POp(dist.irecv, buf, q) for q, buf in bufs.items()]
+        ops += [dist.P2POp(dist.isend, p, q) for q, p in payloads.items()]
+        works = dist.batch_isend_irecv(ops) if ops else []
         moved = sum(_nbytes(t) for t in bufs.values()) + sum(_nbytes(t) for t in payloads.values())
         return bufs, works, moved
 

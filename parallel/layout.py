@@ -47,6 +47,15 @@ def _overlap_1d(cells: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return cells[(cells >= lo) & (cells < hi)] - lo
 
 
+def _count_1d(start: int, size: int, length: int, lo: int, hi: int) -> int:
+    """Cells of the wrapped range [start, start + size) mod length that fall in [lo, hi)."""
+    end = start + size
+    count = max(0, min(end, length, hi) - max(start, lo))
+    if end > length:  # the part that wrapped to the start of the axis
+        count += max(0, min(end - length, hi) - max(0, lo))
+    return count
+
+
 class RegionLayout:
     """A partition of the canvas into one box per rank (a grid of ``splits`` boxes over F, H, W).
 
@@ -82,7 +91,8 @@ class RegionLayout:
     def tile_cells_in(self, tile: Tile, rank: int) -> int:
         """How many of the tile's cells lie in rank's box."""
         return math.prod(
-            int(((cells >= lo) & (cells < hi)).sum()) for cells, (lo, hi) in zip(tile.cells, self.boxes[rank])
+            _count_1d(s, n, length, lo, hi)
+            for s, n, length, (lo, hi) in zip(tile.start, tile.size, tile.canvas, self.boxes[rank])
         )
 
     def tile_mask_in(self, tile: Tile, rank: int, mask: torch.Tensor) -> None:
