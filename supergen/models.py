@@ -1,10 +1,13 @@
 """Model names, the built-in tiny backbones and the one loading path.
 
-``tiny`` (alias ``tiny-wan``) is a small ``WanPipeline`` built from real
-Diffusers/transformers classes with seeded random weights and a tokenizer made
-offline with the ``tokenizers`` library. It is written once to a cache folder
-in the Diffusers layout and then loaded with ``DiffusionPipeline.from_pretrained``,
-the same code path as a real checkpoint in a local folder or on the hub.
+``tiny`` (alias ``tiny-wan``), ``tiny-cogvideox``, ``tiny-hunyuanvideo`` and
+``tiny-ltx`` are small pipelines built from the real Diffusers/transformers
+classes (the same transformer, VAE, text encoder and scheduler classes as the
+released checkpoints, a few layers wide) with seeded random weights and
+tokenizers made offline with the ``tokenizers`` library. Each is written once
+to a cache folder in the Diffusers layout and then loaded with
+``DiffusionPipeline.from_pretrained``, the same code path as a real checkpoint
+in a local folder or on the hub.
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("SUPERGEN_CACHE", Path.home() / ".cache" / "supergen"))
 
 
-def _build_tokenizer(vocab_size: int = 512):
+def _build_tokenizer(vocab_size: int = 512, extra_corpus: str = "", extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained offline on a small word list.
+
+    ``extra_corpus`` adds text that must tokenize into few tokens (HunyuanVideo's
+    prompt template); ``extra_special`` adds tokens kept whole (its chat markers).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,11 +60,11 @@ def _build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
+        special_tokens=["<pad>", "</s>", "<unk>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = [line for line in _TOKENIZER_CORPUS.split("\n") if line.strip()]
+    lines = [line for line in (_TOKENIZER_CORPUS + extra_corpus).split("\n") if line.strip()]
     tok.train_from_iterator(lines, trainer=trainer)
     # T5-style: every sequence ends with </s>, padding is id 0.
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -126,12 +134,227 @@ def build_tiny_wan(seed: int = 0):
     return pipe
 
 
+def _t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+
+
+def build_tiny_cogvideox(seed: int = 0):
+    """Build a tiny ``CogVideoXPipeline`` (CogVideoX-5B layout: RoPE, v-prediction DDIM).
+
+    Native 64x96 pixels, 9 frames: latent 3x8x12 with 4 channels, patch 2x2.
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    tokenizer = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _t5(tokenizer)
+        vae = AutoencoderKLCogVideoX(
+            block_out_channels=(8, 8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            temporal_compression_ratio=4,
+            sample_height=64,
+            sample_width=96,
+        ).eval()
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=16,
+            text_embed_dim=32,
+            num_layers=2,
+            sample_height=8,
+            sample_width=12,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=226,
+            use_rotary_positional_embeddings=True,
+        ).eval()
+    # CogVideoX-2b's released scheduler config (v-prediction, zero-SNR, trailing spacing).
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    return CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def build_tiny_hunyuanvideo(seed: int = 0):
+    """Build a tiny ``HunyuanVideoPipeline`` (Llama + CLIP text encoders, guidance-distilled transformer).
+
+    Native 64x96 pixels, 9 frames: latent 3x8x12 with 4 channels, patch 1x2x2.
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    markers = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    for marker in markers:
+        template = template.replace(marker, " ")
+    # The template is tokenized in front of every prompt; training on it keeps it near the
+    # real tokenizer's 95 tokens (crop_start), so the prompt is not truncated away.
+    tokenizer = _build_tokenizer(vocab_size=1024, extra_corpus="\n" + template.replace("{}", ""), extra_special=markers)
+    tokenizer_2 = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = LlamaModel(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+            )
+        ).eval()
+        text_encoder_2 = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer_2),
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=8,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+            )
+        ).eval()
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+        ).eval()
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=10,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=2,
+            patch_size_t=1,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 4, 4),
+        ).eval()
+    # HunyuanVideo's released scheduler: flow-matching Euler with shift 7.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def build_tiny_ltx(seed: int = 0):
+    """Build a tiny ``LTXPipeline`` with LTX-Video's real VAE compression (32x spatial, 8x temporal).
+
+    Native 128x192 pixels, 9 frames: latent 2x4x6 with 8 channels, packed into
+    48 tokens (transformer patch 1x1x1).
+    """
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    tokenizer = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _t5(tokenizer)
+        vae = AutoencoderKLLTXVideo(
+            latent_channels=8,
+            block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, False),
+            decoder_spatio_temporal_scaling=(True, True, True, False),
+            patch_size=4,
+            patch_size_t=1,
+        ).eval()
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=2,
+            caption_channels=32,
+        ).eval()
+    # LTX-Video's released scheduler: resolution-dependent shift (mu from the sequence length).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTXPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
 # Native (height, width, frames) of each built-in model, written beside the
 # weights as supergen.json so the loader finds it like any checkpoint's hint.
-TINY_NATIVE_SIZES = {"tiny-wan": (64, 96, 9)}
+TINY_NATIVE_SIZES = {
+    "tiny-wan": (64, 96, 9),
+    "tiny-cogvideox": (64, 96, 9),
+    "tiny-hunyuanvideo": (64, 96, 9),
+    "tiny-ltx": (128, 192, 9),
+}
 
 
-TINY_BUILDERS = {"tiny-wan": build_tiny_wan}
+TINY_BUILDERS = {
+    "tiny-wan": build_tiny_wan,
+    "tiny-cogvideox": build_tiny_cogvideox,
+    "tiny-hunyuanvideo": build_tiny_hunyuanvideo,
+    "tiny-ltx": build_tiny_ltx,
+}
 MODEL_ALIASES = {"tiny": "tiny-wan"}
 
 

@@ -22,7 +22,7 @@ from supergen.backbones import BackboneAdapter, adapter_for
 from supergen.config import TilingConfig
 from supergen.io import to_uint8
 from supergen.models import read_native_size, resolve_model
-from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps, renoise
+from supergen.samplers.schedule import refinement_timesteps, renoise
 from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
 
@@ -144,6 +144,18 @@ class SuperGenPipeline:
             raise ValueError(
                 f"num_frames {num_frames} must be {geo.scale_temporal}k+1 (VAE temporal factor {geo.scale_temporal}); "
                 f"try {((num_frames - 1) // geo.scale_temporal) * geo.scale_temporal + 1}"
+            )
+        pt = geo.patch[0]
+        for name, frames in (("num_frames", num_frames), ("tile_frames", tiling.tile_frames or min(nf, num_frames))):
+            if geo.latent_frames(frames) % pt:
+                raise ValueError(
+                    f"{name} {frames} gives {geo.latent_frames(frames)} latent frames, not a multiple of the "
+                    f"transformer's temporal patch {pt}; try {geo.pixel_frames(-(-geo.latent_frames(frames) // pt) * pt)}"
+                )
+        if tiling.rope == "absolute" and not self.adapter.supports_absolute_rope:
+            raise ValueError(
+                f"rope='absolute' is not available for {type(self.pipe).__name__}: its adapter cannot offset RoPE "
+                "positions per tile; use rope='local'"
             )
         tile_h = tiling.tile_height or nh
         tile_w = tiling.tile_width or nw
@@ -269,7 +281,7 @@ class SuperGenPipeline:
             t0 = time.perf_counter()
             clean = self._sketch(request, tiling, num_inference_steps, generator, sampler_args)
             sketch_s = time.perf_counter() - t0
-        scheduler = fresh_scheduler(adapter.scheduler)
+        scheduler = adapter.make_scheduler(request.tile, generator)
         timesteps, _ = refinement_timesteps(scheduler, num_inference_steps, tiling.strength, device=device)
         noise = adapter.prepare_noise(request.canvas, generator)
         latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
@@ -312,7 +324,7 @@ class SuperGenPipeline:
             align=geo.patch,
             blend=tiling.blend,
         )
-        scheduler = fresh_scheduler(adapter.scheduler)
+        scheduler = adapter.make_scheduler(planner.tile, generator)
         timesteps, _ = refinement_timesteps(scheduler, tiling.sketch_steps or steps, 1.0, device=self.device)
         noise = adapter.prepare_noise(sketch_canvas, generator)
         sampler = TiledSampler(planner=planner, rope="local", desc="sketch", **sampler_args)

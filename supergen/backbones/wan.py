@@ -70,6 +70,7 @@ class WanRopePositions:
 class WanAdapter(BackboneAdapter):
     transformer_classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
     pipeline_classes = ("WanPipeline", "SkyReelsV2Pipeline")
+    supports_absolute_rope = True
 
     def __init__(self, pipeline, native_size=None):
         if pipeline.transformer is None:
