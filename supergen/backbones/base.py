@@ -90,7 +90,8 @@ class BackboneAdapter(ABC):
     def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
         self.pipeline = pipeline
         #: Run the conditional and unconditional branches in one batch (faster);
-        #: False runs them one after the other, exactly as the Diffusers pipelines do.
+        #: False runs them one after the other, exactly as WanPipeline does. The
+        #: CogVideoX and LTX pipelines batch them themselves, so their adapters always do.
         self.batch_cfg = True
         self.geometry = self._geometry()
         self.native_height, self.native_width, self.native_num_frames = native_size or self.default_native_size()

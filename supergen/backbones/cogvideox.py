@@ -6,7 +6,7 @@ What differs from the engine's canonical view, and is converted here:
   for the tile's size (every tile is a native-size video: local RoPE);
 - the VAE latents are scaled by ``scaling_factor`` only (no per-channel stats);
 - the schedulers are v-prediction DDIM or CogVideoX's DPM, whose ``step``
-  needs the previous step's x0 estimate and timestep: :class:`CogVideoXDPMStepper`
+  needs the previous step's x0 estimate and timestep: :class:`CogVideoXStepper`
   carries them so the loop can call ``step(pred, t, latents)`` like any scheduler.
 """
 
@@ -17,16 +17,21 @@ import torch
 from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, PipelineScheduler, require_config
 
 
-class CogVideoXDPMStepper(PipelineScheduler):
-    """``CogVideoXDPMScheduler`` behind the common ``step(pred, t, latents)`` call.
+class CogVideoXStepper(PipelineScheduler):
+    """CogVideoX's DDIM or DPM scheduler behind the common ``step(pred, t, latents)`` call.
 
-    The pipeline passes the previous x0 prediction and the previous timestep to
-    every step; the first step (of any run, or after ``set_timesteps``) has
-    neither and falls back to a first-order update, as in the pipeline.
+    The scheduler sees latents in the pipeline's B,F,C,H,W layout, so stochastic
+    steps (the DPM scheduler draws noise every step) draw the same noise for
+    the same seed. The DPM scheduler also takes the previous x0 prediction and
+    timestep; the first step of a run has neither and is first order, as in
+    the pipeline.
     """
 
     def __init__(self, scheduler, step_kwargs: dict | None = None):
+        from diffusers import CogVideoXDPMScheduler
+
         super().__init__(scheduler, step_kwargs=step_kwargs)
+        self.multistep = isinstance(scheduler, CogVideoXDPMScheduler)
         self._previous_x0 = None
         self._previous_t = None
 
@@ -36,11 +41,16 @@ class CogVideoXDPMStepper(PipelineScheduler):
         self._previous_t = None
 
     def step(self, model_output, timestep, sample, return_dict: bool = False):
-        prev_sample, self._previous_x0 = self.scheduler.step(
-            model_output, self._previous_x0, timestep, self._previous_t, sample, **self.step_kwargs, return_dict=False
-        )
-        self._previous_t = timestep
-        return (prev_sample,)
+        pred_BFCHW, sample_BFCHW = model_output.transpose(1, 2), sample.transpose(1, 2)
+        if self.multistep:
+            prev_BFCHW, self._previous_x0 = self.scheduler.step(
+                pred_BFCHW, self._previous_x0, timestep, self._previous_t, sample_BFCHW, **self.step_kwargs,
+                return_dict=False,
+            )
+            self._previous_t = timestep
+        else:
+            prev_BFCHW = self.scheduler.step(pred_BFCHW, timestep, sample_BFCHW, **self.step_kwargs, return_dict=False)[0]
+        return (prev_BFCHW.transpose(1, 2).contiguous(),)
 
 
 class CogVideoXAdapter(BackboneAdapter):
@@ -81,14 +91,9 @@ class CogVideoXAdapter(BackboneAdapter):
         return self.pipeline.transformer.dtype
 
     def make_scheduler(self, latent_shape, generator=None):
-        from diffusers import CogVideoXDPMScheduler
-
+        # The pipeline steps with eta=0 and its generator (the DPM scheduler's noise term uses it).
         fresh = super().make_scheduler(latent_shape, generator)
-        # The pipeline steps with eta=0 and its generator (used by the DPM's stochastic term).
-        step_kwargs = {"eta": 0.0, "generator": generator}
-        if isinstance(fresh, CogVideoXDPMScheduler):
-            return CogVideoXDPMStepper(fresh, step_kwargs=step_kwargs)
-        return PipelineScheduler(fresh, step_kwargs=step_kwargs)
+        return CogVideoXStepper(fresh, step_kwargs={"eta": 0.0, "generator": generator})
 
     # --- conditioning -------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None):

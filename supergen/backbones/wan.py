@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions
+from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions, require_config
 
 
 class WanRopePositions:
@@ -75,6 +75,12 @@ class WanAdapter(BackboneAdapter):
     def __init__(self, pipeline, native_size=None):
         if pipeline.transformer is None:
             raise ValueError("this Wan pipeline has no `transformer`; the engine needs the high-noise expert")
+        require_config(pipeline.transformer.config, ("in_channels", "patch_size"), "transformer")
+        require_config(
+            pipeline.vae.config,
+            ("z_dim", "scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std"),
+            "vae",
+        )
         super().__init__(pipeline, native_size)
         self._rope_hooks = {
             id(model): WanRopePositions(model.rope) for model in self._experts() if hasattr(model, "rope")
