@@ -1,9 +1,13 @@
 """One test matrix over every backbone adapter, on the tiny offline builds of the real Diffusers classes."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -150,3 +154,16 @@ def test_cogvideox_dpm_scheduler_matches_the_plain_pipeline():
     pipe = CogVideoXPipeline(**{**base.components, "scheduler": scheduler})
     sg = SuperGenPipeline.from_pipe(pipe, native_size=TINY_NATIVE_SIZES["tiny-cogvideox"])
     np.testing.assert_array_equal(_native(sg, "tiny-cogvideox"), _plain(pipe, "tiny-cogvideox"))
+
+
+def test_cli_selects_a_built_in_backbone(tmp_path):
+    out = tmp_path / "ltx.mp4"
+    res = subprocess.run(
+        [sys.executable, "-m", "supergen", "generate", "--model", "tiny-ltx", "--prompt", PROMPT, "--steps", "2",
+         "--output", str(out)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "LTXAdapter(LTXPipeline" in res.stderr + res.stdout
+    height, width, frames = TINY_NATIVE_SIZES["tiny-ltx"]
+    assert iio.imread(out).shape == (frames, 2 * height, 2 * width, 3)
