@@ -153,12 +153,20 @@ def _t5(tokenizer, d_model: int = 32):
     ).eval()
 
 
-def build_tiny_cogvideox(seed: int = 0):
+def build_tiny_cogvideox(seed: int = 0, image_to_video: bool = False):
     """Build a tiny ``CogVideoXPipeline`` (CogVideoX-5B layout: RoPE, v-prediction DDIM).
 
     Native 64x96 pixels, 9 frames: latent 3x8x12 with 4 channels, patch 2x2.
+    ``image_to_video`` builds ``CogVideoXImageToVideoPipeline`` instead, whose
+    transformer takes the image latents as 4 more input channels.
     """
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
     tokenizer = _build_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -176,7 +184,7 @@ def build_tiny_cogvideox(seed: int = 0):
         transformer = CogVideoXTransformer3DModel(
             num_attention_heads=2,
             attention_head_dim=16,
-            in_channels=4,
+            in_channels=8 if image_to_video else 4,
             out_channels=4,
             time_embed_dim=16,
             text_embed_dim=32,
@@ -201,9 +209,15 @@ def build_tiny_cogvideox(seed: int = 0):
         snr_shift_scale=3.0,
         timestep_spacing="trailing",
     )
-    return CogVideoXPipeline(
+    pipeline_cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    return pipeline_cls(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
+
+
+def build_tiny_cogvideox_i2v(seed: int = 0):
+    """Build a tiny ``CogVideoXImageToVideoPipeline`` (see :func:`build_tiny_cogvideox`)."""
+    return build_tiny_cogvideox(seed=seed, image_to_video=True)
 
 
 def build_tiny_hunyuanvideo(seed: int = 0):
@@ -344,6 +358,7 @@ def build_tiny_ltx(seed: int = 0):
 TINY_NATIVE_SIZES = {
     "tiny-wan": (64, 96, 9),
     "tiny-cogvideox": (64, 96, 9),
+    "tiny-cogvideox-i2v": (64, 96, 9),
     "tiny-hunyuanvideo": (64, 96, 9),
     "tiny-ltx": (128, 192, 9),
 }
@@ -352,6 +367,7 @@ TINY_NATIVE_SIZES = {
 TINY_BUILDERS = {
     "tiny-wan": build_tiny_wan,
     "tiny-cogvideox": build_tiny_cogvideox,
+    "tiny-cogvideox-i2v": build_tiny_cogvideox_i2v,
     "tiny-hunyuanvideo": build_tiny_hunyuanvideo,
     "tiny-ltx": build_tiny_ltx,
 }

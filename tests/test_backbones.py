@@ -25,11 +25,25 @@ class Backbone:
     pipeline_class: str
     #: WanPipeline runs the CFG branches one after the other; the others batch them (or have no CFG).
     batch_cfg: bool = True
+    image_to_video: bool = False
+
+    def inputs(self) -> dict:
+        """Extra call arguments: the first frame for image-to-video pipelines."""
+        return {"image": _first_frame()} if self.image_to_video else {}
+
+
+def _first_frame():
+    """A smooth colour ramp, the conditioning image of the image-to-video cases."""
+    import PIL.Image
+
+    rows, cols = np.mgrid[0:64, 0:96]
+    return PIL.Image.fromarray(np.stack([cols * 2, rows * 3, rows + cols], -1).astype(np.uint8))
 
 
 BACKBONES = [
     Backbone("tiny-wan", "WanPipeline", batch_cfg=False),
     Backbone("tiny-cogvideox", "CogVideoXPipeline"),
+    Backbone("tiny-cogvideox-i2v", "CogVideoXImageToVideoPipeline", image_to_video=True),
     Backbone("tiny-hunyuanvideo", "HunyuanVideoPipeline"),
     Backbone("tiny-ltx", "LTXPipeline"),
 ]
@@ -44,7 +58,7 @@ def backbone(request):
 def _plain(pipe, name, steps=4, **kw):
     height, width, frames = TINY_NATIVE_SIZES[name]
     return pipe(
-        PROMPT,
+        prompt=PROMPT,
         height=height,
         width=width,
         num_frames=frames,
@@ -56,7 +70,7 @@ def _plain(pipe, name, steps=4, **kw):
     ).frames[0]
 
 
-def _native(sg, name, steps=4):
+def _native(sg, name, steps=4, **kw):
     height, width, frames = TINY_NATIVE_SIZES[name]
     return sg(
         PROMPT,
@@ -69,6 +83,7 @@ def _native(sg, name, steps=4):
         tiling=TilingConfig(strength=1.0),
         output_type="float",
         progress=False,
+        **kw,
     ).frames
 
 
@@ -78,10 +93,10 @@ def test_native_single_tile_equals_the_plain_diffusers_pipeline(backbone):
     assert (sg.adapter.native_height, sg.adapter.native_width, sg.adapter.native_num_frames) == TINY_NATIVE_SIZES[
         case.name
     ]
-    reference = _plain(sg.pipe, case.name)
+    reference = _plain(sg.pipe, case.name, **case.inputs())
     sg.adapter.batch_cfg = case.batch_cfg
     try:
-        ours = _native(sg, case.name)
+        ours = _native(sg, case.name, **case.inputs())
     finally:
         sg.adapter.batch_cfg = True
     # One tile covering the canvas runs the same calls in the same order as the pipeline: bit for bit.
@@ -96,7 +111,7 @@ def test_tiled_run_at_twice_the_area(backbone):
     # Latent up-scaling keeps the run short; the pixel path (decode, resize, re-encode) is
     # covered on Wan by test_pipeline.py and uses the same adapter decode/encode as below.
     out = sg(PROMPT, height=2 * height, width=2 * width, num_inference_steps=2, progress=False,
-             tiling=TilingConfig(upscale="latent"), output_type="float")
+             tiling=TilingConfig(upscale="latent"), output_type="float", **case.inputs())
     assert out.frames.shape == (frames, 2 * height, 2 * width, 3)
     assert np.isfinite(out.frames).all() and out.frames.std() > 0
     tiles = out.metrics["tiles"]
@@ -111,10 +126,10 @@ def test_absolute_rope_where_supported(backbone):
     request = dict(height=2 * height, width=2 * width, num_inference_steps=2, progress=False, output_type="latent")
     if not sg.adapter.supports_absolute_rope:
         with pytest.raises(ValueError, match="rope='absolute' is not available for " + case.pipeline_class):
-            sg(PROMPT, tiling=TilingConfig(rope="absolute"), **request)
+            sg(PROMPT, tiling=TilingConfig(rope="absolute"), **request, **case.inputs())
         return
-    local = sg(PROMPT, tiling=TilingConfig(strength=1.0), **request).frames
-    absolute = sg(PROMPT, tiling=TilingConfig(strength=1.0, rope="absolute"), **request).frames
+    local = sg(PROMPT, tiling=TilingConfig(strength=1.0), **request, **case.inputs()).frames
+    absolute = sg(PROMPT, tiling=TilingConfig(strength=1.0, rope="absolute"), **request, **case.inputs()).frames
     f, h, w = sg.adapter.native_latent_shape
     assert absolute.shape == (1, sg.adapter.geometry.channels, f, 2 * h, 2 * w)
     assert torch.isfinite(absolute).all()
@@ -167,3 +182,55 @@ def test_cli_selects_a_built_in_backbone(tmp_path):
     assert "LTXAdapter(LTXPipeline" in res.stderr + res.stdout
     height, width, frames = TINY_NATIVE_SIZES["tiny-ltx"]
     assert iio.imread(out).shape == (frames, 2 * height, 2 * width, 3)
+
+
+def test_image_is_required_exactly_by_image_to_video_pipelines(backbone):
+    case, sg = backbone
+    calls = []
+    handle = sg.pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        if case.image_to_video:
+            with pytest.raises(ValueError, match="is image-to-video: pass image="):
+                sg(PROMPT, num_inference_steps=2, progress=False)
+        else:
+            with pytest.raises(ValueError, match="is not an image-to-video pipeline"):
+                sg(PROMPT, num_inference_steps=2, progress=False, image=_first_frame())
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_image_condition_is_upscaled_with_the_video_and_cropped_like_each_tile():
+    sg = SuperGenPipeline.from_pretrained("tiny-cogvideox-i2v")
+    adapter = sg.adapter
+    canvases, calls = [], []
+    encode_image, predict = adapter.encode_image, adapter.predict
+
+    def recording_encode_image(*args, **kwargs):
+        canvases.append(encode_image(*args, **kwargs))
+        return canvases[-1]
+
+    def recording_predict(latents, *args, condition=None, **kwargs):
+        calls.append((latents, condition))
+        return predict(latents, *args, condition=condition, **kwargs)
+
+    adapter.encode_image, adapter.predict = recording_encode_image, recording_predict
+    try:
+        sg(PROMPT, height=128, width=192, num_inference_steps=2, progress=False, output_type="latent",
+           tiling=TilingConfig(upscale="latent"), image=_first_frame())
+    finally:
+        del adapter.encode_image, adapter.predict
+    # One condition per stage, each at its stage's latent size: the sketch, then the 2x canvas.
+    sketch, target = canvases
+    assert sketch.shape[2:] == adapter.native_latent_shape
+    assert target.shape[2:] == (3, 16, 24)
+    assert torch.count_nonzero(target[:, :, 0]) > 0 and torch.count_nonzero(target[:, :, 1:]) == 0
+    # Refinement (2 steps x 4 tiles, the grid shifted with wrap-around every step): every
+    # tile's condition is exactly its own crop of the target canvas.
+    planner = sg.plan(height=128, width=192)
+    refine = calls[-8:]
+    tiles = [tile for step in range(2) for tile in planner.plan(step).tiles]
+    assert any(tile.wraps for tile in tiles)
+    for (latents, condition), tile in zip(refine, tiles):
+        assert condition.shape[2:] == latents.shape[2:]
+        torch.testing.assert_close(condition, tile.gather(target), rtol=0, atol=0)

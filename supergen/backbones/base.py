@@ -155,13 +155,30 @@ class BackboneAdapter(ABC):
         guidance_scale: float,
         positions: TokenPositions | None = None,
         guidance_scale_2: float | None = None,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Model prediction for a batch of latent tiles ``(N, C, F, H, W)`` at one timestep.
 
         Classifier-free guidance runs the conditional and unconditional branch
         of every tile in one batch. ``positions`` overrides the RoPE positions
         (``None``: each tile gets the positions of a standalone video).
+        ``condition`` is the same tiles cut from :meth:`encode_image`'s canvas
+        (image-to-video pipelines only).
         """
+
+    # --- image-to-video -------------------------------------------------------
+    @property
+    def image_to_video(self) -> bool:
+        """Whether the wrapped pipeline is image-to-video (its calls then need an ``image``)."""
+        return False
+
+    def encode_image(self, image, height: int, width: int, num_frames: int, generator: torch.Generator) -> torch.Tensor:
+        """The conditioning image as a latent canvas ``(1, C', F, H, W)`` aligned with the video latents.
+
+        The image is resized to ``height x width`` (the canvas being denoised),
+        so every tile crops its own part of it exactly as it crops the latents.
+        """
+        raise ValueError(f"{type(self.pipeline).__name__} is not an image-to-video pipeline; it takes no image")
 
     def token_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         pt, ph, pw = self.geometry.patch

@@ -55,7 +55,7 @@ class CogVideoXStepper(PipelineScheduler):
 
 class CogVideoXAdapter(BackboneAdapter):
     transformer_classes = ("CogVideoXTransformer3DModel",)
-    pipeline_classes = ("CogVideoXPipeline",)
+    pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
 
     def __init__(self, pipeline, native_size=None):
         require_config(
@@ -70,7 +70,8 @@ class CogVideoXAdapter(BackboneAdapter):
     def _geometry(self) -> LatentGeometry:
         cfg = self.pipeline.transformer.config
         return LatentGeometry(
-            channels=cfg.in_channels,
+            # Image-to-video transformers take the image latents as extra input channels.
+            channels=cfg.out_channels or cfg.in_channels,
             scale_temporal=int(self.pipeline.vae_scale_factor_temporal),
             scale_spatial=int(self.pipeline.vae_scale_factor_spatial),
             patch=(cfg.patch_size_t or 1, cfg.patch_size, cfg.patch_size),
@@ -114,9 +115,15 @@ class CogVideoXAdapter(BackboneAdapter):
         scale = self.geometry.scale_spatial
         return self.pipeline._prepare_rotary_positional_embeddings(h * scale, w * scale, f, self.device)
 
-    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None):
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None,
+                condition=None):
         if positions is not None:
             raise ValueError("CogVideoX tiles use local RoPE only (rope='local')")
+        if (condition is None) == self.image_to_video:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} needs an image condition" if condition is None
+                else "CogVideoX text-to-video takes no image condition"
+            )
         model = self.pipeline.transformer
         n = latents.shape[0]
         do_cfg = guidance_scale > 1.0 and cond.negative is not None
@@ -125,17 +132,55 @@ class CogVideoXAdapter(BackboneAdapter):
         if do_cfg:
             x_BFCHW = torch.cat([x_BFCHW, x_BFCHW])
             text = torch.cat([cond.negative.expand(n, -1, -1), text])
+        extra = {}
+        if condition is not None:
+            image_BFCHW = condition.permute(0, 2, 1, 3, 4).to(model.dtype)
+            if do_cfg:
+                image_BFCHW = torch.cat([image_BFCHW, image_BFCHW])
+            x_BFCHW = torch.cat([x_BFCHW, image_BFCHW], dim=2)
+            if model.config.ofs_embed_dim is not None:
+                # CogVideoX 1.5 I2V's fixed ofs embedding input, as its pipeline passes it.
+                extra["ofs"] = x_BFCHW.new_full((1,), fill_value=2.0)
         out = model(
             hidden_states=x_BFCHW,
             encoder_hidden_states=text,
             timestep=timestep.expand(x_BFCHW.shape[0]),
             image_rotary_emb=self._rotary(tuple(latents.shape[2:])),
             return_dict=False,
+            **extra,
         )[0].float()
         if do_cfg:
             uncond, cond_out = out.chunk(2)
             out = uncond + guidance_scale * (cond_out - uncond)
         return out.permute(0, 2, 1, 3, 4)
+
+    # --- image-to-video --------------------------------------------------------
+    @property
+    def image_to_video(self) -> bool:
+        return type(self.pipeline).__name__ == "CogVideoXImageToVideoPipeline"
+
+    def encode_image(self, image, height, width, num_frames, generator):
+        """The first frame's latent followed by zero frames, as CogVideoXImageToVideoPipeline builds it.
+
+        The image is resized to the stage's canvas (with the tiled VAE above
+        the native size), so it is up-scaled with the video and every tile
+        sees its own crop of it.
+        """
+        if not self.image_to_video:
+            return super().encode_image(image, height, width, num_frames, generator)
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import retrieve_latents
+
+        pipe, vae = self.pipeline, self.pipeline.vae
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(self.device, dtype=self.dtype)
+        tiled = (height, width) != (self.native_height, self.native_width)
+        with self.vae_tiling(tiled):
+            image_latent = retrieve_latents(vae.encode(pixels.unsqueeze(2)), generator).to(self.dtype)
+        # CogVideoX 1.5 was trained without the scaling factor on its image latents; its config says so.
+        scale = 1 / pipe.vae_scaling_factor_image if vae.config.invert_scale_latents else pipe.vae_scaling_factor_image
+        image_latent = scale * image_latent
+        f = self.geometry.latent_frames(num_frames)
+        padding = image_latent.new_zeros(image_latent.shape[0], image_latent.shape[1], f - 1, *image_latent.shape[3:])
+        return torch.cat([image_latent, padding], dim=2).float()
 
     # --- noise and VAE --------------------------------------------------------
     def prepare_noise(self, latent_shape, generator):

@@ -79,7 +79,10 @@ class HunyuanVideoAdapter(BackboneAdapter):
             extra={"attention_mask": mask.to(dtype), "pooled": pooled.to(dtype)},
         )
 
-    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None):
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None,
+                condition=None):
+        if condition is not None:
+            raise ValueError("HunyuanVideo takes no image condition")
         if positions is not None:
             raise ValueError("HunyuanVideo tiles use local RoPE only (rope='local')")
         model = self.pipeline.transformer

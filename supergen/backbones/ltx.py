@@ -110,7 +110,10 @@ class LTXAdapter(BackboneAdapter):
         )
         return grid.flatten(2)
 
-    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None):
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None,
+                condition=None):
+        if condition is not None:
+            raise ValueError("LTX-Video takes no image condition")
         pipe = self.pipeline
         model = pipe.transformer
         n, _, f, h, w = latents.shape

@@ -141,7 +141,10 @@ class WanAdapter(BackboneAdapter):
             return self.pipeline.transformer, guidance_scale
         return self.pipeline.transformer_2, guidance_scale if guidance_scale_2 is None else guidance_scale_2
 
-    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None):
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None,
+                condition=None):
+        if condition is not None:
+            raise ValueError("Wan text-to-video takes no image condition")
         model, scale = self.expert_for(timestep, guidance_scale, guidance_scale_2)
         n = latents.shape[0]
         do_cfg = scale > 1.0 and cond.negative is not None
