@@ -73,15 +73,23 @@ def _build_tokenizer(vocab_size: int = 512, extra_corpus: str = "", extra_specia
     )
 
 
-def build_tiny_wan(seed: int = 0):
+def build_tiny_wan(seed: int = 0, image_to_video: bool = False):
     """Build the tiny ``WanPipeline`` (random weights, deterministic from ``seed``).
 
     Native size 64x96 pixels, 9 frames (3 latent frames of 8x12 cells,
     patch 1x2x2: 72 tokens). Small enough that a 3x-area tiled run takes seconds
     on a laptop CPU, while every class is the real Diffusers/transformers one.
+    ``image_to_video`` builds ``WanImageToVideoPipeline`` instead (Wan2.1 I2V
+    layout: a tiny CLIP vision encoder, 16 + 4 mask + 16 condition input channels).
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     tokenizer = _build_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -110,11 +118,21 @@ def build_tiny_wan(seed: int = 0):
             latents_mean=[0.0] * z_dim,
             latents_std=[1.0] * z_dim,
         ).eval()
+        image_kwargs = {}
+        if image_to_video:
+            image_encoder = CLIPVisionModel(
+                CLIPVisionConfig(
+                    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=8, projection_dim=16,
+                )
+            ).eval()
+            # Image tokens enter cross-attention through added K/V projections, as in Wan2.1 I2V.
+            image_kwargs = dict(image_dim=16, added_kv_proj_dim=24)
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=z_dim,
+            in_channels=z_dim + 4 + z_dim if image_to_video else z_dim,
             out_channels=z_dim,
             text_dim=32,
             freq_dim=32,
@@ -123,15 +141,28 @@ def build_tiny_wan(seed: int = 0):
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=256,
+            **image_kwargs,
         ).eval()
     # Wan's released Diffusers checkpoints use UniPC with flow sigmas.
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )
-    pipe = WanPipeline(
+    if image_to_video:
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+        )
+        return WanImageToVideoPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler,
+            image_processor=image_processor, image_encoder=image_encoder,
+        )
+    return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    return pipe
+
+
+def build_tiny_wan_i2v(seed: int = 0):
+    """Build a tiny ``WanImageToVideoPipeline`` (see :func:`build_tiny_wan`)."""
+    return build_tiny_wan(seed=seed, image_to_video=True)
 
 
 def _t5(tokenizer, d_model: int = 32):
@@ -357,6 +388,7 @@ def build_tiny_ltx(seed: int = 0):
 # weights as supergen.json so the loader finds it like any checkpoint's hint.
 TINY_NATIVE_SIZES = {
     "tiny-wan": (64, 96, 9),
+    "tiny-wan-i2v": (64, 96, 9),
     "tiny-cogvideox": (64, 96, 9),
     "tiny-cogvideox-i2v": (64, 96, 9),
     "tiny-hunyuanvideo": (64, 96, 9),
@@ -366,6 +398,7 @@ TINY_NATIVE_SIZES = {
 
 TINY_BUILDERS = {
     "tiny-wan": build_tiny_wan,
+    "tiny-wan-i2v": build_tiny_wan_i2v,
     "tiny-cogvideox": build_tiny_cogvideox,
     "tiny-cogvideox-i2v": build_tiny_cogvideox_i2v,
     "tiny-hunyuanvideo": build_tiny_hunyuanvideo,

@@ -265,7 +265,7 @@ class SuperGenPipeline:
         generator = generator or torch.Generator(device="cpu").manual_seed(seed)
         t_start = time.perf_counter()
 
-        cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length)
+        cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length, image=image)
         planner = self._planner(request, tiling)
         logger.info(
             "target %dx%dx%df, %s; sketch %dx%d, strength %.2f, upscale %s, rope %s",

@@ -143,8 +143,19 @@ class BackboneAdapter(ABC):
     # --- conditioning and the model ---------------------------------------
     @abstractmethod
     def encode_prompt(
-        self, prompt: str, negative_prompt: str | None, guidance_scale: float, max_sequence_length: int | None = None
-    ) -> Conditioning: ...
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance_scale: float,
+        max_sequence_length: int | None = None,
+        image=None,
+    ) -> Conditioning:
+        """Prompt conditioning through the pipeline's own ``encode_prompt``.
+
+        ``image`` is the first frame of an image-to-video call, for models that
+        also embed it globally (Wan2.1 I2V's CLIP image tokens); its per-pixel
+        part goes through :meth:`encode_image` instead.
+        """
 
     @abstractmethod
     def predict(

@@ -97,7 +97,7 @@ class CogVideoXAdapter(BackboneAdapter):
         return CogVideoXStepper(fresh, step_kwargs={"eta": 0.0, "generator": generator})
 
     # --- conditioning -------------------------------------------------------
-    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None):
+    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None, image=None):
         positive, negative = self.pipeline.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,

@@ -61,7 +61,7 @@ class HunyuanVideoAdapter(BackboneAdapter):
         return PipelineScheduler(super().make_scheduler(latent_shape, generator), {"sigmas": _hunyuan_sigmas})
 
     # --- conditioning -------------------------------------------------------
-    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None):
+    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None, image=None):
         if negative_prompt:
             logger.warning(
                 "HunyuanVideo is guidance-distilled: guidance_scale %.2f is embedded in the model and the "

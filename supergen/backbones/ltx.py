@@ -71,7 +71,7 @@ class LTXAdapter(BackboneAdapter):
         return PipelineScheduler(super().make_scheduler(latent_shape, generator), {"sigmas": _ltx_sigmas, "mu": mu})
 
     # --- conditioning -------------------------------------------------------
-    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None):
+    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None, image=None):
         positive, mask, negative, negative_mask = self.pipeline.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
