@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--image", default=None, help="first frame (picture file) for image-to-video models")
     g.add_argument("--height", type=int, default=None, help="pixels (default: 2x the model's native height)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: 2x the model's native width)")
     g.add_argument("--num-frames", type=int, default=None, help="frames (default: the model's native count)")
@@ -83,6 +85,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     resolve_model(args.model)  # unknown names fail before anything loads
+    image = None
+    if args.image is not None:
+        from diffusers.utils import load_image
+
+        if not os.path.isfile(args.image):
+            raise ValueError(f"--image {args.image!r} is not a file")
+        image = load_image(args.image)
 
     started = time.perf_counter()
     pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
@@ -99,6 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         tiling=tiling,
+        image=image,
     )
     write_video(args.output, result.frames, fps=args.fps)
     metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)

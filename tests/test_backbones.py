@@ -237,3 +237,21 @@ def test_image_condition_is_upscaled_with_the_video_and_cropped_like_each_tile()
     for (latents, condition), tile in zip(refine, tiles):
         assert condition.shape[2:] == latents.shape[2:]
         torch.testing.assert_close(condition, tile.gather(target), rtol=0, atol=0)
+
+
+def test_cli_image_flag_is_checked(tmp_path):
+    missing = subprocess.run(
+        [sys.executable, "-m", "supergen", "generate", "--prompt", PROMPT, "--image", str(tmp_path / "none.png"),
+         "--output", str(tmp_path / "a.mp4")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert missing.returncode == 2 and "is not a file" in missing.stderr
+    picture = tmp_path / "first.png"
+    _first_frame().save(picture)
+    text_only = subprocess.run(
+        [sys.executable, "-m", "supergen", "generate", "--model", "tiny", "--prompt", PROMPT, "--image", str(picture),
+         "--steps", "2", "--output", str(tmp_path / "b.mp4")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert text_only.returncode == 2 and "is not an image-to-video pipeline" in text_only.stderr
+    assert not (tmp_path / "b.mp4").exists()
