@@ -491,3 +491,120 @@ def load_diffusers_pipeline(name_or_path: str | os.PathLike, torch_dtype: torch.
     source = resolve_model(name_or_path)
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     return DiffusionPipeline.from_pretrained(source, **kwargs)
+
+
+# --- real-size transformers with random weights, for GPU timings ---------------------------------
+# Each entry: the released checkpoint's transformer config (the Diffusers defaults where they
+# are that config) and its native size. The text encoders and VAEs around it are tiny stand-ins
+# with the real output widths and compression factors: a tiled step only times the transformer.
+REAL_CONFIGS: dict[str, dict] = {
+    "wan2.1-1.3b": dict(
+        native=(480, 832, 81),
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    ),
+    "cogvideox-5b": dict(
+        native=(480, 720, 49),
+        transformer=dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                         time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_height=60, sample_width=90,
+                         sample_frames=49, patch_size=2, use_rotary_positional_embeddings=True),
+    ),
+    "hunyuanvideo": dict(native=(720, 1280, 129), transformer=dict()),
+    "ltx-video": dict(native=(512, 704, 161), transformer=dict()),
+}
+
+
+def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                          seed: int = 0):
+    """A Diffusers pipeline around a real-size transformer with random weights, built on ``device``.
+
+    Weights are initialised directly on the device in ``dtype`` (no host copy
+    of a 13B model). Text encoders are one-layer models with the real output
+    width (T5 4096, Llama 4096 + CLIP 768) and the real sequence lengths; the
+    VAE is a small one with the real latent channels and compression, so
+    ``SuperGenPipeline.from_pipe`` tiles it exactly as the released model, but
+    decoded pixels mean nothing. Use ``device="meta"`` to inspect shapes only.
+    """
+    if name not in REAL_CONFIGS:
+        raise ValueError(f"unknown real configuration {name!r}; known: {', '.join(REAL_CONFIGS)}")
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        AutoencoderKLHunyuanVideo,
+        AutoencoderKLLTXVideo,
+        AutoencoderKLWan,
+        CogVideoXDPMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
+
+    spec = REAL_CONFIGS[name]
+    tokenizer = _build_tokenizer()
+
+    def t5():
+        return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=64, num_layers=1,
+                                       num_heads=1, relative_attention_num_buckets=8, pad_token_id=0,
+                                       eos_token_id=1, decoder_start_token_id=0))
+
+    # Schedulers hold small CPU tables: built outside the device context (they cannot live on "meta").
+    if name.startswith("wan"):
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    elif name.startswith("cogvideox"):
+        scheduler = CogVideoXDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                          timestep_spacing="trailing", clip_sample=False)
+    elif name == "hunyuanvideo":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                    base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            if name.startswith("wan"):
+                transformer = WanTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                       temperal_downsample=[False, True, True]).eval()
+                pipe = WanPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
+                                   scheduler=scheduler)
+            elif name.startswith("cogvideox"):
+                transformer = CogVideoXTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1,
+                                             norm_num_groups=4).eval()
+                pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
+                                         scheduler=scheduler)
+            elif name == "hunyuanvideo":
+                transformer = HunyuanVideoTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                                                layers_per_block=1, norm_num_groups=4).eval()
+                llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=64,
+                                               num_hidden_layers=3, num_attention_heads=32, num_key_value_heads=1,
+                                               max_position_embeddings=512, pad_token_id=0)).eval()
+                clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=12,
+                                                    max_position_embeddings=77, bos_token_id=1,
+                                                    eos_token_id=1)).eval()
+                pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                            scheduler=scheduler,
+                                            text_encoder_2=clip, tokenizer_2=tokenizer)
+            else:
+                transformer = LTXVideoTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLLTXVideo(latent_channels=128, block_out_channels=(8, 8, 8, 8),
+                                            decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                            decoder_layers_per_block=(1, 1, 1, 1, 1)).eval()
+                pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=t5(), tokenizer=tokenizer,
+                                   transformer=transformer)
+    finally:
+        torch.set_default_dtype(previous)
+    return pipe

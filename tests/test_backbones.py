@@ -255,3 +255,24 @@ def test_cli_image_flag_is_checked(tmp_path):
     )
     assert text_only.returncode == 2 and "is not an image-to-video pipeline" in text_only.stderr
     assert not (tmp_path / "b.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    "name,pipeline_class,latent,tokens,billions",
+    [
+        ("wan2.1-1.3b", "WanPipeline", (21, 60, 104), 32760, 1.42),
+        ("cogvideox-5b", "CogVideoXPipeline", (13, 60, 90), 17550, 5.57),
+        ("hunyuanvideo", "HunyuanVideoPipeline", (33, 90, 160), 118800, 12.82),
+        ("ltx-video", "LTXPipeline", (21, 16, 22), 7392, 1.92),
+    ],
+)
+def test_real_size_configurations_match_the_released_models(name, pipeline_class, latent, tokens, billions):
+    """The benchmark builders (on the meta device: shapes only) have the released sizes the README lists."""
+    from supergen.models import REAL_CONFIGS, build_random_pipeline
+
+    pipe = build_random_pipeline(name, device="meta")
+    adapter = adapter_for(pipe, native_size=REAL_CONFIGS[name]["native"])
+    assert type(pipe).__name__ == pipeline_class
+    assert adapter.native_latent_shape == latent
+    assert adapter.tokens(latent) == tokens
+    assert round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2) == billions

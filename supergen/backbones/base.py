@@ -310,9 +310,11 @@ def require_config(config, fields: tuple[str, ...], where: str) -> None:
 
     Diffusers fills fields missing from ``config.json`` with the class defaults
     and lists them in ``_use_default_values``; for the fields an adapter
-    derives sizes from, a silent default would tile at the wrong size.
+    derives sizes from, a silent default would tile at the wrong size. A model
+    built in code (no ``_name_or_path``) chose its defaults on purpose.
     """
-    defaulted = set(config.get("_use_default_values", ()))
+    loaded = config.get("_name_or_path") is not None
+    defaulted = set(config.get("_use_default_values", ())) if loaded else set()
     for name in fields:
         if name not in config or name in defaulted:
             raise ValueError(
