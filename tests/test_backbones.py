@@ -140,6 +140,32 @@ def test_absolute_rope_where_supported(backbone):
     assert not torch.equal(local, absolute)
 
 
+def test_tile_positions_move_only_tiles_away_from_the_origin(backbone):
+    case, sg = backbone
+    adapter = sg.adapter
+    if not adapter.supports_absolute_rope or case.image_to_video:
+        pytest.skip("no RoPE offsets for this adapter" if not adapter.supports_absolute_rope else "same path as T2V")
+    from supergen.backbones import TokenPositions
+
+    f, h, w = adapter.native_latent_shape
+    nf, nh, nw = adapter.token_grid((f, h, w))
+    x = torch.randn(1, adapter.geometry.channels, f, h, w, generator=torch.Generator().manual_seed(0)).expand(
+        2, -1, -1, -1, -1
+    )
+    # Tile 0 at the canvas origin, tile 1 one tile further down.
+    rows = torch.arange(nh).repeat(2, 1) + torch.tensor([[0], [nh]])
+    positions = TokenPositions(frames=torch.arange(nf).repeat(2, 1), rows=rows, cols=torch.arange(nw).repeat(2, 1))
+    cond = adapter.encode_prompt(PROMPT, None, 5.0)
+    t = torch.tensor(500.0)
+    with torch.no_grad():
+        local = adapter.predict(x, t, cond, 5.0)
+        moved = adapter.predict(x, t, cond, 5.0, positions=positions)
+    # The origin tile's positions are the local ones: equal up to float32 rounding of a
+    # different batch size (HunyuanVideo runs tiles with positions one per call).
+    torch.testing.assert_close(moved[0], local[0], rtol=0, atol=1e-5)
+    assert (moved[1] - local[1]).abs().max() > 1e-3
+
+
 def test_checkpoint_missing_a_needed_field_is_named(backbone, tmp_path):
     case, _ = backbone
     folder = tmp_path / case.name
