@@ -282,8 +282,9 @@ class PipelineScheduler:
     """A Diffusers scheduler plus the arguments one pipeline always passes to it.
 
     ``timestep_kwargs`` go to every ``set_timesteps`` call (e.g. LTX's custom
-    ``sigmas`` and resolution shift ``mu``); ``step_kwargs`` to every ``step``
-    (e.g. ``eta``/``generator``). Everything else is the wrapped scheduler's.
+    ``sigmas`` and resolution shift ``mu``; ``sigmas`` may be a function of the
+    step count); ``step_kwargs`` to every ``step`` (e.g. ``eta``/``generator``).
+    Everything else is the wrapped scheduler's.
     """
 
     def __init__(self, scheduler, timestep_kwargs: dict | None = None, step_kwargs: dict | None = None):

@@ -1,4 +1,4 @@
-"""Adapter for CogVideoX (1.0: 2B/5B; 1.5: patch_size_t=2) text-to-video.
+"""Adapter for CogVideoX (1.0: 2B/5B; 1.5: patch_size_t=2), text- and image-to-video.
 
 What differs from the engine's canonical view, and is converted here:
 - the transformer takes latents as B,F,C,H,W;
@@ -7,7 +7,10 @@ What differs from the engine's canonical view, and is converted here:
 - the VAE latents are scaled by ``scaling_factor`` only (no per-channel stats);
 - the schedulers are v-prediction DDIM or CogVideoX's DPM, whose ``step``
   needs the previous step's x0 estimate and timestep: :class:`CogVideoXStepper`
-  carries them so the loop can call ``step(pred, t, latents)`` like any scheduler.
+  carries them so the loop can call ``step(pred, t, latents)`` like any scheduler;
+- image-to-video: the first frame's latent (then zero frames) is concatenated
+  to every tile's input channels, cropped from a canvas built at the tile
+  grid's size (:meth:`CogVideoXAdapter.encode_image`).
 """
 
 from __future__ import annotations
