@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--output", required=True, help="mp4 path; frames are appended as blocks finish")
     st.add_argument("--fps", type=int, default=16)
     st.add_argument("--metrics-json", default=None, help="write run metrics (with per-block entries) to this JSON file")
+
+    d = sub.add_parser("demo", help="serve the Gradio demo (needs the [demo] extra)")
+    _add_common(d)
+    d.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--concurrency", type=int, default=1, help="generations run at once; other visitors queue")
     return parser
 
 
@@ -220,7 +226,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
-COMMANDS = {"generate": cmd_generate, "stream": cmd_stream}
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the demo needs Gradio: pip install 'supergen[demo]'") from None
+    from supergen.demo import serve
+    from supergen.models import resolve_model
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} must be in 1..65535")
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency {args.concurrency} must be >= 1")
+    resolve_model(args.model)
+    serve(args.model, host=args.host, port=args.port, device=args.device, concurrency=args.concurrency)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "stream": cmd_stream, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
