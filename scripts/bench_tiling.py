@@ -19,7 +19,7 @@ Wan2.1-T2V-1.3B and 14B transformers at 720p -> 2K -> 4K, counted by
 ``torch.utils.flop_counter`` on the real Diffusers class built on the meta
 device (no weights, no memory).
 
-    python scripts/bench_tiling.py                 # mid-size model on CPU (~5 min on 2 cores)
+    python scripts/bench_tiling.py                 # mid-size model on CPU (about 10 min on 2 shared cores)
     python scripts/bench_tiling.py --quick         # smoke test on the built-in tiny model
     python scripts/bench_tiling.py --model wan2.1-1.3b --device cuda --dtype bfloat16 --areas 1,4,9
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import math
@@ -365,9 +366,7 @@ def run_row_isolated(spec: RowSpec, timeout_s: float) -> RowResult:
 
 
 def _worker(payload: str) -> None:
-    data = json.loads(payload)
-    spec = RowSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-    result = measure_row(spec)
+    result = measure_row(RowSpec(**json.loads(payload)))
     out = asdict(result)
     out.pop("spec")
     print(RESULT_TAG + json.dumps(out), flush=True)
@@ -418,6 +417,12 @@ def count_flops(transformer_kwargs: dict, latent: tuple[int, int, int], text_tok
     return {"self_attn": self_attn, "cross_attn": cross_attn, "linear": total - self_attn - cross_attn, "total": total}
 
 
+@functools.lru_cache(maxsize=None)
+def model_flops(model_name: str, latent: tuple[int, int, int]) -> dict:
+    """:func:`count_flops` of a benchmark model, remembered (each count builds the model on meta)."""
+    return count_flops(MODELS[model_name].transformer, latent)
+
+
 @dataclass(frozen=True)
 class FlopsRow:
     """Predicted cost of one denoising step (CFG: two forwards) at one target size."""
@@ -457,22 +462,13 @@ def predicted_rows(
     native: tuple[int, int, int],
     targets: list[tuple[str, int, int]],
     overlaps: list[int],
-    cache: dict | None = None,
 ) -> list[FlopsRow]:
     """FLOPs rows for ``targets`` (label, height, width) tiled with native-size tiles at each overlap (pixels)."""
     from supergen.tiling import TilePlanner
 
     model = MODELS[model_name]
-    cache = {} if cache is None else cache
     patch = tuple(model.transformer["patch_size"])
     tile = native_latent(model, native)
-
-    def flops(latent):
-        key = (model_name, latent)
-        if key not in cache:
-            cache[key] = count_flops(model.transformer, latent)
-        return cache[key]
-
     rows = []
     for label, height, width in targets:
         latent = (tile[0], height // 8, width // 8)
@@ -481,7 +477,10 @@ def predicted_rows(
             cells = math.ceil(math.ceil(overlap / 8) / patch[1]) * patch[1]
             planner = TilePlanner(latent, tile, overlap=(0, cells, cells), align=patch, shift="wrap")
             rows.append(
-                FlopsRow(model_name, label, height, width, latent, tokens, overlap, planner.grid, flops(latent), flops(tile))
+                FlopsRow(
+                    model_name, label, height, width, latent, tokens, overlap, planner.grid,
+                    model_flops(model_name, latent), model_flops(model_name, tile),
+                )  # fmt: skip
             )
     return rows
 
@@ -674,7 +673,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args.worker)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     model_name = args.model or ("tiny" if args.quick else "mid")
     scales = args.areas or ([1, 2] if args.quick else [1, 2, 3, 4])
     repeats = 1 if args.quick else args.repeats
@@ -689,12 +687,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--clock cpu measures host CPU time; it means nothing for GPU work: use --clock wall")
     if not 0 < args.flops_strength <= 1:
         raise SystemExit(f"--flops-strength {args.flops_strength} must be in (0, 1]")
-    specs = [
-        RowSpec(model=model_name, mode=mode, scale=scale, warmup=args.warmup, repeats=repeats, device=str(device),
-                dtype=dtype, threads=args.threads, overlap=args.overlap)
-        for scale in scales
-        for mode in ("tiled", "direct")
-    ]  # fmt: skip (validates every row before any work)
+    if args.flops_steps < 1 or args.row_timeout <= 0:
+        raise SystemExit(f"--flops-steps {args.flops_steps} must be >= 1 and --row-timeout {args.row_timeout} > 0")
+    try:
+        specs = [
+            RowSpec(model=model_name, mode=mode, scale=scale, warmup=args.warmup, repeats=repeats,
+                    device=str(device), dtype=dtype, threads=args.threads, overlap=args.overlap)
+            for scale in scales
+            for mode in ("tiled", "direct")
+        ]  # fmt: skip
+    except ValueError as err:
+        raise SystemExit(f"bad benchmark setting: {err}") from None
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     report: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench_tiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -703,7 +707,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"# bench_tiling  {report['date']}\n{report['command']}\nhardware: {report['hardware']}, torch {torch.__version__}")
 
-    flops_cache: dict = {}
     if not args.skip_measure:
         model = MODELS[model_name]
         print(f"\n## Measured: {model_name} ({model.note}), {device} {dtype}, threads {args.threads or torch.get_num_threads()}")
@@ -722,16 +725,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
         predicted = None
         if model.transformer is not None:
-
-            def flops(latent):
-                key = (model_name, tuple(latent))
-                if key not in flops_cache:
-                    flops_cache[key] = count_flops(model.transformer, tuple(latent))
-                return flops_cache[key]
-
-            native = flops(native_latent(model))
+            native = model_flops(model_name, native_latent(model))
             predicted = {
-                (r.spec.mode, r.spec.scale): (flops(r.latent)["total"] if r.spec.mode == "direct" else r.tiles * native["total"])
+                (r.spec.mode, r.spec.scale): (
+                    model_flops(model_name, r.latent)["total"] if r.spec.mode == "direct" else r.tiles * native["total"]
+                )
                 / native["total"]
                 for r in results
                 if r.ok
@@ -763,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [("720p", 720, 1280), ("2K", 1440, 2560), ("4K", 2160, 3840)]
     flops_rows = []
     for name in ("wan2.1-1.3b", "wan2.1-14b"):
-        flops_rows += predicted_rows(name, (720, 1280, 81), targets, overlaps=[0, 128], cache=flops_cache)
+        flops_rows += predicted_rows(name, (720, 1280, 81), targets, overlaps=[0, 128])
     print(flops_table(flops_rows, args.flops_steps, args.flops_strength))
     report["predicted"] = [
         {**asdict(r), "tiles": r.tiles, "direct_step_flops": r.direct_step, "tiled_step_flops": r.tiled_step,
