@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -16,7 +17,8 @@ logger = logging.getLogger("supergen")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="built-in name (tiny, tiny-wan), a local pipeline folder, or a hub id")
+    p.add_argument("--model", default="tiny", help="built-in name (tiny = tiny-wan, tiny-cogvideox, tiny-hunyuanvideo, tiny-ltx), a local "
+                   "pipeline folder, or a hub id")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
@@ -31,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--image", default=None, help="first frame (picture file) for image-to-video models")
     g.add_argument("--height", type=int, default=None, help="pixels (default: 2x the model's native height)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: 2x the model's native width)")
     g.add_argument("--num-frames", type=int, default=None, help="frames (default: the model's native count)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps of the full schedule")
-    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--guidance", type=float, default=5.0,
+                   help="classifier-free guidance scale (HunyuanVideo: its embedded, distilled guidance)")
     g.add_argument("--guidance-2", type=float, default=None, help="guidance of Wan2.2's low-noise expert")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--strength", type=float, default=0.9, help="fraction of the schedule refined at the target size")
@@ -80,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--output", required=True, help="mp4 path; frames are appended as blocks finish")
     st.add_argument("--fps", type=int, default=16)
     st.add_argument("--metrics-json", default=None, help="write run metrics (with per-block entries) to this JSON file")
+
+    d = sub.add_parser("demo", help="serve the Gradio demo (needs the [demo] extra)")
+    _add_common(d)
+    d.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--concurrency", type=int, default=1, help="generations run at once; other visitors queue")
     return parser
 
 
@@ -113,6 +123,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     resolve_model(args.model)  # unknown names fail before anything loads
+    image = None
+    if args.image is not None:
+        from diffusers.utils import load_image
+
+        if not os.path.isfile(args.image):
+            raise ValueError(f"--image {args.image!r} is not a file")
+        image = load_image(args.image)
+
     parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange)
 
     with distributed_session(parallel) as ctx:
@@ -135,6 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             negative_prompt=args.negative_prompt,
             seed=args.seed,
             tiling=tiling,
+            image=image,
             parallel=parallel,
             context=ctx,
         )
@@ -244,7 +263,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
-COMMANDS = {"generate": cmd_generate, "stream": cmd_stream}
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the demo needs Gradio: pip install 'supergen[demo]'") from None
+    from supergen.demo import serve
+    from supergen.models import resolve_model
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} must be in 1..65535")
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency {args.concurrency} must be >= 1")
+    resolve_model(args.model)
+    serve(args.model, host=args.host, port=args.port, device=args.device, concurrency=args.concurrency)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "stream": cmd_stream, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
