@@ -326,7 +326,13 @@ class SuperGenPipeline:
             from supergen.parallel import make_executor
             from supergen.samplers.distributed import DistributedTiledSampler
 
-            executor = make_executor(context, planner, parallel.exchange, len(timesteps), adapter.dtype)
+            exchange = parallel.exchange
+            if exchange == "region" and getattr(scheduler, "step_kwargs", {}).get("generator") is not None:
+                # A scheduler that draws noise inside step() would draw it per region, not as one
+                # process would; stepping the whole canvas on every rank keeps the output identical.
+                logger.warning("%s draws noise in its step: using exchange='allgather'", type(adapter).__name__)
+                exchange = "allgather"
+            executor = make_executor(context, planner, exchange, len(timesteps), adapter.dtype)
             sampler = DistributedTiledSampler(
                 executor, planner=planner, rope=tiling.rope, desc="refine", condition=condition, **sampler_args
             )
