@@ -9,7 +9,6 @@ per axis.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,8 +16,6 @@ from functools import cached_property
 import torch
 
 from supergen.tiling.plan import Tile, TilePlan, TilePlanner
-
-logger = logging.getLogger(__name__)
 
 Shape3 = tuple[int, int, int]
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
