@@ -5,6 +5,10 @@ batched ``tile_batch_size`` at a time, classifier-free guidance batched inside
 the adapter), blend the tile outputs into one canvas prediction, and step the
 pipeline's own scheduler on the whole canvas. The loop knows nothing about a
 particular model: it talks to the backbone through ``adapter.predict``.
+
+An optional step cache (a :class:`supergen.cache.RegionCache`, or anything with
+its ``predict_skips`` / ``reuse`` / ``update`` methods) decides before each step
+which tiles reuse their last output instead of running the model.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class TileStats:
             "tile_steps_computed": self.tile_steps_computed,
             "tile_steps_skipped": self.tile_steps_skipped,
             "model_calls": self.model_calls,
+            "skip_map": self.skip_map,
         }
 
 
@@ -56,6 +61,7 @@ class TiledSampler:
             offsets added, so tiles know where they are on the canvas).
         progress: show a progress bar.
         desc: progress bar label.
+        cache: step cache consulted every step (``None``: every tile runs every step).
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class TiledSampler:
         rope: str = "local",
         progress: bool = True,
         desc: str = "refine",
+        cache=None,
     ):
         self.adapter = adapter
         self.cond = cond
@@ -79,6 +86,7 @@ class TiledSampler:
         self.rope = rope
         self.progress = progress
         self.desc = desc
+        self.cache = cache
         self.stats = TileStats(count=planner.num_tiles)
 
     def positions(self, tiles: list[Tile]) -> TokenPositions | None:
@@ -112,18 +120,30 @@ class TiledSampler:
     def predict(self, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The blended canvas prediction of one step."""
         plan: TilePlan = self.planner.plan(step)
-        outputs = self.run_tiles(latents, timestep, plan.tiles)
+        skips = self.cache.predict_skips(step, plan, latents) if self.cache is not None else [False] * len(plan)
+        computed = iter(self.run_tiles(latents, timestep, [t for t, skip in zip(plan.tiles, skips) if not skip]))
+        outputs = [self.cache.reuse(t, latents) if skip else next(computed) for t, skip in zip(plan.tiles, skips)]
+        skipped = sum(skips)
         self.stats.tile_steps_total += len(plan)
-        self.stats.tile_steps_computed += len(plan)
-        self.stats.skip_map.append([0] * len(plan))
+        self.stats.tile_steps_computed += len(plan) - skipped
+        self.stats.tile_steps_skipped += skipped
+        self.stats.skip_map.append([int(skip) for skip in skips])
+        if skipped:
+            logger.debug("step %d: reused tiles %s", step, [t.index for t, skip in zip(plan.tiles, skips) if skip])
         if len(plan) == 1 and not plan.tiles[0].wraps and plan.tiles[0].size == tuple(latents.shape[2:]):
             # One tile that is the canvas: hand the model output through untouched.
-            return outputs[0]
-        return plan.blend(outputs)
+            prediction = outputs[0]
+        else:
+            prediction = plan.blend(outputs)
+        if self.cache is not None:
+            self.cache.update(plan, skips, latents, prediction)
+        return prediction
 
     def __call__(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
         """Run the loop over ``timesteps`` with ``scheduler`` already set up; returns the final latents."""
         logger.info("%s: %s", self.desc, self.planner.describe())
+        if self.cache is not None:
+            logger.info("%s: %s", self.desc, self.cache.describe())
         bar = tqdm(total=len(timesteps), desc=self.desc, disable=not self.progress, leave=False)
         with bar:
             for step, t in enumerate(timesteps):

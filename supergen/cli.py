@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rope", choices=("local", "absolute"), default="local", help="tile RoPE positions")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="how the sketch is up-scaled")
     g.add_argument("--tile-batch-size", type=int, default=1, help="tiles per model call")
+    g.add_argument("--cache", choices=("off", "region", "canvas"), default="off",
+                   help="step cache of the refinement: region (per-tile decisions), canvas (one decision), off")
+    g.add_argument("--cache-threshold", type=float, default=0.05,
+                   help="accumulated predicted relative change at which a tile is recomputed (0: never skip)")
+    g.add_argument("--cache-warmup", type=int, default=3, help="first refinement steps always computed")
+    g.add_argument("--cache-cooldown", type=int, default=1, help="last refinement steps always computed (>= 1)")
+    g.add_argument("--cache-max-skips", type=int, default=3, help="most consecutive reuses of one region")
+    g.add_argument("--no-cache-adaptive", dest="cache_adaptive", action="store_false",
+                   help="one threshold everywhere instead of per-region adaptive thresholds")
+    g.add_argument("--cache-reuse", choices=("output", "residual"), default="output",
+                   help="a skipped tile reuses its last output, or its last output-minus-input on the current input")
+    g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically)")
     g.add_argument("--fps", type=int, default=16)
     g.add_argument("--metrics-json", default=None, help="write run metrics to this JSON file")
@@ -60,10 +72,11 @@ def _dtype(name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from supergen.config import TilingConfig
-    from supergen.io import check_output_path, write_json, write_video
+    from supergen.config import CacheConfig, TilingConfig
+    from supergen.io import check_output_path, write_json, write_skip_map, write_video
     from supergen.models import resolve_model
     from supergen.pipeline import SuperGenPipeline
+    from supergen.samplers.schedule import refinement_steps
 
     tiling = TilingConfig(
         tile_height=args.tile_height,
@@ -76,11 +89,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         upscale=args.upscale,
     )
+    cache = CacheConfig(
+        mode=args.cache,
+        threshold=args.cache_threshold,
+        warmup=args.cache_warmup,
+        cooldown=args.cache_cooldown,
+        max_skips=args.cache_max_skips,
+        adaptive=args.cache_adaptive,
+        reuse=args.cache_reuse,
+    )
     check_output_path(args.output)
+    if args.skip_map:
+        check_output_path(args.skip_map, suffixes=(".png",))
+        if not cache.enabled:
+            raise ValueError("--skip-map needs the cache on: add --cache region and a --cache-threshold above 0")
     if args.metrics_json:
         check_output_path(args.metrics_json, suffixes=(".json",))
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
+    cache.check_schedule(refinement_steps(args.steps, args.strength))
     resolve_model(args.model)  # unknown names fail before anything loads
 
     started = time.perf_counter()
@@ -98,6 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         tiling=tiling,
+        cache=cache,
     )
     write_video(args.output, result.frames, fps=args.fps)
     metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)
@@ -110,6 +138,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"tile-steps computed; denoise {metrics['denoise_s']:.1f}s, decode {metrics['decode_s']:.1f}s, "
         f"total {metrics['wall_s']:.1f}s"
     )
+    if cache.enabled:
+        print(
+            f"cache {cache.mode} (threshold {cache.threshold:g}): {tiles['tile_steps_skipped']} of "
+            f"{tiles['tile_steps_total']} tile-steps reused ({tiles['tile_steps_skipped'] / tiles['tile_steps_total']:.0%}), "
+            f"{tiles['model_calls']} model calls"
+        )
+    if args.skip_map:
+        write_skip_map(args.skip_map, metrics["cache"]["region_skip_map"],
+                       title=f"{args.prompt[:40]}: cache {cache.mode}, threshold {cache.threshold:g}")
     return 0
 
 

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from supergen.backbones import BackboneAdapter, adapter_for
-from supergen.config import TilingConfig
+from supergen.cache import CacheSchedule, RegionCache
+from supergen.config import CacheConfig, TilingConfig
 from supergen.io import to_uint8
 from supergen.models import read_native_size, resolve_model
-from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps, renoise
+from supergen.samplers.schedule import fresh_scheduler, refinement_steps, refinement_timesteps, renoise
 from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
 
@@ -217,6 +218,7 @@ class SuperGenPipeline:
         seed: int = 0,
         generator: torch.Generator | None = None,
         tiling: TilingConfig | None = None,
+        cache: CacheConfig | None = None,
         output_type: str = "uint8",
         progress: bool = True,
         max_sequence_length: int | None = None,
@@ -228,13 +230,17 @@ class SuperGenPipeline:
                 and width, native frame count).
             seed: seeds a CPU ``torch.Generator`` (ignored when ``generator`` is given).
             tiling: tile geometry, blend, shift, RoPE, strength, up-scale mode.
+            cache: region-aware step cache of the refinement stage (the
+                native-size sketch always runs every step).
             output_type: ``uint8`` frames (F,H,W,3), ``float`` frames in [0, 1]
                 (what Diffusers' ``output_type='np'`` gives), or ``latent``.
         """
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
         tiling = tiling or TilingConfig()
+        cache = cache or CacheConfig()
         request = self.check_request(height, width, num_frames, tiling)
+        cache.check_schedule(refinement_steps(num_inference_steps, tiling.strength))
         adapter = self.adapter
         device = self.device
         if device.type == "cuda":
@@ -275,7 +281,8 @@ class SuperGenPipeline:
         latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
 
         t0 = time.perf_counter()
-        sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", **sampler_args)
+        region_cache = self._region_cache(cache, planner, len(timesteps))
+        sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", cache=region_cache, **sampler_args)
         latents = sampler(latents, scheduler, timesteps)
         denoise_s = time.perf_counter() - t0
 
@@ -289,6 +296,7 @@ class SuperGenPipeline:
                 frames = to_uint8(frames)
         decode_s = time.perf_counter() - t0
         metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
+        metrics["cache"] = self._cache_metrics(cache, region_cache)
         metrics.update(
             wall_s=time.perf_counter() - t_start,
             sketch_s=sketch_s,
@@ -325,6 +333,45 @@ class SuperGenPipeline:
         video = resize_video(video.float(), (request.num_frames, request.height, request.width))
         tiled = request.canvas[1:] != adapter.native_latent_shape[1:]
         return adapter.encode(video.to(adapter.pipeline.vae.dtype), tiled=tiled).to(sketch.dtype)
+
+    @staticmethod
+    def _region_cache(cache: CacheConfig, planner: TilePlanner, num_steps: int) -> RegionCache | None:
+        """The step cache of the refinement loop (``None`` when off or at threshold 0)."""
+        if not cache.enabled:
+            return None
+        tile_f, tile_h, tile_w = planner.tile
+        region = (tile_f, max(1, tile_h // cache.regions_per_tile), max(1, tile_w // cache.regions_per_tile))
+        return RegionCache(
+            canvas=planner.canvas,
+            region=region,
+            threshold=cache.threshold,
+            schedule=CacheSchedule(num_steps=num_steps, warmup=cache.warmup, cooldown=cache.cooldown),
+            max_skips=cache.max_skips,
+            adaptive=cache.adaptive,
+            scope=cache.mode,
+            reuse=cache.reuse,
+        )
+
+    @staticmethod
+    def _cache_metrics(cache: CacheConfig, region_cache: RegionCache | None) -> dict:
+        """The cache settings and, when it ran, where it reused outputs: per step, the reused fraction of
+        every region (F, H, W grid of regions) and the regions' final thresholds."""
+        metrics = {
+            "mode": cache.mode if cache.enabled else "off",
+            "threshold": cache.threshold,
+            "warmup": cache.warmup,
+            "cooldown": cache.cooldown,
+            "max_skips": cache.max_skips,
+            "adaptive": cache.adaptive,
+            "reuse": cache.reuse,
+        }
+        if region_cache is not None:
+            metrics.update(
+                region_grid=list(region_cache.grid),
+                region_skip_map=[region_cache.region_fractions(m).tolist() for m in region_cache.reuse_maps],
+                region_thresholds=region_cache.thresholds().tolist(),
+            )
+        return metrics
 
     def _metrics(self, request, steps, stats: TileStats, planner: TilePlanner, tiling: TilingConfig) -> dict:
         return {
