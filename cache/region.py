@@ -15,9 +15,11 @@ no calibration (the tile-wise, EasyCache-style rule the SuperGen paper uses):
   accumulator; a tile is recomputed when the mean of ``accumulator /
   threshold`` over its cells reaches one (the accumulator of recomputed cells
   is then reset to zero).
-* On a skip the tile's output is the cached output of its cells, or (with
-  ``reuse='residual'``) its current input plus the cached residual (last
-  output minus last input).
+* On a skip the tile gets, by ``reuse``: the residual its cells' transformer
+  blocks last added to the hidden states, run through the model's embeddings
+  and output head at the current timestep (``blocks``; the loop asks the
+  adapter for it); the cached output of its cells (``output``); or its current
+  input plus the cached output-minus-input (``residual``).
 
 All state lives in canvas coordinates (per latent cell, or per region of
 cells), never per tile, so it stays valid when a wrap-shifted grid moves
@@ -47,7 +49,7 @@ from supergen.tiling.plan import Tile, TilePlan
 logger = logging.getLogger(__name__)
 
 SCOPES = ("region", "canvas")
-REUSE_MODES = ("output", "residual")
+REUSE_MODES = ("output", "residual", "blocks")
 
 #: Exponent of the adaptive threshold rule ``thr_r = threshold * (v_r / mean v) ** ADAPT_EXPONENT``.
 #: Negative: regions whose outputs vary more over time get a *stricter* threshold.
@@ -103,7 +105,13 @@ class RegionCache:
         adapt_exponent: override :data:`ADAPT_EXPONENT` (benchmarks).
         reuse: what a skipped tile reuses: ``output`` (the last output as it
             was) or ``residual`` (last output minus last input, added to the
-            current input); see :class:`supergen.CacheConfig`.
+            current input) or ``blocks`` (the residual the transformer blocks
+            added to the hidden states, run through the current timestep's
+            output head: the loop then calls the adapter for skipped tiles
+            too, but only its embeddings and head run); see
+            :class:`supergen.CacheConfig`.
+        patch: the transformer's patch size in cells (token geometry of the
+            ``blocks`` residual).
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class RegionCache:
         scope: str = "region",
         adapt_exponent: float | None = None,
         reuse: str = "output",
+        patch: tuple[int, int, int] = (1, 1, 1),
     ):
         if reuse not in REUSE_MODES:
             raise ValueError(f"cache reuse={reuse!r} is not one of {', '.join(REUSE_MODES)}")
@@ -132,6 +141,8 @@ class RegionCache:
         self.adaptive = adaptive
         self.scope = scope
         self.reuse_mode = reuse
+        self.patch = tuple(patch)
+        self._blocks = None  # per token: the blocks' residual (branches, dim, Ft, Ht, Wt), for reuse='blocks'
         self.adapt_exponent = ADAPT_EXPONENT if adapt_exponent is None else adapt_exponent
         idx = [_axis_regions(c, r) for c, r in zip(self.canvas, self.region)]
         self.grid = tuple(int(i[-1]) + 1 for i in idx)
@@ -224,9 +235,51 @@ class RegionCache:
         cached = tile.gather(self._residual).to(latents.dtype)
         return cached if self.reuse_mode == "output" else tile.gather(latents) + cached
 
-    def update(self, plan: TilePlan, skips: list[bool], latents: torch.Tensor, prediction: torch.Tensor) -> None:
+    def _token_tile(self, tile: Tile) -> Tile:
+        p = self.patch
+        return Tile(tile.index, *(tuple(v // q for v, q in zip(vals, p)) for vals in (tile.start, tile.size, tile.canvas)))
+
+    def block_residual(self, tiles: list[Tile]) -> torch.Tensor:
+        """Cached residual of the transformer blocks for ``tiles``: (N, branches, tokens, dim), for
+        ``adapter.predict(..., block_residual=...)``."""
+        out = []
+        for tile in tiles:
+            res = self._token_tile(tile).gather(self._blocks)  # branches, dim, ft, ht, wt
+            out.append(res.flatten(2).transpose(1, 2))
+        return torch.stack(out)
+
+    def _store_blocks(self, plan: TilePlan, skips: list[bool], residuals: torch.Tensor) -> None:
+        """Blend the computed tiles' block residuals (tile-major, as ``predict`` returns them) into the canvas."""
+        tiles = [(tile, weight) for tile, weight, skip in zip(plan.tiles, plan.weights, skips) if not skip]
+        grid = tuple(c // q for c, q in zip(self.canvas, self.patch))
+        if self._blocks is None:
+            self._blocks = residuals.new_zeros((residuals.shape[1], residuals.shape[3], *grid))
+        fresh = torch.zeros(grid, dtype=torch.float32, device=residuals.device)
+        blended = torch.zeros_like(self._blocks, dtype=torch.float32)
+        for (tile, weight), res in zip(tiles, residuals):
+            token_tile = self._token_tile(tile)
+            pt, ph, pw = self.patch
+            nf, nh, nw = token_tile.size
+            # A token's weight is the mean of its cells' blend weights.
+            w = weight.reshape(nf, pt, nh, ph, nw, pw).mean(dim=(1, 3, 5)).float().to(residuals.device)
+            token_tile.add_into(fresh[None, None], w[None, None])
+            values = res.transpose(1, 2).reshape(res.shape[0], res.shape[2], nf, nh, nw).float()
+            token_tile.add_into(blended, values * w)
+        self._blocks = (self._blocks.float() * (1.0 - fresh) + blended).to(self._blocks.dtype)
+
+    def update(
+        self,
+        plan: TilePlan,
+        skips: list[bool],
+        latents: torch.Tensor,
+        prediction: torch.Tensor,
+        block_residuals: torch.Tensor | None = None,
+    ) -> None:
         """Record the outcome of the step just run: which tiles of ``plan`` were reused (``skips``, as
-        :meth:`predict_skips` returned them), the canvas input and the blended canvas prediction."""
+        :meth:`predict_skips` returned them), the canvas input, the blended canvas prediction and, for
+        ``reuse='blocks'``, the computed tiles' block residuals (in plan order, tile-major)."""
+        if block_residuals is not None:
+            self._store_blocks(plan, skips, block_residuals)
         x = latents.detach()
         pred = prediction.detach().to(x.dtype)
         if self._x_prev is None:
@@ -283,5 +336,5 @@ class RegionCache:
             f"region cache ({self.scope}): threshold {self.threshold:g}, {math.prod(self.grid)} regions "
             f"({self.grid[0]}x{self.grid[1]}x{self.grid[2]}) of {self.region[0]}x{self.region[1]}x{self.region[2]} "
             f"cells, warm-up {self.schedule.warmup}, cool-down {self.schedule.cooldown}, max skips {self.max_skips}, "
-            f"adaptive {'on' if self.adaptive else 'off'}"
+            f"adaptive {'on' if self.adaptive else 'off'}, reuse {self.reuse_mode}"
         )

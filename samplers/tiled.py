@@ -99,9 +99,17 @@ class TiledSampler:
         ]
         return TokenPositions(frames=per_axis[0], rows=per_axis[1], cols=per_axis[2])
 
-    def run_tiles(self, latents: torch.Tensor, timestep: torch.Tensor, tiles: list[Tile]) -> list[torch.Tensor]:
-        """Model outputs for ``tiles`` of the canvas ``latents``, in order."""
+    def run_tiles(
+        self, latents: torch.Tensor, timestep: torch.Tensor, tiles: list[Tile], blocks: str | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Model outputs for ``tiles`` of the canvas ``latents``, in order.
+
+        ``blocks='record'`` also returns the residuals of the transformer blocks
+        (tile-major); ``blocks='reuse'`` runs the tiles with the cache's block
+        residuals in place of the blocks (not counted as model calls).
+        """
         outputs: list[torch.Tensor] = []
+        residuals: list[torch.Tensor] = []
         for first in range(0, len(tiles), self.tile_batch_size):
             batch = tiles[first : first + self.tile_batch_size]
             x = torch.cat([tile.gather(latents) for tile in batch])
@@ -112,17 +120,36 @@ class TiledSampler:
                 self.guidance_scale,
                 positions=self.positions(batch),
                 guidance_scale_2=self.guidance_scale_2,
+                **self._block_args(blocks, batch),
             )
-            self.stats.model_calls += 1
+            if blocks == "record":
+                out, residual = out
+                residuals.append(residual)
+            if blocks != "reuse":
+                self.stats.model_calls += 1
             outputs.extend(out.split(latents.shape[0]))
-        return outputs
+        return outputs, (torch.cat(residuals) if residuals else None)
+
+    def _block_args(self, blocks: str | None, batch: list[Tile]) -> dict:
+        if blocks == "record":
+            return {"return_block_residual": True}
+        if blocks == "reuse":
+            return {"block_residual": self.cache.block_residual(batch)}
+        return {}
 
     def predict(self, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The blended canvas prediction of one step."""
         plan: TilePlan = self.planner.plan(step)
         skips = self.cache.predict_skips(step, plan, latents) if self.cache is not None else [False] * len(plan)
-        computed = iter(self.run_tiles(latents, timestep, [t for t, skip in zip(plan.tiles, skips) if not skip]))
-        outputs = [self.cache.reuse(t, latents) if skip else next(computed) for t, skip in zip(plan.tiles, skips)]
+        by_blocks = self.cache is not None and self.cache.reuse_mode == "blocks"
+        run = [t for t, skip in zip(plan.tiles, skips) if not skip]
+        computed, block_residuals = self.run_tiles(latents, timestep, run, blocks="record" if by_blocks else None)
+        if by_blocks:
+            reused = iter(self.run_tiles(latents, timestep, [t for t, skip in zip(plan.tiles, skips) if skip], "reuse")[0])
+        else:
+            reused = (self.cache.reuse(t, latents) for t, skip in zip(plan.tiles, skips) if skip)
+        computed = iter(computed)
+        outputs = [next(reused) if skip else next(computed) for skip in skips]
         skipped = sum(skips)
         self.stats.tile_steps_total += len(plan)
         self.stats.tile_steps_computed += len(plan) - skipped
@@ -136,7 +163,7 @@ class TiledSampler:
         else:
             prediction = plan.blend(outputs)
         if self.cache is not None:
-            self.cache.update(plan, skips, latents, prediction)
+            self.cache.update(plan, skips, latents, prediction, block_residuals)
         return prediction
 
     def __call__(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ Two parts, each measured side by side in one process with the same seed:
   PyramidAttentionBroadcast). Both run the CFG branches as two calls, as the
   plain pipeline does, so model calls and times compare like for like.
 * tiled (2x2 tiles, wrap-shifted grid): the region cache (per-tile decisions)
-  against the same predictor with one whole-canvas decision, and adaptive
-  thresholds off / stricter / looser where the region varies more.
+  against the same predictor with one whole-canvas decision; adaptive
+  thresholds off / stricter (default) / looser where the region varies more;
+  and what a skip reuses (blocks residual by default, output, residual).
 
 Every row reports full model passes (executions of the last transformer block;
 a cond and an uncond pass count as two), self-attention computations (the
@@ -19,7 +20,7 @@ against the uncached latents (latent space: the tiny model's VAE has random
 weights, so decoded pixels add nothing but decode time). ``--model`` takes any
 Wan checkpoint for a real run on a GPU.
 
-    python scripts/bench_cache.py [--steps 20] [--tiled-steps 12] [--plot docs/bench_cache.png]
+    python scripts/bench_cache.py [--steps 20] [--tiled-steps 10] [--plot docs/bench_cache.png]
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ class Row:
     method: str
     setting: str
     passes: int
+    blocks: int
     attn: int
     seconds: float
     psnr: float = math.inf
     ssim: float = 1.0
     base_passes: int = 0
+    base_blocks: int = 0
     base_attn: int = 0
     base_seconds: float = 0.0
 
@@ -63,6 +66,11 @@ class Row:
     def calls_saved(self) -> float:
         """Model-call reduction factor (uncached passes / passes)."""
         return self.base_passes / max(self.passes, 1)
+
+    @property
+    def compute_saved(self) -> float:
+        """Transformer-block work reduction (a cache that always runs the first block saves less than its calls)."""
+        return self.base_blocks / max(self.blocks, 1)
 
     @property
     def attn_saved(self) -> float:
@@ -77,21 +85,23 @@ class Counter:
     """Counts real computations inside the transformer, whatever cache hooks sit on top of it."""
 
     def __init__(self, transformer):
-        self.passes = 0
-        self.attn = 0
-        # Caches replace a block's (or attention's) forward without calling it, so
-        # hooks on leaf modules inside them only fire when the work is really done.
-        self._handles = [transformer.blocks[-1].ffn.register_forward_hook(self._pass)]
+        self.passes = self.blocks = self.attn = 0
+        self._last = transformer.blocks[-1].ffn.net[-1]
+        # Caches replace a block's (attention's, feed-forward's) forward without calling
+        # it, so hooks on leaf modules inside them only fire when the work is really done.
+        self._handles = [b.ffn.net[-1].register_forward_hook(self._block) for b in transformer.blocks]
         self._handles += [b.attn1.to_q.register_forward_hook(self._attn) for b in transformer.blocks]
 
-    def _pass(self, module, args, output):
-        self.passes += args[0].shape[0]
+    def _block(self, module, args, output):
+        self.blocks += args[0].shape[0]
+        if module is self._last:
+            self.passes += args[0].shape[0]
 
     def _attn(self, module, args, output):
         self.attn += args[0].shape[0]
 
     def reset(self):
-        self.passes = self.attn = 0
+        self.passes = self.blocks = self.attn = 0
 
     def remove(self):
         for handle in self._handles:
@@ -175,7 +185,8 @@ def untiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[R
         counter.reset()
         start = time.perf_counter()
         out = fn()
-        return Row("untiled", method, setting, counter.passes, counter.attn, time.perf_counter() - start), out
+        seconds = time.perf_counter() - start
+        return Row("untiled", method, setting, counter.passes, counter.blocks, counter.attn, seconds), out
 
     pipe.set_progress_bar_config(disable=True)
     plain()  # warm-up: first-call allocations are not part of any method's time
@@ -191,8 +202,11 @@ def untiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[R
         cfg = lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=mag_ratios)  # noqa: E731
         runs.append(("MagCache (calibrated)", f"thr {t:g}", lambda cfg=cfg: _with(pipe, cfg(), plain)))
     for interval in (2, 3, 5):
+        # Its default module patterns ("^blocks.*attn", full match) miss Wan's attn1/attn2,
+        # so name Wan's attention and feed-forward modules explicitly.
         cfg = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3,
-                                    taylor_factors_dtype=torch.float32)
+                                    taylor_factors_dtype=torch.float32,
+                                    cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"])
         runs.append(("TaylorSeer", f"interval {interval}", lambda cfg=cfg: _with(pipe, cfg, plain)))
     for skip in (2, 3):
         cfg = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=skip,
@@ -207,7 +221,8 @@ def untiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[R
         rows.append(row)
         print(f"  untiled {method} {setting}: {row.passes} passes, PSNR {row.psnr:.2f}", file=sys.stderr)
     for row in rows:
-        row.base_passes, row.base_attn, row.base_seconds = base_row.passes, base_row.attn, base_row.seconds
+        row.base_passes, row.base_blocks, row.base_attn = base_row.passes, base_row.blocks, base_row.attn
+        row.base_seconds = base_row.seconds
     counter.remove()
     sg.adapter.batch_cfg = True
     return rows
@@ -230,8 +245,8 @@ def tiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[Row
         # The native-size sketch is the same in every run (never cached): count and time refinement only.
         # Batched CFG runs both branches of a tile in one call: two passes per computed tile-step.
         passes = out.metrics["tiles"]["tile_steps_computed"] * 2
-        attn = passes * len(sg.pipe.transformer.blocks)
-        return Row("tiled 2x2", method, setting, passes, attn, out.metrics["denoise_s"]), out.frames
+        blocks = passes * len(sg.pipe.transformer.blocks)
+        return Row("tiled 2x2", method, setting, passes, blocks, blocks, out.metrics["denoise_s"]), out.frames
 
     base, ref = measure("none", "-", None)
     rows = [base]
@@ -241,6 +256,8 @@ def tiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[Row
     variants += [
         ("region, adaptive off", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid, adaptive=False), None),
         ("region, looser where variable", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid), 0.5),
+        ("region, output reuse", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid, reuse="output"), None),
+        ("region, residual reuse", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid, reuse="residual"), None),
     ]
     for method, setting, cache, exponent in variants:
         saved = region_module.ADAPT_EXPONENT
@@ -254,46 +271,52 @@ def tiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[Row
         rows.append(row)
         print(f"  tiled {method} {setting}: {row.passes} passes, PSNR {row.psnr:.2f}", file=sys.stderr)
     for row in rows:
-        row.base_passes, row.base_attn, row.base_seconds = base.passes, base.attn, base.seconds
+        row.base_passes, row.base_blocks, row.base_attn, row.base_seconds = base.passes, base.blocks, base.attn, base.seconds
     return rows
 
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| part | method | setting | model passes | calls saved | attn saved | speed-up | PSNR (dB) | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| part | method | setting | model passes | calls saved | block compute saved | self-attn saved | speed-up "
+        "| PSNR (dB) | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         psnr = "exact" if math.isinf(r.psnr) else f"{r.psnr:.2f}"
         lines.append(
             f"| {r.part} | {r.method} | {r.setting} | {r.passes}/{r.base_passes} | {r.calls_saved:.2f}x | "
-            f"{r.attn_saved:.2f}x | {r.speedup:.2f}x | {psnr} | {r.ssim:.4f} |"
+            f"{r.compute_saved:.2f}x | {r.attn_saved:.2f}x | {r.speedup:.2f}x | {psnr} | {r.ssim:.4f} |"
         )
     return "\n".join(lines)
 
 
-def best_at(rows: list[Row], methods: list[str], floor: float) -> tuple[float, str]:
-    """Largest call saving among rows of ``methods`` whose PSNR is at least ``floor``."""
+def best_at(rows: list[Row], methods: list[str], floor: float, key: str) -> tuple[float, str]:
+    """Largest saving (``key``: calls_saved or compute_saved) among rows of ``methods`` with PSNR >= ``floor``."""
     ok = [r for r in rows if r.method in methods and r.psnr >= floor]
     if not ok:
-        return 1.0, "-"
-    best = max(ok, key=lambda r: r.calls_saved)
-    return best.calls_saved, f"{best.method} {best.setting}"
+        return 1.0, "none"
+    best = max(ok, key=lambda r: getattr(r, key))
+    return getattr(best, key), f"{best.method} {best.setting}"
 
 
 def comparisons(untiled_rows: list[Row], tiled_rows: list[Row]) -> str:
-    """At every PSNR level one of our settings reached: best saving of ours against the best competitor."""
-    lines = ["| part | PSNR floor (dB) | ours: best calls saved | competitor: best calls saved | ratio |", "|---|---|---|---|---|"]
+    """At every PSNR level one of our settings reached: our best saving against the best competitor's."""
+    lines = [
+        "| part | PSNR floor (dB) | saving | ours (best) | competitors (best) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     diffusers = ["FirstBlockCache", "MagCache (calibrated)", "TaylorSeer", "PyramidAttentionBroadcast"]
     for part, rows, ours, theirs in (
         ("untiled", untiled_rows, ["region cache"], diffusers),
         ("tiled 2x2", tiled_rows, ["region cache"], ["canvas decision"]),
     ):
-        floors = sorted({round(r.psnr, 2) for r in rows if r.method in ours and math.isfinite(r.psnr)}, reverse=True)
+        floors = sorted({math.floor(r.psnr * 100) / 100 for r in rows if r.method in ours and math.isfinite(r.psnr)},
+                        reverse=True)
         for floor in floors:
-            a, a_name = best_at(rows, ours, floor)
-            b, b_name = best_at(rows, theirs, floor)
-            lines.append(f"| {part} | {floor:.2f} | {a:.2f}x ({a_name}) | {b:.2f}x ({b_name}) | {a / b:.2f} |")
+            for key, label in (("calls_saved", "model calls"), ("compute_saved", "block compute")):
+                a, a_name = best_at(rows, ours, floor, key)
+                b, b_name = best_at(rows, theirs, floor, key)
+                lines.append(f"| {part} | {floor:.2f} | {label} | {a:.2f}x ({a_name}) | {b:.2f}x ({b_name}) | {a / b:.2f} |")
     return "\n".join(lines)
 
 
@@ -304,20 +327,23 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     parts = sorted({r.part for r in rows}, reverse=True)
-    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5))
-    for ax, part in zip(np.atleast_1d(axes), parts):
-        for method in dict.fromkeys(r.method for r in rows if r.part == part):
-            pts = [(r.psnr, r.calls_saved) for r in rows if r.part == part and r.method == method and math.isfinite(r.psnr)]
-            if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=method)
-        ax.set_xlabel("PSNR vs uncached latents (dB)")
-        ax.set_ylabel("model calls saved (x)")
-        ax.set_title(f"{part}: calls saved vs PSNR")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    metrics = (("speedup", "wall-clock speed-up (x)"), ("compute_saved", "block compute saved (x)"))
+    fig, axes = plt.subplots(len(metrics), len(parts), figsize=(6 * len(parts), 4 * len(metrics)), squeeze=False)
+    for row_axes, (key, label) in zip(axes, metrics):
+        for ax, part in zip(row_axes, parts):
+            for method in dict.fromkeys(r.method for r in rows if r.part == part):
+                pts = [(r.psnr, getattr(r, key)) for r in rows
+                       if r.part == part and r.method == method and math.isfinite(r.psnr)]
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), marker="o", label=method)
+            ax.set_xlabel("PSNR vs uncached latents (dB)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{part}: {label.split(' (')[0]} vs PSNR", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"saved {path}", file=sys.stderr)
 
 
@@ -325,8 +351,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--steps", type=int, default=20, help="steps of the untiled head-to-head")
-    parser.add_argument("--tiled-steps", type=int, default=12, help="steps of the tiled comparison")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--tiled-steps", type=int, default=10, help="steps of the tiled comparison")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1.0])
     parser.add_argument("--plot", default="docs/bench_cache.png")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-max-skips", type=int, default=3, help="most consecutive reuses of one region")
     g.add_argument("--no-cache-adaptive", dest="cache_adaptive", action="store_false",
                    help="one threshold everywhere instead of per-region adaptive thresholds")
-    g.add_argument("--cache-reuse", choices=("output", "residual"), default="output",
-                   help="a skipped tile reuses its last output, or its last output-minus-input on the current input")
+    g.add_argument("--cache-reuse", choices=("auto", "blocks", "output", "residual"), default="auto",
+                   help="what a skipped tile reuses: its transformer blocks' residual (run through the current output "
+                        "head), its last output, or its last output-minus-input (auto: blocks where supported)")
     g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically)")
     g.add_argument("--fps", type=int, default=16)

@@ -241,6 +241,11 @@ class SuperGenPipeline:
         cache = cache or CacheConfig()
         request = self.check_request(height, width, num_frames, tiling)
         cache.check_schedule(refinement_steps(num_inference_steps, tiling.strength))
+        if cache.enabled and cache.reuse == "blocks" and not self.adapter.supports_block_reuse:
+            raise ValueError(
+                f"cache reuse='blocks' needs a backbone adapter that can skip its transformer blocks; "
+                f"{type(self.adapter).__name__} cannot: use reuse='output'"
+            )
         adapter = self.adapter
         device = self.device
         if device.type == "cuda":
@@ -334,8 +339,12 @@ class SuperGenPipeline:
         tiled = request.canvas[1:] != adapter.native_latent_shape[1:]
         return adapter.encode(video.to(adapter.pipeline.vae.dtype), tiled=tiled).to(sketch.dtype)
 
-    @staticmethod
-    def _region_cache(cache: CacheConfig, planner: TilePlanner, num_steps: int) -> RegionCache | None:
+    def _reuse_mode(self, cache: CacheConfig) -> str:
+        if cache.reuse != "auto":
+            return cache.reuse
+        return "blocks" if self.adapter.supports_block_reuse else "output"
+
+    def _region_cache(self, cache: CacheConfig, planner: TilePlanner, num_steps: int) -> RegionCache | None:
         """The step cache of the refinement loop (``None`` when off or at threshold 0)."""
         if not cache.enabled:
             return None
@@ -349,11 +358,11 @@ class SuperGenPipeline:
             max_skips=cache.max_skips,
             adaptive=cache.adaptive,
             scope=cache.mode,
-            reuse=cache.reuse,
+            reuse=self._reuse_mode(cache),
+            patch=self.adapter.geometry.patch,
         )
 
-    @staticmethod
-    def _cache_metrics(cache: CacheConfig, region_cache: RegionCache | None) -> dict:
+    def _cache_metrics(self, cache: CacheConfig, region_cache: RegionCache | None) -> dict:
         """The cache settings and, when it ran, where it reused outputs: per step, the reused fraction of
         every region (F, H, W grid of regions) and the regions' final thresholds."""
         metrics = {
@@ -363,7 +372,7 @@ class SuperGenPipeline:
             "cooldown": cache.cooldown,
             "max_skips": cache.max_skips,
             "adaptive": cache.adaptive,
-            "reuse": cache.reuse,
+            "reuse": self._reuse_mode(cache),
         }
         if region_cache is not None:
             metrics.update(
