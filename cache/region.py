@@ -154,7 +154,7 @@ class RegionCache:
         self._x_prev = None  # canvas input of the previous step (1, C, F, H, W)
         self._x1 = None  # input at each cell's last computed step
         self._o1 = None  # output at each cell's last computed step
-        self._residual = None  # last prediction minus last input, per cell (what a skip reuses)
+        self._residual = None  # per cell: what an output/residual skip reuses
         self._d_out = None  # per cell: mean_C |o1 - o2| between its last two computed steps (F, H, W)
         self._d_in = None  # per cell: mean_C |x1 - x2|
         self._computed = None  # per cell: computed steps so far (0, 1, 2+)
@@ -311,7 +311,8 @@ class RegionCache:
         self._x1 = torch.where(full, x, self._x1)
         self._computed = self._computed + full.long()
         self._run = torch.where(fresh > 0, torch.zeros_like(self._run), self._run + 1)
-        self._residual = pred.clone() if self.reuse_mode == "output" else pred - x
+        if self.reuse_mode != "blocks":
+            self._residual = pred.clone() if self.reuse_mode == "output" else pred - x
         self._x_prev = x.clone()
         self.reuse_maps.append((1.0 - fresh).clamp(0.0, 1.0).float().cpu())
 

@@ -100,7 +100,8 @@ class WanBlockResidual:
 
     def _head(self, module, args):
         if self.mode == "record":
-            self.value = args[0] - self._first_input.float()
+            # Kept in the model's dtype: the residual of a 4K canvas is large.
+            self.value = (args[0] - self._first_input.float()).to(self._first_input.dtype)
             self._first_input = None
         elif self.mode == "inject":
             return (args[0] + self.value.to(args[0].dtype),)
