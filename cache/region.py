@@ -52,10 +52,11 @@ SCOPES = ("region", "canvas")
 REUSE_MODES = ("output", "residual", "blocks")
 
 #: Exponent of the adaptive threshold rule ``thr_r = threshold * (v_r / mean v) ** ADAPT_EXPONENT``.
-#: Negative: regions whose outputs vary more over time get a *stricter* threshold.
-#: Chosen by measurement (scripts/bench_cache.py, docs/benchmarks.md): on the
-#: tiled tiny-model run, stricter-where-variable gave a higher PSNR at the same
-#: number of saved model calls than looser-where-variable.
+#: Negative: regions whose outputs vary more over time get a *stricter* threshold,
+#: because the predictor extrapolates from the last two computed steps and that
+#: extrapolation is least reliable where the output moves most. Not decided by
+#: measurement yet: on the tiny model stricter, looser and off gave identical
+#: skip decisions (docs/benchmarks.md); a real checkpoint must settle it.
 ADAPT_EXPONENT = -0.5
 #: Adaptive thresholds stay within this factor of the base threshold, so one
 #: outlier region can neither freeze nor pin a tile.

@@ -122,7 +122,8 @@ class CacheConfig:
             two computed steps before it can be predicted at all).
         cooldown: last refinement steps always computed (at least the last).
         max_skips: most consecutive steps a region may be served from the cache.
-        adaptive: scale each region's threshold by its measured variability.
+        adaptive: scale each region's threshold by its measured variability
+            (stricter where outputs vary more; see :mod:`supergen.cache.region`).
         regions_per_tile: regions per tile along height and width (the cache
             state's resolution; a region spans all frames of a tile).
         reuse: what a skipped tile gets. ``blocks``: the residual its
