@@ -31,7 +31,10 @@ def refinement_timesteps(scheduler, num_inference_steps: int, strength: float, d
     order = getattr(scheduler, "order", 1)
     run = refinement_steps(num_inference_steps, strength)
     start = (num_inference_steps - run) * order
-    scheduler.set_begin_index(start)
+    # Schedulers that keep a step index need to know where it starts; index-free ones
+    # (DDIM-style, which derive the previous timestep from the current one) have no such call.
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     return timesteps[start:], start
 
 

@@ -61,6 +61,8 @@ class TiledSampler:
             offsets added, so tiles know where they are on the canvas).
         progress: show a progress bar.
         desc: progress bar label.
+        condition: a latent canvas aligned with the video latents (image-to-video:
+            the encoded conditioning image), cropped with every tile like the latents.
         cache: step cache consulted every step (``None``: every tile runs every step).
     """
 
@@ -75,6 +77,7 @@ class TiledSampler:
         rope: str = "local",
         progress: bool = True,
         desc: str = "refine",
+        condition: torch.Tensor | None = None,
         cache=None,
     ):
         self.adapter = adapter
@@ -86,6 +89,7 @@ class TiledSampler:
         self.rope = rope
         self.progress = progress
         self.desc = desc
+        self.condition = condition
         self.cache = cache
         self.stats = TileStats(count=planner.num_tiles)
 
@@ -113,6 +117,7 @@ class TiledSampler:
         for first in range(0, len(tiles), self.tile_batch_size):
             batch = tiles[first : first + self.tile_batch_size]
             x = torch.cat([tile.gather(latents) for tile in batch])
+            condition = None if self.condition is None else torch.cat([tile.gather(self.condition) for tile in batch])
             out = self.adapter.predict(
                 x,
                 timestep,
@@ -120,6 +125,7 @@ class TiledSampler:
                 self.guidance_scale,
                 positions=self.positions(batch),
                 guidance_scale_2=self.guidance_scale_2,
+                condition=condition,
                 **self._block_args(blocks, batch),
             )
             if blocks == "record":
