@@ -2,7 +2,7 @@
 
 Two phases, one background job, resumable from its checkpoints:
 
-1. ``vae``: an ``AutoencoderKLWan`` (4x spatial, 4x temporal compression, 8
+1. ``vae``: an ``AutoencoderKLWan`` (2x spatial, 2x temporal compression, 8
    latent channels) learns to reconstruct toy-world clips (MSE + a small KL
    term). Its latent mean/std are then measured on training clips and written
    into the VAE config (``latents_mean``/``latents_std``), as Wan checkpoints do.
@@ -64,6 +64,17 @@ def save_checkpoint(path: Path, **state) -> None:
     tmp.replace(path)
 
 
+def budget_spent(args) -> bool:
+    """Count one optimizer step against ``--max-steps``; True once this invocation has used them all."""
+    args.steps_done += 1
+    return args.max_steps is not None and args.steps_done >= args.max_steps
+
+
+def stop_run(step: int) -> None:
+    logger.info("stopping after --max-steps at phase step %d; run the same command again to resume", step)
+    sys.exit(0)
+
+
 class LossLog:
     """Append-only CSV of (phase, step, loss, seconds) that survives resumes."""
 
@@ -94,15 +105,19 @@ def train_vae(pipe, args, work: Path, log: LossLog) -> None:
     running = None
     for step in range(start, args.vae_steps):
         seed = step_seed(args.seed, 1, step)
-        clips, _ = render_batch(seed, args.vae_batch, height, width, frames)
+        clips, _, alpha = render_batch(seed, args.vae_batch, height, width, frames, return_alpha=True)
         video = clips_to_video(clips)
         gen = torch.Generator().manual_seed(seed)
         dist = vae.encode(video).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         rec_loss = F.mse_loss(recon, video)
+        # The shape covers ~5% of the pixels but is what the clip is about: weight
+        # its pixels up so the VAE learns it early instead of after the background.
+        weight = 1.0 + args.vae_shape_weight * torch.from_numpy(alpha)[:, None]
+        fit_loss = (weight * (recon - video) ** 2).mean() / weight.mean()
         kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
-        loss = rec_loss + args.vae_kl * kl
+        loss = fit_loss + args.vae_kl * kl
         # Cosine decay to 10% keeps the last steps from undoing what was learned.
         lr = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
         for group in opt.param_groups:
@@ -117,8 +132,11 @@ def train_vae(pipe, args, work: Path, log: LossLog) -> None:
             log.add("vae", step + 1, rec_loss.item(), now)
             psnr = 10 * math.log10(4.0 / max(running, 1e-12))
             logger.info("vae step %d/%d mse %.5f (~%.1f dB) kl %.3f lr %.2e %.0f s", step + 1, args.vae_steps, running, psnr, kl.item(), lr, now)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps:
+        stop = budget_spent(args)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps or stop:
             save_checkpoint(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1, elapsed=time.perf_counter() - t0)
+        if stop:
+            stop_run(step + 1)
     vae.eval()
 
 
@@ -215,13 +233,16 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
             now = time.perf_counter() - t0
             log.add("dit", step + 1, loss.item(), now)
             logger.info("dit step %d/%d loss %.4f lr %.2e %.0f s", step + 1, args.dit_steps, running, lr, now)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.dit_steps:
+        stop = budget_spent(args)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.dit_steps or stop:
             save_checkpoint(
                 ckpt, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
                 elapsed=time.perf_counter() - t0,
             )
             if args.export_every and (step + 1) % args.export_every == 0:
                 export(pipe, ema, args.output, work)
+        if stop:
+            stop_run(step + 1)
     return ema
 
 
@@ -267,12 +288,13 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, default=REPO / "supergen" / "assets" / "toy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--vae-batch", type=int, default=4)
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-batch", type=int, default=2)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4)
+    parser.add_argument("--vae-shape-weight", type=float, default=9.0, help="extra loss weight on shape pixels")
     parser.add_argument("--dataset", type=int, default=1536, help="clips in the fixed transformer training set")
-    parser.add_argument("--dit-steps", type=int, default=3000)
+    parser.add_argument("--dit-steps", type=int, default=2500)
     parser.add_argument("--dit-batch", type=int, default=16)
     parser.add_argument("--dit-lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.998)
@@ -280,7 +302,9 @@ def main(argv=None) -> None:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--ckpt-every", type=int, default=250)
     parser.add_argument("--export-every", type=int, default=500, help="also export the EMA pipeline this often (0: only at the end)")
+    parser.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many optimizer steps in this invocation")
     args = parser.parse_args(argv)
+    args.steps_done = 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

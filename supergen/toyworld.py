@@ -173,8 +173,8 @@ def _shape_coverage(shape: str, px: np.ndarray, py: np.ndarray, radius: float) -
     return np.clip(inside + 0.5, 0.0, 1.0)
 
 
-def render_clip(params: ClipParams, height: int, width: int, num_frames: int) -> np.ndarray:
-    """Render a clip as uint8 frames ``(F, H, W, 3)``."""
+def render_clip(params: ClipParams, height: int, width: int, num_frames: int, return_alpha: bool = False):
+    """Render a clip as uint8 frames ``(F, H, W, 3)``; with ``return_alpha`` also the shape's coverage ``(F, H, W)``."""
     short = min(height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     top, bottom, amplitude = BACKGROUNDS[params.background]
@@ -182,6 +182,7 @@ def render_clip(params: ClipParams, height: int, width: int, num_frames: int) ->
     dx, dy = _DIRECTION_VECTORS[params.direction]
     colour = np.asarray(COLOURS[params.colour], np.float64)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    coverage = np.empty((num_frames, height, width), dtype=np.float32)
     for t in range(num_frames):
         # Camera pan: the background is sampled at coordinates that drift over time.
         bx = xx + params.pan_x * short * t
@@ -196,12 +197,20 @@ def render_clip(params: ClipParams, height: int, width: int, num_frames: int) ->
         cy = (params.start_y * height) + dy * params.speed * short * t
         alpha = _shape_coverage(params.shape, xx + 0.5 - cx, yy + 0.5 - cy, params.radius * short)[..., None]
         frames[t] = np.clip(np.rint(background * (1 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
-    return frames
+        coverage[t] = alpha[..., 0]
+    return (frames, coverage) if return_alpha else frames
 
 
-def render_batch(seed: int, count: int, height: int, width: int, num_frames: int) -> tuple[np.ndarray, list[str]]:
-    """``count`` clips ``(N, F, H, W, 3)`` uint8 and their prompts, fully determined by ``seed``."""
+def render_batch(seed: int, count: int, height: int, width: int, num_frames: int, return_alpha: bool = False):
+    """``count`` clips ``(N, F, H, W, 3)`` uint8 and their prompts, fully determined by ``seed``.
+
+    With ``return_alpha`` a third item holds the shapes' coverage ``(N, F, H, W)``.
+    """
     rng = np.random.default_rng(seed)
     params = [sample_params(rng) for _ in range(count)]
-    clips = np.stack([render_clip(p, height, width, num_frames) for p in params])
-    return clips, [p.prompt for p in params]
+    rendered = [render_clip(p, height, width, num_frames, return_alpha=True) for p in params]
+    clips = np.stack([frames for frames, _ in rendered])
+    prompts = [p.prompt for p in params]
+    if return_alpha:
+        return clips, prompts, np.stack([alpha for _, alpha in rendered])
+    return clips, prompts
