@@ -1,4 +1,4 @@
-"""``supergen`` command line: ``generate`` (tiled ultra-high resolution).
+"""``supergen`` command line: ``generate`` (tiled ultra-high resolution) and ``stream`` (block-wise streaming).
 
 Every flag maps one to one onto a config field (see :mod:`supergen.config`).
 Inputs are validated before any model is loaded where possible, and always
@@ -50,6 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically)")
     g.add_argument("--fps", type=int, default=16)
     g.add_argument("--metrics-json", default=None, help="write run metrics to this JSON file")
+
+    st = sub.add_parser("stream", help="stream video block by block with a rolling KV cache (frames written as they come)")
+    _add_common(st)
+    st.add_argument("--prompt", required=True)
+    st.add_argument("--negative-prompt", default=None)
+    st.add_argument("--blocks", type=int, default=None, help="blocks to make (default: endless, stop with Ctrl-C)")
+    st.add_argument("--block-frames", type=int, default=3, help="latent frames per block")
+    st.add_argument("--window", type=int, default=9, help="recent clean latent frames kept in the KV cache")
+    st.add_argument("--sink", type=int, default=3, help="first latent frames pinned in the cache (attention sink)")
+    st.add_argument("--steps", type=int, default=4, help="denoising steps per block")
+    st.add_argument("--schedule", choices=("block", "rolling"), default="block",
+                    help="block: one block at a time; rolling: a joint window of blocks at staggered noise levels")
+    st.add_argument("--kv-write", choices=("rerun", "last_step"), default="rerun",
+                    help="write a finished block's keys/values by a clean re-run, or from its last denoising step")
+    st.add_argument("--height", type=int, default=None, help="pixels (default: the model's native height)")
+    st.add_argument("--width", type=int, default=None, help="pixels (default: the model's native width)")
+    st.add_argument("--guidance", type=float, default=1.0, help="CFG scale (causal few-step checkpoints: 1)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--transformer-weights", default=None,
+                    help="original-layout Wan checkpoint to load into the transformer (Self-Forcing, CausVid, Rolling Forcing)")
+    st.add_argument("--output", required=True, help="mp4 path; frames are appended as blocks finish")
+    st.add_argument("--fps", type=int, default=16)
+    st.add_argument("--metrics-json", default=None, help="write run metrics (with per-block entries) to this JSON file")
+
+    d = sub.add_parser("demo", help="serve the Gradio demo (needs the [demo] extra)")
+    _add_common(d)
+    d.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--concurrency", type=int, default=1, help="generations run at once; other visitors queue")
     return parser
 
 
@@ -113,7 +142,96 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate}
+def cmd_stream(args: argparse.Namespace) -> int:
+    from supergen.config import StreamConfig
+    from supergen.io import VideoWriter, check_output_path, write_json
+    from supergen.models import resolve_model
+    from supergen.pipeline import SuperGenPipeline
+
+    config = StreamConfig(
+        block_frames=args.block_frames,
+        window=args.window,
+        sink=args.sink,
+        steps=args.steps,
+        schedule=args.schedule,
+        kv_write=args.kv_write,
+    )
+    check_output_path(args.output)
+    if args.metrics_json:
+        check_output_path(args.metrics_json, suffixes=(".json",))
+    if args.blocks is not None and args.blocks < 1:
+        raise ValueError(f"--blocks {args.blocks} must be >= 1 (leave it out for an endless stream)")
+    resolve_model(args.model)
+
+    if args.transformer_weights:
+        from supergen.backbones.wan_convert import read_checkpoint
+
+        checkpoint = read_checkpoint(args.transformer_weights)
+    pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
+    if args.transformer_weights:
+        from supergen.backbones.wan_convert import load_original_wan_checkpoint
+
+        load_original_wan_checkpoint(pipe.pipe.transformer, checkpoint)
+        logger.info("loaded transformer weights from %s", args.transformer_weights)
+    stream = pipe.stream(
+        args.prompt,
+        num_blocks=args.blocks,
+        stream=config,
+        height=args.height,
+        width=args.width,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+    )
+    logger.info("streaming %s to %s", "until Ctrl-C" if args.blocks is None else f"{args.blocks} blocks", args.output)
+    interrupted = False
+    writer = VideoWriter(args.output, fps=args.fps)
+    try:
+        with stream:
+            for block in stream:
+                writer.append(block.frames)
+                m = block.metrics
+                logger.info(
+                    "block %d: %d frames in %.2fs (KV cache %.1f KiB)", block.index, m["frames"], m["latency_s"],
+                    m["kv_cache_bytes"] / 1024,
+                )
+    except KeyboardInterrupt:
+        interrupted = True
+        logger.warning("interrupted: keeping the %d frames made so far", writer.frames)
+    except BaseException:
+        writer.close(keep=False)
+        raise
+    # A stopped stream keeps what was made: the file is finalised and renamed into place.
+    writer.close(keep=True)
+    metrics = dict(stream.metrics, output=args.output, prompt=args.prompt, seed=args.seed, interrupted=interrupted)
+    if args.metrics_json:
+        write_json(args.metrics_json, metrics)
+    print(
+        f"wrote {args.output}: {writer.frames} frames in {len(metrics['blocks'])} blocks; "
+        f"first frame after {metrics['time_to_first_frame_s'] or 0:.2f}s, {metrics['fps']:.1f} frames/s"
+        + (" (interrupted)" if interrupted else "")
+    )
+    return 130 if interrupted else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the demo needs Gradio: pip install 'supergen[demo]'") from None
+    from supergen.demo import serve
+    from supergen.models import resolve_model
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} must be in 1..65535")
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency {args.concurrency} must be >= 1")
+    resolve_model(args.model)
+    serve(args.model, host=args.host, port=args.port, device=args.device, concurrency=args.concurrency)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "stream": cmd_stream, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from supergen.samplers.stream import KV_WRITE_MODES
+
 BLEND_MODES = ("cosine", "uniform")
 SHIFT_MODES = ("wrap", "none")
 ROPE_MODES = ("local", "absolute")
 UPSCALE_MODES = ("pixel", "latent")
 CACHE_MODES = ("off", "region")
+STREAM_SCHEDULES = ("block", "rolling")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -157,25 +160,38 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class StreamConfig:
-    """Block-wise streaming (see :mod:`supergen.samplers`).
+    """Block-wise streaming (see :mod:`supergen.samplers.stream`).
+
+    All lengths are in latent frames (Wan: the first latent frame is 1 video
+    frame, every later one 4).
 
     Args:
         block_frames: latent frames per block.
-        window: latent frames of recent clean context kept in the KV cache.
-        sink: latent frames pinned at the start of the cache (attention sink).
-        steps: denoising steps per block.
+        window: recent clean latent frames kept in the KV cache (besides the sink).
+        sink: first latent frames of the stream, pinned in the cache (attention sink).
+        steps: denoising steps per block (few-step models: 4).
+        schedule: ``block`` denoises one block at a time; ``rolling`` denoises
+            ``steps`` consecutive blocks jointly at staggered noise levels
+            (Rolling Forcing) and moves on one block per forward.
+        kv_write: ``rerun`` writes a finished block's keys/values with one more
+            forward at timestep 0 (Self-Forcing); ``last_step`` keeps those of its
+            last denoising forward (one forward fewer per block).
     """
 
     block_frames: int = 3
     window: int = 9
     sink: int = 3
     steps: int = 4
+    schedule: str = "block"
+    kv_write: str = "rerun"
 
     def __post_init__(self) -> None:
         _positive_int("block_frames", self.block_frames)
         _positive_int("window", self.window)
         _non_negative_int("sink", self.sink)
         _positive_int("steps", self.steps)
+        _choice("schedule", self.schedule, STREAM_SCHEDULES)
+        _choice("kv_write", self.kv_write, KV_WRITE_MODES)
         if self.window < self.block_frames:
             raise ValueError(
                 f"window={self.window} latent frames is shorter than one block ({self.block_frames}); "
@@ -183,6 +199,11 @@ class StreamConfig:
             )
         if self.sink > self.window:
             raise ValueError(f"sink={self.sink} must not exceed window={self.window}")
+
+    @property
+    def segment_frames(self) -> int:
+        """Latent frames one forward denoises: a block, or the whole joint window."""
+        return self.block_frames * (self.steps if self.schedule == "rolling" else 1)
 
 
 @dataclass(kw_only=True)

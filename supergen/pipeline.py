@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from supergen.backbones import BackboneAdapter, adapter_for
-from supergen.config import TilingConfig
+from supergen.config import StreamConfig, TilingConfig
 from supergen.io import to_uint8
 from supergen.models import read_native_size, resolve_model
 from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps, renoise
@@ -298,6 +298,96 @@ class SuperGenPipeline:
             peak_mem_bytes=_peak_memory_bytes(device),
         )
         return SuperGenOutput(frames=frames, metrics=metrics)
+
+    # --- streaming --------------------------------------------------------------
+    def check_stream(
+        self, stream: StreamConfig, height: int | None = None, width: int | None = None, num_blocks: int | None = None
+    ) -> tuple[int, int]:
+        """Validate a stream request against the model before any model work; returns (height, width)."""
+        if not isinstance(stream, StreamConfig):
+            raise ValueError(f"stream must be a StreamConfig, got {type(stream).__name__}")
+        adapter = self.adapter
+        adapter.check_streaming()
+        if num_blocks is not None and (not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1):
+            raise ValueError(f"num_blocks={num_blocks!r} must be an integer >= 1, or None for an endless stream")
+        geo = adapter.geometry
+        height = adapter.native_height if height is None else height
+        width = adapter.native_width if width is None else width
+        mult_h, mult_w = geo.pixel_multiple
+        for name, value, mult in (("height", height, mult_h), ("width", width, mult_w)):
+            if not isinstance(value, int) or value < mult or value % mult:
+                raise ValueError(
+                    f"{name} {value} is not a positive multiple of {mult} (VAE {geo.scale_spatial} x patch "
+                    f"{mult // geo.scale_spatial})"
+                )
+        patch_t = geo.patch[0]
+        for name in ("block_frames", "window", "sink"):
+            value = getattr(stream, name)
+            if value % patch_t:
+                raise ValueError(
+                    f"{name}={value} latent frames is not a multiple of the transformer's temporal patch {patch_t}; "
+                    "a token would straddle two blocks"
+                )
+        return height, width
+
+    def stream(
+        self,
+        prompt: str,
+        num_blocks: int | None = None,
+        stream: StreamConfig | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        scheduler=None,
+        output_type: str = "uint8",
+        cached: bool = True,
+        max_sequence_length: int | None = None,
+    ):
+        """Stream video block by block; returns a :class:`~supergen.stream.VideoStream` iterator.
+
+        Each item is a :class:`~supergen.stream.StreamBlock` with that block's
+        frames (uint8 F,H,W,3) and metrics; ``num_blocks=None`` streams until
+        the caller stops (``close()``, or ``break`` inside ``with``). Change the
+        prompt between blocks with ``set_prompt``.
+
+        Args:
+            stream: block length, window, sink, steps, schedule, KV write mode.
+            height, width: frame size in pixels (default: the native size).
+            guidance_scale: CFG scale; causal few-step checkpoints run without it (1.0).
+            scheduler: a Diffusers scheduler to copy per block (default: the
+                pipeline's); ``FlowMatchEulerDiscreteScheduler(shift=5.0,
+                stochastic_sampling=True)`` is Self-Forcing's few-step sampler.
+            cached: ``False`` re-runs the whole history every forward (the
+                exactness reference and benchmark baseline; cost grows per block).
+        """
+        from supergen.stream import VideoStream
+
+        stream = stream or StreamConfig()
+        if output_type not in ("uint8", "float"):
+            raise ValueError(f"output_type={output_type!r} must be uint8 or float")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
+        height, width = self.check_stream(stream, height, width, num_blocks)
+        generator = generator or torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            return VideoStream(
+                self,
+                prompt,
+                negative_prompt,
+                num_blocks,
+                stream,
+                height,
+                width,
+                guidance_scale,
+                generator,
+                scheduler=scheduler,
+                output_type=output_type,
+                cached=cached,
+                max_sequence_length=max_sequence_length,
+            )
 
     def _sketch(self, request: TiledRequest, tiling: TilingConfig, steps: int, generator, sampler_args) -> torch.Tensor:
         """Native-area sketch of the whole video, up-scaled to the target canvas (clean latents)."""

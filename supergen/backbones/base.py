@@ -175,6 +175,34 @@ class BackboneAdapter(ABC):
         """Video in [-1, 1] -> float32 frames in [0, 1], (F, H, W, 3), as the pipeline's ``output_type='np'``."""
         return self.pipeline.video_processor.postprocess_video(video, output_type="np")[0]
 
+    # --- streaming (block-causal, KV-cached) -------------------------------
+    def check_streaming(self) -> None:
+        """Raise ``ValueError`` (cheaply, before any model work) if this backbone cannot stream."""
+        raise ValueError(
+            f"{type(self).__name__} ({type(self.pipeline).__name__}) has no streaming support: block-causal KV-cached "
+            "attention is implemented for the Wan family (WanPipeline, SkyReelsV2Pipeline)"
+        )
+
+    def install_streaming(
+        self,
+        latent_hw: tuple[int, int],
+        sink: int,
+        window: int,
+        max_segment_frames: int,
+        guidance_scale: float = 1.0,
+        cached: bool = True,
+    ):
+        """Install block-causal attention; returns a stream model with ``predict``/``set_conditioning``/``remove``.
+
+        ``cached=False`` returns the uncached reference (full history re-run
+        under the equivalent mask) instead.
+        """
+        self.check_streaming()
+
+    def stream_decoder(self):
+        """A decoder object whose ``decode(latent_block)`` carries the VAE's causal state across blocks."""
+        raise ValueError(f"{type(self).__name__} has no streaming decoder")
+
     @contextlib.contextmanager
     def inference_context(self) -> Iterator[None]:
         with torch.no_grad():

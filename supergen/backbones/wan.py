@@ -171,6 +171,26 @@ class WanAdapter(BackboneAdapter):
             out = uncond + scale * (cond_out - uncond)
         return out
 
+    # --- streaming ------------------------------------------------------------
+    def check_streaming(self) -> None:
+        from supergen.backbones.wan_stream import check_streamable
+
+        check_streamable(self.pipeline)
+
+    def install_streaming(self, latent_hw, sink, window, max_segment_frames, guidance_scale=1.0, cached=True):
+        from supergen.backbones.wan_stream import WanStreamModel, WanUncachedStreamModel
+
+        if cached:
+            return WanStreamModel(self, latent_hw, sink, window, max_segment_frames, guidance_scale)
+        return WanUncachedStreamModel(self, latent_hw, sink, window, guidance_scale)
+
+    def stream_decoder(self):
+        from supergen.backbones.wan_stream import WanStreamDecoder
+
+        vae = self.pipeline.vae
+        mean, std = self._latent_stats(torch.zeros(1, device=vae.device, dtype=vae.dtype))
+        return WanStreamDecoder(vae, mean, std)
+
     # --- VAE ------------------------------------------------------------------
     def _latent_stats(self, latents: torch.Tensor):
         cfg = self.pipeline.vae.config

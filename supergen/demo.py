@@ -1,0 +1,258 @@
+"""``supergen demo``: a Gradio app that streams video into the browser as it is made.
+
+Two modes share one page:
+
+- **stream**: block-wise generation (``SuperGenPipeline.stream``); every finished
+  block is encoded as a short H.264 chunk and pushed to a streaming ``gr.Video``,
+  so frames appear while later blocks are still being denoised. The prompt box
+  can be changed while a stream runs ("Apply to next block"). Stop ends the
+  generator between blocks and frees the worker.
+- **ultra-high resolution**: the tiled pipeline, with a progress bar, then the video.
+
+The finished video is offered as a downloadable mp4 either way. The queue runs
+one generation at a time (``--concurrency``); other visitors see their position.
+Gradio's API is served too, so ``gradio_client`` can drive the app
+(endpoints ``/generate`` and ``/set_prompt``).
+"""
+
+# No `from __future__ import annotations` here: Gradio finds the gr.Request
+# parameter by its (evaluated) annotation.
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MODES = ("stream", "ultra-high resolution")
+
+
+class DemoBackend:
+    """Owns the loaded pipeline and the live prompts of running streams.
+
+    One pipeline per process; generations are serialised by Gradio's queue
+    (``concurrency_limit``), so the model is never used by two requests at once.
+    """
+
+    def __init__(self, model: str = "tiny", device: str | None = None, workdir: str | None = None):
+        from supergen.pipeline import SuperGenPipeline
+
+        self.model = model
+        self.pipe = SuperGenPipeline.from_pretrained(model, device=device)
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supergen-demo-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._live_prompts: dict[str, str] = {}
+        self._lock = threading.Lock()
+        # Held while the model computes. Gradio's Stop abandons a generator
+        # between blocks without closing it, so the next generation closes the
+        # abandoned stream (restoring the transformer's processors) under this lock.
+        self._model_lock = threading.Lock()
+        self._active_stream = None
+        self._active_writer = None
+
+    def _release_abandoned_stream(self) -> None:
+        if self._active_stream is not None:
+            logger.info("closing a stream that was stopped by its visitor")
+            self._active_stream.close()
+            self._active_writer.close(keep=True)
+            self._active_stream = self._active_writer = None
+
+    @property
+    def native(self) -> tuple[int, int, int]:
+        a = self.pipe.adapter
+        return a.native_height, a.native_width, a.native_num_frames
+
+    def set_live_prompt(self, session: str, prompt: str) -> None:
+        with self._lock:
+            self._live_prompts[session] = prompt
+
+    def take_live_prompt(self, session: str) -> str | None:
+        with self._lock:
+            return self._live_prompts.pop(session, None)
+
+    def _run_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
+
+    # --- the two modes ------------------------------------------------------
+    def generate_tiled(self, prompt, height, width, num_frames, steps, seed, cache, overlap, shift, rope, fps=16):
+        """Run the tiled pipeline; returns (mp4 path, status line)."""
+        from supergen.config import TilingConfig
+        from supergen.io import write_video
+
+        tiling = TilingConfig(overlap=int(overlap), shift=shift, rope=rope)
+        kwargs = dict(
+            height=int(height),
+            width=int(width),
+            num_frames=int(num_frames),
+            num_inference_steps=int(steps),
+            seed=int(seed),
+            tiling=tiling,
+        )
+        kwargs.update(self._cache_kwargs(cache))
+        with self._model_lock:
+            self._release_abandoned_stream()
+            result = self.pipe(prompt, **kwargs)
+        path = self._run_dir() / "supergen.mp4"
+        write_video(path, result.frames, fps=fps)
+        m = result.metrics
+        tiles = m["tiles"]
+        status = (
+            f"{int(width)}x{int(height)}, {int(num_frames)} frames: {tiles['count']} tiles, "
+            f"{tiles['tile_steps_computed']}/{tiles['tile_steps_total']} tile-steps computed, "
+            f"{m['wall_s']:.1f} s"
+        )
+        return str(path), status
+
+    def _cache_kwargs(self, cache: str) -> dict:
+        if cache == "off":
+            return {}
+        from supergen.config import CacheConfig
+
+        return {"cache": CacheConfig(mode=cache)}
+
+    def generate_stream(self, session, prompt, height, width, blocks, steps, seed, fps=16):
+        """Yield ``(chunk_mp4, final_mp4, status)`` as blocks finish; the last item carries the final video.
+
+        The prompt registered for ``session`` through :meth:`set_live_prompt`
+        takes effect at the next block. Closing this generator (Gradio's Stop)
+        closes the stream, which frees its caches, and keeps the video so far.
+        """
+        from supergen.config import StreamConfig
+        from supergen.io import VideoWriter, write_video
+
+        with self._model_lock:
+            self._release_abandoned_stream()
+            stream = self.pipe.stream(
+                prompt,
+                num_blocks=int(blocks),
+                stream=StreamConfig(steps=int(steps)),
+                height=int(height),
+                width=int(width),
+                seed=int(seed),
+            )
+            run_dir = self._run_dir()
+            final = run_dir / "supergen.mp4"
+            writer = VideoWriter(final, fps=fps)
+            self._active_stream, self._active_writer = stream, writer
+        started = time.perf_counter()
+        frames = 0
+        # A prompt sent before this stream started belongs to an earlier one.
+        self.take_live_prompt(session)
+        current = prompt
+        try:
+            while True:
+                with self._model_lock:
+                    if stream is not self._active_stream:
+                        return  # closed by a later request after a Stop
+                    block = next(stream, None)
+                if block is None:
+                    break
+                new_prompt = self.take_live_prompt(session)
+                if new_prompt:
+                    stream.set_prompt(new_prompt)
+                    current = new_prompt
+                    logger.info("session %s: prompt changed to %r from block %d", session, new_prompt, block.index + 2)
+                chunk = run_dir / f"block-{block.index:05d}.mp4"
+                write_video(chunk, block.frames, fps=fps)
+                writer.append(block.frames)
+                frames += len(block.frames)
+                status = (
+                    f"block {block.index + 1}/{int(blocks)}: {frames} frames, "
+                    f"{block.metrics.get('latency_s', 0.0):.2f} s for this block, "
+                    f"{time.perf_counter() - started:.1f} s in all; next block: {current!r}"
+                )
+                yield str(chunk), None, status
+        finally:
+            with self._model_lock:
+                if self._active_stream is stream:
+                    stream.close()
+                    writer.close(keep=True)
+                    self._active_stream = self._active_writer = None
+        yield None, str(final), f"done: {frames} frames in {time.perf_counter() - started:.1f} s"
+
+
+def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
+    """The Gradio Blocks app around ``backend``."""
+    import gradio as gr
+
+    nh, nw, nf = backend.native
+
+    def run(mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope, request: gr.Request,
+            progress=gr.Progress(track_tqdm=True)):
+        session = request.session_hash if request is not None else "api"
+        try:
+            if mode == "stream":
+                yield from backend.generate_stream(session, prompt, height, width, blocks, steps, seed)
+            else:
+                yield None, None, "refining tiles..."
+                path, status = backend.generate_tiled(
+                    prompt, height, width, frames, steps, seed, cache, overlap, shift, rope
+                )
+                yield None, path, status
+        except ValueError as err:
+            # Bad requests are the visitor's to fix: say what is wrong, keep serving.
+            raise gr.Error(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the page shows a message, the log keeps the trace
+            logger.exception("generation failed")
+            raise gr.Error(f"generation failed: {type(err).__name__}: {err}") from None
+
+    def set_prompt(prompt, request: gr.Request):
+        backend.set_live_prompt(request.session_hash if request is not None else "api", prompt)
+        return f"next block uses: {prompt!r}"
+
+    with gr.Blocks(title="SuperGen") as app:
+        gr.Markdown(
+            f"# SuperGen\nModel `{backend.model}` (native {nw}x{nh}, {nf} frames). "
+            "**stream**: endless block-wise video, frames appear as each block finishes. "
+            "**ultra-high resolution**: tiled refinement above the native size."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", value="a red circle moving left over a blue sky", elem_id="prompt")
+                mode = gr.Radio(list(MODES), value="stream", label="Mode", elem_id="mode")
+                with gr.Row():
+                    height = gr.Number(value=nh, precision=0, label="Height (px)", elem_id="height")
+                    width = gr.Number(value=nw, precision=0, label="Width (px)", elem_id="width")
+                with gr.Row():
+                    blocks = gr.Slider(1, 200, value=8, step=1, label="Blocks (stream length)", elem_id="blocks")
+                    frames = gr.Number(value=nf, precision=0, label="Frames (tiled)", elem_id="frames")
+                with gr.Row():
+                    steps = gr.Slider(1, 50, value=4, step=1, label="Steps", elem_id="steps")
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                with gr.Accordion("Tiling and cache (ultra-high resolution)", open=False):
+                    cache = gr.Radio(["off", "region"], value="off", label="Region cache")
+                    overlap = gr.Number(value=0, precision=0, label="Tile overlap (px)")
+                    shift = gr.Radio(["wrap", "none"], value="wrap", label="Grid shift")
+                    rope = gr.Radio(["local", "absolute"], value="local", label="Tile RoPE")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    apply = gr.Button("Apply prompt to next block", elem_id="apply-prompt")
+            with gr.Column(scale=2):
+                live = gr.Video(label="Live", streaming=True, autoplay=True, elem_id="live")
+                final = gr.Video(label="Result (mp4)", elem_id="final")
+                status = gr.Markdown(elem_id="status")
+        event = go.click(
+            run,
+            [mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope],
+            [live, final, status],
+            api_name="generate",
+            concurrency_limit=concurrency,
+            concurrency_id="generation",
+        )
+        stop.click(None, None, None, cancels=[event])
+        # Not queued behind the running generation: a prompt change must reach it mid-stream.
+        apply.click(set_prompt, [prompt], [status], api_name="set_prompt", queue=False)
+    app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+    return app
+
+
+def serve(model: str = "tiny", host: str = "127.0.0.1", port: int = 7860, device: str | None = None,
+          concurrency: int = 1, block: bool = True):
+    """Load the model, build the app and start serving; returns the Gradio app."""
+    backend = DemoBackend(model, device=device)
+    app = build_app(backend, concurrency=concurrency)
+    logger.info("serving SuperGen demo for model %s on http://%s:%d", model, host, port)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=False, ssr_mode=False)
+    return app
