@@ -92,7 +92,7 @@ def build_tiny_wan(seed: int = 0):
                 decoder_start_token_id=0,
             )
         ).eval()
-        z_dim = 8
+        z_dim = 16
         vae = AutoencoderKLWan(
             base_dim=8,
             z_dim=z_dim,
