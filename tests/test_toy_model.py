@@ -17,8 +17,8 @@ from supergen.toyworld import all_prompts
 REPO = Path(__file__).resolve().parent.parent
 QUALITY = json.loads((SHIPPED_MODELS["toy"].parent / "toy_quality.json").read_text())
 
-# 12 prompts spread over the vocabulary: every colour 3x, shape 4x, direction 3x.
-PROMPTS = all_prompts()[::12]
+# 12 prompts spread over the vocabulary (stride 13 touches every colour, shape and direction).
+PROMPTS = all_prompts()[::13]
 STEPS = 20
 
 
