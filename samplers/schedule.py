@@ -26,7 +26,10 @@ def refinement_timesteps(scheduler, num_inference_steps: int, strength: float, d
     order = getattr(scheduler, "order", 1)
     run = min(max(int(round(num_inference_steps * strength)), 1), num_inference_steps)
     start = (num_inference_steps - run) * order
-    scheduler.set_begin_index(start)
+    # Schedulers that keep a step index need to know where it starts; index-free ones
+    # (DDIM-style, which derive the previous timestep from the current one) have no such call.
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     return timesteps[start:], start
 
 

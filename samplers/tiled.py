@@ -56,6 +56,8 @@ class TiledSampler:
             offsets added, so tiles know where they are on the canvas).
         progress: show a progress bar.
         desc: progress bar label.
+        condition: a latent canvas aligned with the video latents (image-to-video:
+            the encoded conditioning image), cropped with every tile like the latents.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class TiledSampler:
         rope: str = "local",
         progress: bool = True,
         desc: str = "refine",
+        condition: torch.Tensor | None = None,
     ):
         self.adapter = adapter
         self.cond = cond
@@ -79,6 +82,7 @@ class TiledSampler:
         self.rope = rope
         self.progress = progress
         self.desc = desc
+        self.condition = condition
         self.stats = TileStats(count=planner.num_tiles)
 
     def positions(self, tiles: list[Tile]) -> TokenPositions | None:
@@ -97,6 +101,7 @@ class TiledSampler:
         for first in range(0, len(tiles), self.tile_batch_size):
             batch = tiles[first : first + self.tile_batch_size]
             x = torch.cat([tile.gather(latents) for tile in batch])
+            condition = None if self.condition is None else torch.cat([tile.gather(self.condition) for tile in batch])
             out = self.adapter.predict(
                 x,
                 timestep,
@@ -104,6 +109,7 @@ class TiledSampler:
                 self.guidance_scale,
                 positions=self.positions(batch),
                 guidance_scale_2=self.guidance_scale_2,
+                condition=condition,
             )
             self.stats.model_calls += 1
             outputs.extend(out.split(latents.shape[0]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -16,7 +17,9 @@ logger = logging.getLogger("supergen")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="built-in name (tiny, tiny-wan; toy: the shipped model trained on the toy world), a local pipeline folder, or a hub id")
+    p.add_argument("--model", default="tiny", help="built-in name (tiny = tiny-wan, tiny-cogvideox, tiny-hunyuanvideo, tiny-ltx; toy: the shipped "
+                   "model trained on the toy world), a local "
+                   "pipeline folder, or a hub id")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
@@ -31,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--image", default=None, help="first frame (picture file) for image-to-video models")
     g.add_argument("--height", type=int, default=None, help="pixels (default: 2x the model's native height)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: 2x the model's native width)")
     g.add_argument("--num-frames", type=int, default=None, help="frames (default: the model's native count)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps of the full schedule")
-    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--guidance", type=float, default=5.0,
+                   help="classifier-free guidance scale (HunyuanVideo: its embedded, distilled guidance)")
     g.add_argument("--guidance-2", type=float, default=None, help="guidance of Wan2.2's low-noise expert")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--strength", type=float, default=0.9, help="fraction of the schedule refined at the target size")
@@ -111,6 +116,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     resolve_model(args.model)  # unknown names fail before anything loads
+    image = None
+    if args.image is not None:
+        from diffusers.utils import load_image
+
+        if not os.path.isfile(args.image):
+            raise ValueError(f"--image {args.image!r} is not a file")
+        image = load_image(args.image)
 
     started = time.perf_counter()
     pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
@@ -127,6 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         tiling=tiling,
+        image=image,
     )
     write_video(args.output, result.frames, fps=args.fps)
     metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)

@@ -1,10 +1,13 @@
 """Model names, the built-in tiny backbones and the one loading path.
 
-``tiny`` (alias ``tiny-wan``) is a small ``WanPipeline`` built from real
-Diffusers/transformers classes with seeded random weights and a tokenizer made
-offline with the ``tokenizers`` library. It is written once to a cache folder
-in the Diffusers layout and then loaded with ``DiffusionPipeline.from_pretrained``,
-the same code path as a real checkpoint in a local folder or on the hub.
+``tiny`` (alias ``tiny-wan``), ``tiny-cogvideox``, ``tiny-hunyuanvideo`` and
+``tiny-ltx`` are small pipelines built from the real Diffusers/transformers
+classes (the same transformer, VAE, text encoder and scheduler classes as the
+released checkpoints, a few layers wide) with seeded random weights and
+tokenizers made offline with the ``tokenizers`` library. Each is written once
+to a cache folder in the Diffusers layout and then loaded with
+``DiffusionPipeline.from_pretrained``, the same code path as a real checkpoint
+in a local folder or on the hub.
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("SUPERGEN_CACHE", Path.home() / ".cache" / "supergen"))
 
 
-def _build_tokenizer(vocab_size: int = 512):
+def _build_tokenizer(vocab_size: int = 512, extra_corpus: str = "", extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained offline on a small word list.
+
+    ``extra_corpus`` adds text that must tokenize into few tokens (HunyuanVideo's
+    prompt template); ``extra_special`` adds tokens kept whole (its chat markers).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,11 +60,11 @@ def _build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
+        special_tokens=["<pad>", "</s>", "<unk>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = [line for line in _TOKENIZER_CORPUS.split("\n") if line.strip()]
+    lines = [line for line in (_TOKENIZER_CORPUS + extra_corpus).split("\n") if line.strip()]
     tok.train_from_iterator(lines, trainer=trainer)
     # T5-style: every sequence ends with </s>, padding is id 0.
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -65,15 +73,23 @@ def _build_tokenizer(vocab_size: int = 512):
     )
 
 
-def build_tiny_wan(seed: int = 0):
+def build_tiny_wan(seed: int = 0, image_to_video: bool = False):
     """Build the tiny ``WanPipeline`` (random weights, deterministic from ``seed``).
 
     Native size 64x96 pixels, 9 frames (3 latent frames of 8x12 cells,
     patch 1x2x2: 72 tokens). Small enough that a 3x-area tiled run takes seconds
     on a laptop CPU, while every class is the real Diffusers/transformers one.
+    ``image_to_video`` builds ``WanImageToVideoPipeline`` instead (Wan2.1 I2V
+    layout: a tiny CLIP vision encoder, 16 + 4 mask + 16 condition input channels).
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     tokenizer = _build_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -102,11 +118,21 @@ def build_tiny_wan(seed: int = 0):
             latents_mean=[0.0] * z_dim,
             latents_std=[1.0] * z_dim,
         ).eval()
+        image_kwargs = {}
+        if image_to_video:
+            image_encoder = CLIPVisionModel(
+                CLIPVisionConfig(
+                    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=8, projection_dim=16,
+                )
+            ).eval()
+            # Image tokens enter cross-attention through added K/V projections, as in Wan2.1 I2V.
+            image_kwargs = dict(image_dim=16, added_kv_proj_dim=24)
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=z_dim,
+            in_channels=z_dim + 4 + z_dim if image_to_video else z_dim,
             out_channels=z_dim,
             text_dim=32,
             freq_dim=32,
@@ -115,15 +141,247 @@ def build_tiny_wan(seed: int = 0):
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=256,
+            **image_kwargs,
         ).eval()
     # Wan's released Diffusers checkpoints use UniPC with flow sigmas.
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )
-    pipe = WanPipeline(
+    if image_to_video:
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+        )
+        return WanImageToVideoPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler,
+            image_processor=image_processor, image_encoder=image_encoder,
+        )
+    return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    return pipe
+
+
+def build_tiny_wan_i2v(seed: int = 0):
+    """Build a tiny ``WanImageToVideoPipeline`` (see :func:`build_tiny_wan`)."""
+    return build_tiny_wan(seed=seed, image_to_video=True)
+
+
+def _t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+
+
+def build_tiny_cogvideox(seed: int = 0, image_to_video: bool = False):
+    """Build a tiny ``CogVideoXPipeline`` (CogVideoX-5B layout: RoPE, v-prediction DDIM).
+
+    Native 64x96 pixels, 9 frames: latent 3x8x12 with 4 channels, patch 2x2.
+    ``image_to_video`` builds ``CogVideoXImageToVideoPipeline`` instead, whose
+    transformer takes the image latents as 4 more input channels.
+    """
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    tokenizer = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _t5(tokenizer)
+        vae = AutoencoderKLCogVideoX(
+            block_out_channels=(8, 8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            temporal_compression_ratio=4,
+            sample_height=64,
+            sample_width=96,
+        ).eval()
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=8 if image_to_video else 4,
+            out_channels=4,
+            time_embed_dim=16,
+            text_embed_dim=32,
+            num_layers=2,
+            sample_height=8,
+            sample_width=12,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=226,
+            use_rotary_positional_embeddings=True,
+        ).eval()
+    # CogVideoX-2b's released scheduler config (v-prediction, zero-SNR, trailing spacing).
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    pipeline_cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    return pipeline_cls(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def build_tiny_cogvideox_i2v(seed: int = 0):
+    """Build a tiny ``CogVideoXImageToVideoPipeline`` (see :func:`build_tiny_cogvideox`)."""
+    return build_tiny_cogvideox(seed=seed, image_to_video=True)
+
+
+def build_tiny_hunyuanvideo(seed: int = 0):
+    """Build a tiny ``HunyuanVideoPipeline`` (Llama + CLIP text encoders, guidance-distilled transformer).
+
+    Native 64x96 pixels, 9 frames: latent 3x8x12 with 4 channels, patch 1x2x2.
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    markers = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    for marker in markers:
+        template = template.replace(marker, " ")
+    # The template is tokenized in front of every prompt; training on it keeps it near the
+    # real tokenizer's 95 tokens (crop_start), so the prompt is not truncated away.
+    tokenizer = _build_tokenizer(vocab_size=1024, extra_corpus="\n" + template.replace("{}", ""), extra_special=markers)
+    tokenizer_2 = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = LlamaModel(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+            )
+        ).eval()
+        text_encoder_2 = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer_2),
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=8,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+            )
+        ).eval()
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+        ).eval()
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=10,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=2,
+            patch_size_t=1,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 4, 4),
+        ).eval()
+    # HunyuanVideo's released scheduler: flow-matching Euler with shift 7.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def build_tiny_ltx(seed: int = 0):
+    """Build a tiny ``LTXPipeline`` with LTX-Video's real VAE compression (32x spatial, 8x temporal).
+
+    Native 128x192 pixels, 9 frames: latent 2x4x6 with 8 channels, packed into
+    48 tokens (transformer patch 1x1x1).
+    """
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    tokenizer = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _t5(tokenizer)
+        vae = AutoencoderKLLTXVideo(
+            latent_channels=8,
+            block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, False),
+            decoder_spatio_temporal_scaling=(True, True, True, False),
+            patch_size=4,
+            patch_size_t=1,
+        ).eval()
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=2,
+            caption_channels=32,
+        ).eval()
+    # LTX-Video's released scheduler: resolution-dependent shift (mu from the sequence length).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTXPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
 
 
 def build_toy_wan(seed: int = 0):
@@ -182,10 +440,24 @@ TOY_NATIVE_SIZE = (32, 32, 9)
 
 # Native (height, width, frames) of each built-in model, written beside the
 # weights as supergen.json so the loader finds it like any checkpoint's hint.
-TINY_NATIVE_SIZES = {"tiny-wan": (64, 96, 9)}
+TINY_NATIVE_SIZES = {
+    "tiny-wan": (64, 96, 9),
+    "tiny-wan-i2v": (64, 96, 9),
+    "tiny-cogvideox": (64, 96, 9),
+    "tiny-cogvideox-i2v": (64, 96, 9),
+    "tiny-hunyuanvideo": (64, 96, 9),
+    "tiny-ltx": (128, 192, 9),
+}
 
 
-TINY_BUILDERS = {"tiny-wan": build_tiny_wan}
+TINY_BUILDERS = {
+    "tiny-wan": build_tiny_wan,
+    "tiny-wan-i2v": build_tiny_wan_i2v,
+    "tiny-cogvideox": build_tiny_cogvideox,
+    "tiny-cogvideox-i2v": build_tiny_cogvideox_i2v,
+    "tiny-hunyuanvideo": build_tiny_hunyuanvideo,
+    "tiny-ltx": build_tiny_ltx,
+}
 MODEL_ALIASES = {"tiny": "tiny-wan"}
 
 
@@ -291,3 +563,120 @@ def load_diffusers_pipeline(name_or_path: str | os.PathLike, torch_dtype: torch.
     source = resolve_model(name_or_path)
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     return DiffusionPipeline.from_pretrained(source, **kwargs)
+
+
+# --- real-size transformers with random weights, for GPU timings ---------------------------------
+# Each entry: the released checkpoint's transformer config (the Diffusers defaults where they
+# are that config) and its native size. The text encoders and VAEs around it are tiny stand-ins
+# with the real output widths and compression factors: a tiled step only times the transformer.
+REAL_CONFIGS: dict[str, dict] = {
+    "wan2.1-1.3b": dict(
+        native=(480, 832, 81),
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    ),
+    "cogvideox-5b": dict(
+        native=(480, 720, 49),
+        transformer=dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                         time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_height=60, sample_width=90,
+                         sample_frames=49, patch_size=2, use_rotary_positional_embeddings=True),
+    ),
+    "hunyuanvideo": dict(native=(720, 1280, 129), transformer=dict()),
+    "ltx-video": dict(native=(512, 704, 161), transformer=dict()),
+}
+
+
+def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                          seed: int = 0):
+    """A Diffusers pipeline around a real-size transformer with random weights, built on ``device``.
+
+    Weights are initialised directly on the device in ``dtype`` (no host copy
+    of a 13B model). Text encoders are one-layer models with the real output
+    width (T5 4096, Llama 4096 + CLIP 768) and the real sequence lengths; the
+    VAE is a small one with the real latent channels and compression, so
+    ``SuperGenPipeline.from_pipe`` tiles it exactly as the released model, but
+    decoded pixels mean nothing. Use ``device="meta"`` to inspect shapes only.
+    """
+    if name not in REAL_CONFIGS:
+        raise ValueError(f"unknown real configuration {name!r}; known: {', '.join(REAL_CONFIGS)}")
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        AutoencoderKLHunyuanVideo,
+        AutoencoderKLLTXVideo,
+        AutoencoderKLWan,
+        CogVideoXDPMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
+
+    spec = REAL_CONFIGS[name]
+    tokenizer = _build_tokenizer()
+
+    def t5():
+        return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=64, num_layers=1,
+                                       num_heads=1, relative_attention_num_buckets=8, pad_token_id=0,
+                                       eos_token_id=1, decoder_start_token_id=0))
+
+    # Schedulers hold small CPU tables: built outside the device context (they cannot live on "meta").
+    if name.startswith("wan"):
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    elif name.startswith("cogvideox"):
+        scheduler = CogVideoXDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                          timestep_spacing="trailing", clip_sample=False)
+    elif name == "hunyuanvideo":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                    base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            if name.startswith("wan"):
+                transformer = WanTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                       temperal_downsample=[False, True, True]).eval()
+                pipe = WanPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
+                                   scheduler=scheduler)
+            elif name.startswith("cogvideox"):
+                transformer = CogVideoXTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1,
+                                             norm_num_groups=4).eval()
+                pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
+                                         scheduler=scheduler)
+            elif name == "hunyuanvideo":
+                transformer = HunyuanVideoTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                                                layers_per_block=1, norm_num_groups=4).eval()
+                llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=64,
+                                               num_hidden_layers=3, num_attention_heads=32, num_key_value_heads=1,
+                                               max_position_embeddings=512, pad_token_id=0)).eval()
+                clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=12,
+                                                    max_position_embeddings=77, bos_token_id=1,
+                                                    eos_token_id=1)).eval()
+                pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                            scheduler=scheduler,
+                                            text_encoder_2=clip, tokenizer_2=tokenizer)
+            else:
+                transformer = LTXVideoTransformer3DModel(**spec["transformer"]).eval()
+                vae = AutoencoderKLLTXVideo(latent_channels=128, block_out_channels=(8, 8, 8, 8),
+                                            decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                            decoder_layers_per_block=(1, 1, 1, 1, 1)).eval()
+                pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=t5(), tokenizer=tokenizer,
+                                   transformer=transformer)
+    finally:
+        torch.set_default_dtype(previous)
+    return pipe

@@ -22,7 +22,7 @@ from supergen.backbones import BackboneAdapter, adapter_for
 from supergen.config import StreamConfig, TilingConfig
 from supergen.io import to_uint8
 from supergen.models import read_native_size, resolve_model
-from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps, renoise
+from supergen.samplers.schedule import refinement_timesteps, renoise
 from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
 
@@ -145,6 +145,18 @@ class SuperGenPipeline:
                 f"num_frames {num_frames} must be {geo.scale_temporal}k+1 (VAE temporal factor {geo.scale_temporal}); "
                 f"try {((num_frames - 1) // geo.scale_temporal) * geo.scale_temporal + 1}"
             )
+        pt = geo.patch[0]
+        for name, frames in (("num_frames", num_frames), ("tile_frames", tiling.tile_frames or min(nf, num_frames))):
+            if geo.latent_frames(frames) % pt:
+                raise ValueError(
+                    f"{name} {frames} gives {geo.latent_frames(frames)} latent frames, not a multiple of the "
+                    f"transformer's temporal patch {pt}; try {geo.pixel_frames(-(-geo.latent_frames(frames) // pt) * pt)}"
+                )
+        if tiling.rope == "absolute" and not self.adapter.supports_absolute_rope:
+            raise ValueError(
+                f"rope='absolute' is not available for {type(self.pipe).__name__}: its adapter cannot offset RoPE "
+                "positions per tile; use rope='local'"
+            )
         tile_h = tiling.tile_height or nh
         tile_w = tiling.tile_width or nw
         tile_f = tiling.tile_frames or min(nf, num_frames)
@@ -220,6 +232,7 @@ class SuperGenPipeline:
         output_type: str = "uint8",
         progress: bool = True,
         max_sequence_length: int | None = None,
+        image=None,
     ) -> SuperGenOutput:
         """Generate a video larger than the backbone's native size.
 
@@ -230,9 +243,19 @@ class SuperGenPipeline:
             tiling: tile geometry, blend, shift, RoPE, strength, up-scale mode.
             output_type: ``uint8`` frames (F,H,W,3), ``float`` frames in [0, 1]
                 (what Diffusers' ``output_type='np'`` gives), or ``latent``.
+            image: the first frame, for image-to-video pipelines (a PIL image,
+                or anything the pipeline's ``video_processor.preprocess``
+                takes); it is resized with the video to each stage's size.
         """
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
+        if self.adapter.image_to_video and image is None:
+            raise ValueError(f"{type(self.pipe).__name__} is image-to-video: pass image=... (the first frame)")
+        if image is not None and not self.adapter.image_to_video:
+            raise ValueError(
+                f"{type(self.pipe).__name__} is not an image-to-video pipeline; it takes no image "
+                "(load the model's image-to-video pipeline instead)"
+            )
         tiling = tiling or TilingConfig()
         request = self.check_request(height, width, num_frames, tiling)
         adapter = self.adapter
@@ -242,7 +265,7 @@ class SuperGenPipeline:
         generator = generator or torch.Generator(device="cpu").manual_seed(seed)
         t_start = time.perf_counter()
 
-        cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length)
+        cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length, image=image)
         planner = self._planner(request, tiling)
         logger.info(
             "target %dx%dx%df, %s; sketch %dx%d, strength %.2f, upscale %s, rope %s",
@@ -267,15 +290,17 @@ class SuperGenPipeline:
         sketch_s = 0.0
         if tiling.strength < 1.0:
             t0 = time.perf_counter()
-            clean = self._sketch(request, tiling, num_inference_steps, generator, sampler_args)
+            clean = self._sketch(request, tiling, num_inference_steps, generator, sampler_args, image)
             sketch_s = time.perf_counter() - t0
-        scheduler = fresh_scheduler(adapter.scheduler)
+        scheduler = adapter.make_scheduler(request.tile, generator)
         timesteps, _ = refinement_timesteps(scheduler, num_inference_steps, tiling.strength, device=device)
+        # Image before noise: the image-to-video pipelines draw from the generator in this order.
+        condition = self._condition(image, request.height, request.width, request.num_frames, generator)
         noise = adapter.prepare_noise(request.canvas, generator)
         latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
 
         t0 = time.perf_counter()
-        sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", **sampler_args)
+        sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", condition=condition, **sampler_args)
         latents = sampler(latents, scheduler, timesteps)
         denoise_s = time.perf_counter() - t0
 
@@ -389,7 +414,14 @@ class SuperGenPipeline:
                 max_sequence_length=max_sequence_length,
             )
 
-    def _sketch(self, request: TiledRequest, tiling: TilingConfig, steps: int, generator, sampler_args) -> torch.Tensor:
+    def _condition(self, image, height: int, width: int, num_frames: int, generator) -> torch.Tensor | None:
+        """The image-to-video condition canvas at this stage's size (``None`` without an image)."""
+        if image is None:
+            return None
+        return self.adapter.encode_image(image, height, width, num_frames, generator)
+
+    def _sketch(self, request: TiledRequest, tiling: TilingConfig, steps: int, generator, sampler_args,
+                image=None) -> torch.Tensor:
         """Native-area sketch of the whole video, up-scaled to the target canvas (clean latents)."""
         adapter = self.adapter
         geo = adapter.geometry
@@ -402,10 +434,11 @@ class SuperGenPipeline:
             align=geo.patch,
             blend=tiling.blend,
         )
-        scheduler = fresh_scheduler(adapter.scheduler)
+        scheduler = adapter.make_scheduler(planner.tile, generator)
         timesteps, _ = refinement_timesteps(scheduler, tiling.sketch_steps or steps, 1.0, device=self.device)
+        condition = self._condition(image, request.sketch_height, request.sketch_width, request.num_frames, generator)
         noise = adapter.prepare_noise(sketch_canvas, generator)
-        sampler = TiledSampler(planner=planner, rope="local", desc="sketch", **sampler_args)
+        sampler = TiledSampler(planner=planner, rope="local", desc="sketch", condition=condition, **sampler_args)
         sketch = sampler(noise, scheduler, timesteps)
         if sketch_canvas == request.canvas:
             return sketch

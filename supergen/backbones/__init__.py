@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions
+from supergen.backbones.base import (
+    BackboneAdapter,
+    Conditioning,
+    LatentGeometry,
+    PipelineScheduler,
+    TokenPositions,
+    require_config,
+)
+from supergen.backbones.cogvideox import CogVideoXAdapter
+from supergen.backbones.hunyuan import HunyuanVideoAdapter
+from supergen.backbones.ltx import LTXAdapter
 from supergen.backbones.wan import WanAdapter
 
 _REGISTRY: dict[str, type[BackboneAdapter]] = {}
@@ -15,7 +25,8 @@ def register_adapter(adapter_cls: type[BackboneAdapter]) -> type[BackboneAdapter
     return adapter_cls
 
 
-register_adapter(WanAdapter)
+for _adapter in (WanAdapter, CogVideoXAdapter, HunyuanVideoAdapter, LTXAdapter):
+    register_adapter(_adapter)
 
 
 def supported_pipelines() -> list[str]:
@@ -40,8 +51,10 @@ __all__ = [
     "BackboneAdapter",
     "Conditioning",
     "LatentGeometry",
+    "PipelineScheduler",
     "TokenPositions",
     "adapter_for",
     "register_adapter",
+    "require_config",
     "supported_pipelines",
 ]

@@ -84,11 +84,14 @@ class BackboneAdapter(ABC):
     transformer_classes: tuple[str, ...] = ()
     #: Diffusers pipeline classes (by name) this adapter serves.
     pipeline_classes: tuple[str, ...] = ()
+    #: Whether :meth:`predict` accepts ``positions`` (canvas-absolute RoPE).
+    supports_absolute_rope: bool = False
 
     def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
         self.pipeline = pipeline
         #: Run the conditional and unconditional branches in one batch (faster);
-        #: False runs them one after the other, exactly as the Diffusers pipelines do.
+        #: False runs them one after the other, exactly as WanPipeline does. The
+        #: CogVideoX and LTX pipelines batch them themselves, so their adapters always do.
         self.batch_cfg = True
         self.geometry = self._geometry()
         self.native_height, self.native_width, self.native_num_frames = native_size or self.default_native_size()
@@ -109,6 +112,19 @@ class BackboneAdapter(ABC):
     def scheduler(self):
         return self.pipeline.scheduler
 
+    def make_scheduler(self, latent_shape: tuple[int, int, int], generator: torch.Generator | None = None):
+        """A fresh scheduler that behaves like the one the Diffusers pipeline drives.
+
+        Loops only call ``set_timesteps(n, device=...)``, ``set_begin_index``,
+        ``timesteps``, ``order``, ``step(pred, t, latents, return_dict=False)``
+        and ``add_noise``/``scale_noise`` on it. Backbones whose pipeline passes
+        extra arguments (custom sigmas, a resolution shift, stochastic steps)
+        return a :class:`PipelineScheduler` that adds them. ``latent_shape`` is
+        the (F, H, W) the model sees in one call (a tile), for schedules that
+        depend on sequence length.
+        """
+        return type(self.scheduler).from_config(self.scheduler.config)
+
     @property
     def device(self) -> torch.device:
         return self.pipeline._execution_device
@@ -127,8 +143,19 @@ class BackboneAdapter(ABC):
     # --- conditioning and the model ---------------------------------------
     @abstractmethod
     def encode_prompt(
-        self, prompt: str, negative_prompt: str | None, guidance_scale: float, max_sequence_length: int | None = None
-    ) -> Conditioning: ...
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance_scale: float,
+        max_sequence_length: int | None = None,
+        image=None,
+    ) -> Conditioning:
+        """Prompt conditioning through the pipeline's own ``encode_prompt``.
+
+        ``image`` is the first frame of an image-to-video call, for models that
+        also embed it globally (Wan2.1 I2V's CLIP image tokens); its per-pixel
+        part goes through :meth:`encode_image` instead.
+        """
 
     @abstractmethod
     def predict(
@@ -139,13 +166,30 @@ class BackboneAdapter(ABC):
         guidance_scale: float,
         positions: TokenPositions | None = None,
         guidance_scale_2: float | None = None,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Model prediction for a batch of latent tiles ``(N, C, F, H, W)`` at one timestep.
 
         Classifier-free guidance runs the conditional and unconditional branch
         of every tile in one batch. ``positions`` overrides the RoPE positions
         (``None``: each tile gets the positions of a standalone video).
+        ``condition`` is the same tiles cut from :meth:`encode_image`'s canvas
+        (image-to-video pipelines only).
         """
+
+    # --- image-to-video -------------------------------------------------------
+    @property
+    def image_to_video(self) -> bool:
+        """Whether the wrapped pipeline is image-to-video (its calls then need an ``image``)."""
+        return False
+
+    def encode_image(self, image, height: int, width: int, num_frames: int, generator: torch.Generator) -> torch.Tensor:
+        """The conditioning image as a latent canvas ``(1, C', F, H, W)`` aligned with the video latents.
+
+        The image is resized to ``height x width`` (the canvas being denoised),
+        so every tile crops its own part of it exactly as it crops the latents.
+        """
+        raise ValueError(f"{type(self.pipeline).__name__} is not an image-to-video pipeline; it takes no image")
 
     def token_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         pt, ph, pw = self.geometry.patch
@@ -174,6 +218,31 @@ class BackboneAdapter(ABC):
     def postprocess(self, video: torch.Tensor) -> np.ndarray:
         """Video in [-1, 1] -> float32 frames in [0, 1], (F, H, W, 3), as the pipeline's ``output_type='np'``."""
         return self.pipeline.video_processor.postprocess_video(video, output_type="np")[0]
+
+    def vae_tiling_kwargs(self) -> dict:
+        """Arguments for the VAE's ``enable_tiling``: native-size tiles, a quarter overlap.
+
+        Native tiles keep decode memory at the native level; a quarter of
+        overlap is what Diffusers' own defaults use (256 tiles, 192 stride).
+        """
+        scale = self.geometry.scale_spatial
+        return dict(
+            tile_sample_min_height=self.native_height,
+            tile_sample_min_width=self.native_width,
+            tile_sample_stride_height=max(scale, (self.native_height * 3 // 4) // scale * scale),
+            tile_sample_stride_width=max(scale, (self.native_width * 3 // 4) // scale * scale),
+        )
+
+    @contextlib.contextmanager
+    def vae_tiling(self, tiled: bool) -> Iterator[None]:
+        """Diffusers' own tiled VAE (see :meth:`vae_tiling_kwargs`) while the block runs, when ``tiled``."""
+        vae = self.pipeline.vae
+        if tiled:
+            vae.enable_tiling(**self.vae_tiling_kwargs())
+        try:
+            yield
+        finally:
+            vae.disable_tiling()
 
     # --- streaming (block-causal, KV-cached) -------------------------------
     def check_streaming(self) -> None:
@@ -207,3 +276,49 @@ class BackboneAdapter(ABC):
     def inference_context(self) -> Iterator[None]:
         with torch.no_grad():
             yield
+
+
+class PipelineScheduler:
+    """A Diffusers scheduler plus the arguments one pipeline always passes to it.
+
+    ``timestep_kwargs`` go to every ``set_timesteps`` call (e.g. LTX's custom
+    ``sigmas`` and resolution shift ``mu``; ``sigmas`` may be a function of the
+    step count); ``step_kwargs`` to every ``step`` (e.g. ``eta``/``generator``).
+    Everything else is the wrapped scheduler's.
+    """
+
+    def __init__(self, scheduler, timestep_kwargs: dict | None = None, step_kwargs: dict | None = None):
+        self.scheduler = scheduler
+        self.timestep_kwargs = dict(timestep_kwargs or {})
+        self.step_kwargs = dict(step_kwargs or {})
+
+    def __getattr__(self, name):
+        # Only reached for attributes this wrapper does not define itself.
+        return getattr(self.__dict__["scheduler"], name)
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        kwargs = dict(self.timestep_kwargs)
+        if "sigmas" in kwargs and callable(kwargs["sigmas"]):
+            kwargs["sigmas"] = kwargs["sigmas"](num_inference_steps)
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+
+    def step(self, model_output, timestep, sample, return_dict: bool = False):
+        return self.scheduler.step(model_output, timestep, sample, **self.step_kwargs, return_dict=return_dict)
+
+
+def require_config(config, fields: tuple[str, ...], where: str) -> None:
+    """Fail naming the field when a checkpoint's config lacks what an adapter reads.
+
+    Diffusers fills fields missing from ``config.json`` with the class defaults
+    and lists them in ``_use_default_values``; for the fields an adapter
+    derives sizes from, a silent default would tile at the wrong size. A model
+    built in code (no ``_name_or_path``) chose its defaults on purpose.
+    """
+    loaded = config.get("_name_or_path") is not None
+    defaulted = set(config.get("_use_default_values", ())) if loaded else set()
+    for name in fields:
+        if name not in config or name in defaulted:
+            raise ValueError(
+                f"the checkpoint's {where} config has no {name!r}, which SuperGen needs for this model; "
+                f"add it to {where}/config.json or load a complete checkpoint"
+            )

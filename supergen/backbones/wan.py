@@ -1,16 +1,19 @@
-"""Adapter for the Wan family: Wan2.1 / Wan2.2 (two experts) / SkyReels-V2 T2V.
+"""Adapter for the Wan family: Wan2.1 / Wan2.2 (two experts) / SkyReels-V2 T2V, and Wan I2V.
 
 All use ``WanTransformer3DModel`` (B,C,F,H,W latents, patch 1x2x2) and
 ``AutoencoderKLWan``. Wan2.2 A14B carries a second transformer for the
 low-noise part of the schedule; the switch happens at
 ``boundary_ratio * num_train_timesteps`` exactly as in ``WanPipeline``.
+``WanImageToVideoPipeline`` adds a latent condition (first-frame mask +
+VAE-encoded first frame, concatenated on channels, cropped per tile) and,
+for Wan2.1 I2V, CLIP image tokens shared by every tile.
 """
 
 from __future__ import annotations
 
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions
+from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, TokenPositions, require_config
 
 
 class WanRopePositions:
@@ -69,11 +72,18 @@ class WanRopePositions:
 
 class WanAdapter(BackboneAdapter):
     transformer_classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
-    pipeline_classes = ("WanPipeline", "SkyReelsV2Pipeline")
+    pipeline_classes = ("WanPipeline", "SkyReelsV2Pipeline", "WanImageToVideoPipeline")
+    supports_absolute_rope = True
 
     def __init__(self, pipeline, native_size=None):
         if pipeline.transformer is None:
             raise ValueError("this Wan pipeline has no `transformer`; the engine needs the high-noise expert")
+        require_config(pipeline.transformer.config, ("in_channels", "patch_size"), "transformer")
+        require_config(
+            pipeline.vae.config,
+            ("z_dim", "scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std"),
+            "vae",
+        )
         super().__init__(pipeline, native_size)
         self._rope_hooks = {
             id(model): WanRopePositions(model.rope) for model in self._experts() if hasattr(model, "rope")
@@ -86,7 +96,8 @@ class WanAdapter(BackboneAdapter):
         vae_cfg = self.pipeline.vae.config
         tr_cfg = self.pipeline.transformer.config
         return LatentGeometry(
-            channels=tr_cfg.in_channels,
+            # The VAE's channels: image-to-video transformers take more (the condition).
+            channels=vae_cfg.z_dim,
             scale_temporal=int(vae_cfg.scale_factor_temporal),
             scale_spatial=int(vae_cfg.scale_factor_spatial),
             patch=tuple(int(p) for p in tr_cfg.patch_size),
@@ -110,7 +121,7 @@ class WanAdapter(BackboneAdapter):
         self._rope_hooks.clear()
 
     # --- conditioning -------------------------------------------------------
-    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None):
+    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None, image=None):
         do_cfg = guidance_scale > 1.0
         positive, negative = self.pipeline.encode_prompt(
             prompt=prompt,
@@ -122,7 +133,35 @@ class WanAdapter(BackboneAdapter):
         )
         positive = positive.to(self.dtype)
         negative = negative.to(self.dtype) if negative is not None else None
-        return Conditioning(prompt=prompt, positive=positive, negative=negative)
+        extra = {}
+        if image is not None and getattr(self.pipeline, "image_encoder", None) is not None:
+            extra["image_embeds"] = self.pipeline.encode_image(image, self.device).to(self.dtype)
+        return Conditioning(prompt=prompt, positive=positive, negative=negative, extra=extra)
+
+    # --- image-to-video -------------------------------------------------------
+    @property
+    def image_to_video(self) -> bool:
+        return type(self.pipeline).__name__ == "WanImageToVideoPipeline"
+
+    def encode_image(self, image, height, width, num_frames, generator):
+        """Mask + VAE-encoded first frame at this size, built by the pipeline's own ``prepare_latents``."""
+        if not self.image_to_video:
+            return super().encode_image(image, height, width, num_frames, generator)
+        pipe = self.pipeline
+        if pipe.config.expand_timesteps:
+            raise ValueError("Wan2.2 TI2V image conditioning (expand_timesteps) is not supported by SuperGen yet")
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
+        # Passing latents skips the pipeline's noise draw: the engine draws the canvas noise itself.
+        placeholder = torch.zeros(1, self.geometry.channels, *self.geometry.latent_shape(height, width, num_frames))
+        self._set_vae_tiling((height, width) != (self.native_height, self.native_width))
+        try:
+            _, condition = pipe.prepare_latents(
+                pixels, 1, self.geometry.channels, height, width, num_frames, torch.float32, self.device, generator,
+                placeholder,
+            )
+        finally:
+            self._set_vae_tiling(False)
+        return condition
 
     def expert_for(self, timestep: torch.Tensor, guidance_scale: float, guidance_scale_2: float | None):
         """Wan2.2's switch: ``transformer`` for t >= boundary, ``transformer_2`` below it."""
@@ -134,11 +173,19 @@ class WanAdapter(BackboneAdapter):
             return self.pipeline.transformer, guidance_scale
         return self.pipeline.transformer_2, guidance_scale if guidance_scale_2 is None else guidance_scale_2
 
-    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None):
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None,
+                condition=None):
+        if (condition is None) == self.image_to_video:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} needs an image condition" if condition is None
+                else "Wan text-to-video takes no image condition"
+            )
         model, scale = self.expert_for(timestep, guidance_scale, guidance_scale_2)
         n = latents.shape[0]
         do_cfg = scale > 1.0 and cond.negative is not None
-        x = latents.to(model.dtype)
+        x = latents if condition is None else torch.cat([latents, condition], dim=1)
+        x = x.to(model.dtype)
+        image_embeds = cond.extra.get("image_embeds")
         text = cond.positive.expand(n, -1, -1)
         if do_cfg:
             x = torch.cat([x, x])
@@ -161,7 +208,17 @@ class WanAdapter(BackboneAdapter):
                 hook.positions = positions
                 hook.repeat = part_x.shape[0] // n
             try:
-                outs.append(model(hidden_states=part_x, timestep=part_t, encoder_hidden_states=part_text, return_dict=False)[0])
+                outs.append(
+                    model(
+                        hidden_states=part_x,
+                        timestep=part_t,
+                        encoder_hidden_states=part_text,
+                        encoder_hidden_states_image=None
+                        if image_embeds is None
+                        else image_embeds.expand(part_x.shape[0], -1, -1),
+                        return_dict=False,
+                    )[0]
+                )
             finally:
                 if hook is not None:
                     hook.positions = None

@@ -1,0 +1,166 @@
+"""Adapter for HunyuanVideo text-to-video (``HunyuanVideoPipeline``).
+
+What differs from the engine's canonical view, and is handled here:
+- two text encoders: Llama hidden states (sequence + attention mask) and a
+  CLIP pooled vector, both from the pipeline's own ``encode_prompt``; the mask
+  and the pooled vector travel in ``Conditioning.extra``;
+- the released model is guidance-distilled: ``guidance_scale`` is not
+  classifier-free guidance but a number embedded by the transformer
+  (x 1000, as the pipeline does), so there is one model call per tile and no
+  negative branch;
+- the schedule is flow-matching Euler on the pipeline's custom sigmas
+  ``linspace(1, 0, n + 1)[:-1]``, set through :class:`PipelineScheduler`;
+- the VAE latents are scaled by ``scaling_factor`` only;
+- canvas-absolute RoPE: :class:`HunyuanRopePositions` replaces the tables of
+  ``transformer.rope`` for one tile at a time (the model's tables carry no
+  batch dimension, so tiles with positions run one per call).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, PipelineScheduler, require_config
+
+logger = logging.getLogger(__name__)
+
+
+def _hunyuan_sigmas(num_inference_steps: int) -> np.ndarray:
+    return np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+
+
+class HunyuanRopePositions:
+    """A removable forward hook on ``HunyuanVideoRotaryPosEmbed`` that can set the token positions.
+
+    The module builds its grid from ``arange`` over the tile; while
+    :attr:`positions` (one tile's per-axis positions) is set, the hook builds
+    the same tables with Diffusers' ``get_1d_rotary_pos_embed`` at those
+    positions instead, so 0..n-1 reproduces the module exactly.
+    """
+
+    def __init__(self, rope: torch.nn.Module):
+        self.positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.handle = rope.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def _hook(self, module, args, output):
+        if self.positions is None:
+            return output
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        device = output[0].device
+        axes = [axis.to(device=device, dtype=torch.float32) for axis in self.positions]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+        freqs = [get_1d_rotary_pos_embed(module.rope_dim[i], grid[i].reshape(-1), module.theta, use_real=True)
+                 for i in range(3)]
+        tables = torch.cat([f[0] for f in freqs], dim=1), torch.cat([f[1] for f in freqs], dim=1)
+        if tables[0].shape != output[0].shape:
+            raise RuntimeError(f"RoPE override shape {tuple(tables[0].shape)} does not match the model's "
+                               f"{tuple(output[0].shape)}")
+        return tables
+
+
+class HunyuanVideoAdapter(BackboneAdapter):
+    transformer_classes = ("HunyuanVideoTransformer3DModel",)
+    pipeline_classes = ("HunyuanVideoPipeline",)
+    supports_absolute_rope = True
+
+    def __init__(self, pipeline, native_size=None):
+        require_config(pipeline.transformer.config, ("in_channels", "patch_size", "patch_size_t"), "transformer")
+        require_config(
+            pipeline.vae.config, ("scaling_factor", "spatial_compression_ratio", "temporal_compression_ratio"), "vae"
+        )
+        super().__init__(pipeline, native_size)
+        self._rope_hook = HunyuanRopePositions(pipeline.transformer.rope)
+
+    def remove_hooks(self) -> None:
+        self._rope_hook.remove()
+
+    def _geometry(self) -> LatentGeometry:
+        cfg = self.pipeline.transformer.config
+        return LatentGeometry(
+            channels=cfg.in_channels,
+            scale_temporal=int(self.pipeline.vae_scale_factor_temporal),
+            scale_spatial=int(self.pipeline.vae_scale_factor_spatial),
+            patch=(cfg.patch_size_t, cfg.patch_size, cfg.patch_size),
+        )
+
+    def default_native_size(self) -> tuple[int, int, int]:
+        # The configs do not record it; HunyuanVideo was trained (and its pipeline defaults) at 720p, 129 frames.
+        return 720, 1280, 129
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.transformer.dtype
+
+    def make_scheduler(self, latent_shape, generator=None):
+        return PipelineScheduler(super().make_scheduler(latent_shape, generator), {"sigmas": _hunyuan_sigmas})
+
+    # --- conditioning -------------------------------------------------------
+    def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None, image=None):
+        if negative_prompt:
+            logger.warning(
+                "HunyuanVideo is guidance-distilled: guidance_scale %.2f is embedded in the model and the "
+                "negative prompt is not used",
+                guidance_scale,
+            )
+        embeds, pooled, mask = self.pipeline.encode_prompt(
+            prompt=prompt, num_videos_per_prompt=1, device=self.device, max_sequence_length=max_sequence_length or 256
+        )
+        dtype = self.dtype
+        return Conditioning(
+            prompt=prompt,
+            positive=embeds.to(dtype),
+            negative=None,
+            extra={"attention_mask": mask.to(dtype), "pooled": pooled.to(dtype)},
+        )
+
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None,
+                condition=None):
+        if condition is not None:
+            raise ValueError("HunyuanVideo takes no image condition")
+        if positions is not None:
+            return torch.cat([
+                self._predict(latents[k : k + 1], timestep, cond, guidance_scale,
+                              (positions.frames[k], positions.rows[k], positions.cols[k]))
+                for k in range(latents.shape[0])
+            ])
+        return self._predict(latents, timestep, cond, guidance_scale, None)
+
+    def _predict(self, latents, timestep, cond, guidance_scale, positions):
+        model = self.pipeline.transformer
+        n = latents.shape[0]
+        guidance = torch.tensor([guidance_scale] * n, dtype=model.dtype, device=latents.device) * 1000.0
+        self._rope_hook.positions = positions
+        try:
+            out = model(
+                hidden_states=latents.to(model.dtype),
+                timestep=timestep.expand(n).to(latents.dtype),
+                encoder_hidden_states=cond.positive.expand(n, -1, -1),
+                encoder_attention_mask=cond.extra["attention_mask"].expand(n, -1),
+                pooled_projections=cond.extra["pooled"].expand(n, -1),
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+        finally:
+            self._rope_hook.positions = None
+        return out.float()
+
+    # --- VAE ------------------------------------------------------------------
+    def decode(self, latents, tiled=False):
+        vae = self.pipeline.vae
+        # Same arithmetic as HunyuanVideoPipeline, for bit-equal native output.
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        with self.vae_tiling(tiled):
+            return vae.decode(z, return_dict=False)[0]
+
+    def encode(self, video, tiled=False):
+        vae = self.pipeline.vae
+        with self.vae_tiling(tiled):
+            z = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (z * vae.config.scaling_factor).float()
