@@ -17,7 +17,8 @@ logger = logging.getLogger("supergen")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="built-in name (tiny = tiny-wan, tiny-cogvideox, tiny-hunyuanvideo, tiny-ltx), a local "
+    p.add_argument("--model", default="tiny", help="built-in name (tiny = tiny-wan, tiny-cogvideox, tiny-hunyuanvideo, tiny-ltx; toy: the shipped "
+                   "model trained on the toy world), a local "
                    "pipeline folder, or a hub id")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
