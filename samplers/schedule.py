@@ -15,6 +15,11 @@ def fresh_scheduler(scheduler):
     return type(scheduler).from_config(scheduler.config)
 
 
+def refinement_steps(num_inference_steps: int, strength: float) -> int:
+    """How many of ``num_inference_steps`` steps refinement at ``strength`` runs (at least one)."""
+    return min(max(int(round(num_inference_steps * strength)), 1), num_inference_steps)
+
+
 def refinement_timesteps(scheduler, num_inference_steps: int, strength: float, device=None):
     """Set the schedule and return ``(timesteps, start_index)`` for refinement at ``strength``.
 
@@ -24,7 +29,7 @@ def refinement_timesteps(scheduler, num_inference_steps: int, strength: float, d
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     order = getattr(scheduler, "order", 1)
-    run = min(max(int(round(num_inference_steps * strength)), 1), num_inference_steps)
+    run = refinement_steps(num_inference_steps, strength)
     start = (num_inference_steps - run) * order
     # Schedulers that keep a step index need to know where it starts; index-free ones
     # (DDIM-style, which derive the previous timestep from the current one) have no such call.

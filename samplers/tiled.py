@@ -5,6 +5,10 @@ batched ``tile_batch_size`` at a time, classifier-free guidance batched inside
 the adapter), blend the tile outputs into one canvas prediction, and step the
 pipeline's own scheduler on the whole canvas. The loop knows nothing about a
 particular model: it talks to the backbone through ``adapter.predict``.
+
+An optional step cache (a :class:`supergen.cache.RegionCache`, or anything with
+its ``predict_skips`` / ``reuse`` / ``update`` methods) decides before each step
+which tiles reuse their last output instead of running the model.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class TileStats:
             "tile_steps_computed": self.tile_steps_computed,
             "tile_steps_skipped": self.tile_steps_skipped,
             "model_calls": self.model_calls,
+            "skip_map": self.skip_map,
         }
 
 
@@ -58,6 +63,7 @@ class TiledSampler:
         desc: progress bar label.
         condition: a latent canvas aligned with the video latents (image-to-video:
             the encoded conditioning image), cropped with every tile like the latents.
+        cache: step cache consulted every step (``None``: every tile runs every step).
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class TiledSampler:
         progress: bool = True,
         desc: str = "refine",
         condition: torch.Tensor | None = None,
+        cache=None,
     ):
         self.adapter = adapter
         self.cond = cond
@@ -83,6 +90,7 @@ class TiledSampler:
         self.progress = progress
         self.desc = desc
         self.condition = condition
+        self.cache = cache
         self.stats = TileStats(count=planner.num_tiles)
 
     def positions(self, tiles: list[Tile]) -> TokenPositions | None:
@@ -95,9 +103,17 @@ class TiledSampler:
         ]
         return TokenPositions(frames=per_axis[0], rows=per_axis[1], cols=per_axis[2])
 
-    def run_tiles(self, latents: torch.Tensor, timestep: torch.Tensor, tiles: list[Tile]) -> list[torch.Tensor]:
-        """Model outputs for ``tiles`` of the canvas ``latents``, in order."""
+    def run_tiles(
+        self, latents: torch.Tensor, timestep: torch.Tensor, tiles: list[Tile], blocks: str | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Model outputs for ``tiles`` of the canvas ``latents``, in order.
+
+        ``blocks='record'`` also returns the residuals of the transformer blocks
+        (tile-major); ``blocks='reuse'`` runs the tiles with the cache's block
+        residuals in place of the blocks (not counted as model calls).
+        """
         outputs: list[torch.Tensor] = []
+        residuals: list[torch.Tensor] = []
         for first in range(0, len(tiles), self.tile_batch_size):
             batch = tiles[first : first + self.tile_batch_size]
             x = torch.cat([tile.gather(latents) for tile in batch])
@@ -110,26 +126,57 @@ class TiledSampler:
                 positions=self.positions(batch),
                 guidance_scale_2=self.guidance_scale_2,
                 condition=condition,
+                **self._block_args(blocks, batch),
             )
-            self.stats.model_calls += 1
+            if blocks == "record":
+                out, residual = out
+                residuals.append(residual)
+            if blocks != "reuse":
+                self.stats.model_calls += 1
             outputs.extend(out.split(latents.shape[0]))
-        return outputs
+        return outputs, (torch.cat(residuals) if residuals else None)
+
+    def _block_args(self, blocks: str | None, batch: list[Tile]) -> dict:
+        if blocks == "record":
+            return {"return_block_residual": True}
+        if blocks == "reuse":
+            return {"block_residual": self.cache.block_residual(batch)}
+        return {}
 
     def predict(self, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The blended canvas prediction of one step."""
         plan: TilePlan = self.planner.plan(step)
-        outputs = self.run_tiles(latents, timestep, plan.tiles)
+        skips = self.cache.predict_skips(step, plan, latents) if self.cache is not None else [False] * len(plan)
+        by_blocks = self.cache is not None and self.cache.reuse_mode == "blocks"
+        run = [t for t, skip in zip(plan.tiles, skips) if not skip]
+        computed, block_residuals = self.run_tiles(latents, timestep, run, blocks="record" if by_blocks else None)
+        if by_blocks:
+            reused = iter(self.run_tiles(latents, timestep, [t for t, skip in zip(plan.tiles, skips) if skip], "reuse")[0])
+        else:
+            reused = (self.cache.reuse(t, latents) for t, skip in zip(plan.tiles, skips) if skip)
+        computed = iter(computed)
+        outputs = [next(reused) if skip else next(computed) for skip in skips]
+        skipped = sum(skips)
         self.stats.tile_steps_total += len(plan)
-        self.stats.tile_steps_computed += len(plan)
-        self.stats.skip_map.append([0] * len(plan))
+        self.stats.tile_steps_computed += len(plan) - skipped
+        self.stats.tile_steps_skipped += skipped
+        self.stats.skip_map.append([int(skip) for skip in skips])
+        if skipped:
+            logger.debug("step %d: reused tiles %s", step, [t.index for t, skip in zip(plan.tiles, skips) if skip])
         if len(plan) == 1 and not plan.tiles[0].wraps and plan.tiles[0].size == tuple(latents.shape[2:]):
             # One tile that is the canvas: hand the model output through untouched.
-            return outputs[0]
-        return plan.blend(outputs)
+            prediction = outputs[0]
+        else:
+            prediction = plan.blend(outputs)
+        if self.cache is not None:
+            self.cache.update(plan, skips, latents, prediction, block_residuals)
+        return prediction
 
     def __call__(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
         """Run the loop over ``timesteps`` with ``scheduler`` already set up; returns the final latents."""
         logger.info("%s: %s", self.desc, self.planner.describe())
+        if self.cache is not None:
+            logger.info("%s: %s", self.desc, self.cache.describe())
         bar = tqdm(total=len(timesteps), desc=self.desc, disable=not self.progress, leave=False)
         with bar:
             for step, t in enumerate(timesteps):

@@ -17,7 +17,8 @@ logger = logging.getLogger("supergen")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="built-in name (tiny = tiny-wan, tiny-cogvideox, tiny-hunyuanvideo, tiny-ltx), a local "
+    p.add_argument("--model", default="tiny", help="built-in name (tiny = tiny-wan, tiny-cogvideox, tiny-hunyuanvideo, tiny-ltx; toy: the shipped "
+                   "model trained on the toy world), a local "
                    "pipeline folder, or a hub id")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -58,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.distributed backend under torchrun (auto: NCCL with CUDA, else gloo)")
     g.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a collective may wait under torchrun before a hung rank fails the job")
+    g.add_argument("--cache", choices=("off", "region", "canvas"), default="off",
+                   help="step cache of the refinement: region (per-tile decisions), canvas (one decision), off")
+    g.add_argument("--cache-threshold", type=float, default=0.05,
+                   help="accumulated predicted relative change at which a tile is recomputed (0: never skip)")
+    g.add_argument("--cache-warmup", type=int, default=3, help="first refinement steps always computed")
+    g.add_argument("--cache-cooldown", type=int, default=1, help="last refinement steps always computed (>= 1)")
+    g.add_argument("--cache-max-skips", type=int, default=3, help="most consecutive reuses of one region")
+    g.add_argument("--no-cache-adaptive", dest="cache_adaptive", action="store_false",
+                   help="one threshold everywhere instead of per-region adaptive thresholds")
+    g.add_argument("--cache-reuse", choices=("auto", "blocks", "output", "residual"), default="auto",
+                   help="what a skipped tile reuses: its transformer blocks' residual (run through the current output "
+                        "head), its last output, or its last output-minus-input (auto: blocks where supported)")
+    g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
     g.add_argument("--fps", type=int, default=16)
     g.add_argument("--metrics-json", default=None, help="write run metrics to this JSON file")
@@ -100,11 +114,12 @@ def _dtype(name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from supergen.config import ParallelConfig, TilingConfig
-    from supergen.io import check_output_path, write_json, write_video
+    from supergen.config import CacheConfig, ParallelConfig, TilingConfig
+    from supergen.io import check_output_path, write_json, write_skip_map, write_video
     from supergen.models import resolve_model
     from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline
+    from supergen.samplers.schedule import refinement_steps
 
     tiling = TilingConfig(
         tile_height=args.tile_height,
@@ -117,11 +132,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         upscale=args.upscale,
     )
+    cache = CacheConfig(
+        mode=args.cache,
+        threshold=args.cache_threshold,
+        warmup=args.cache_warmup,
+        cooldown=args.cache_cooldown,
+        max_skips=args.cache_max_skips,
+        adaptive=args.cache_adaptive,
+        reuse=args.cache_reuse,
+    )
     check_output_path(args.output)
+    if args.skip_map:
+        check_output_path(args.skip_map, suffixes=(".png",))
+        if not cache.enabled:
+            raise ValueError("--skip-map needs the cache on: add --cache region and a --cache-threshold above 0")
     if args.metrics_json:
         check_output_path(args.metrics_json, suffixes=(".json",))
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
+    cache.check_schedule(refinement_steps(args.steps, args.strength))
     resolve_model(args.model)  # unknown names fail before anything loads
     image = None
     if args.image is not None:
@@ -153,6 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             negative_prompt=args.negative_prompt,
             seed=args.seed,
             tiling=tiling,
+            cache=cache,
             image=image,
             parallel=parallel,
             context=ctx,
@@ -178,6 +208,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"tile-steps computed; denoise {metrics['denoise_s']:.1f}s, decode {metrics['decode_s']:.1f}s, "
         f"total {metrics['wall_s']:.1f}s{ranks}"
     )
+    if cache.enabled:
+        print(
+            f"cache {cache.mode} (threshold {cache.threshold:g}): {tiles['tile_steps_skipped']} of "
+            f"{tiles['tile_steps_total']} tile-steps reused ({tiles['tile_steps_skipped'] / tiles['tile_steps_total']:.0%}), "
+            f"{tiles['model_calls']} model calls"
+        )
+    if args.skip_map:
+        write_skip_map(args.skip_map, metrics["cache"]["region_skip_map"],
+                       title=f"{args.prompt[:40]}: cache {cache.mode}, threshold {cache.threshold:g}")
     return 0
 
 

@@ -93,3 +93,35 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] -> uint8, rounded."""
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_skip_map(path: str | os.PathLike, region_skip_map: list, title: str = "") -> Path:
+    """Heat map PNG of where the step cache reused outputs, written atomically.
+
+    ``region_skip_map`` is the metrics' ``cache.region_skip_map``: per step, the
+    reused fraction of every region (F, H, W nested lists). One panel per step
+    (averaged over frames; dark = computed, bright = reused) and a last panel
+    with the fraction of steps each region was reused.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = np.asarray(region_skip_map, dtype=np.float64).mean(axis=1)  # (steps, H, W)
+    panels = [*maps, maps.mean(axis=0)]
+    labels = [f"step {i}" for i in range(len(maps))] + ["all steps"]
+    cols = min(len(panels), 8)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.5 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, panel, label in zip(axes.flat, panels, labels):
+        image = ax.imshow(panel, vmin=0.0, vmax=1.0, cmap="magma", interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="reused fraction")
+    fig.suptitle(title or "region cache: reused (bright) vs computed (dark)", fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)

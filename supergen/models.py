@@ -384,6 +384,60 @@ def build_tiny_ltx(seed: int = 0):
     )
 
 
+def build_toy_wan(seed: int = 0):
+    """Build the *untrained* toy ``WanPipeline`` that ``scripts/train_toy_model.py`` trains.
+
+    Native size 32x32 pixels, 9 frames: a VAE with 2x spatial and 2x temporal
+    compression and 8 latent channels gives a 5x16x16 latent, and a 1x4x4
+    patch makes that 80 tokens: small enough to train on a CPU in under an
+    hour. A VAE with 4x spatial compression learned far too slowly for that
+    budget (after 250 steps it still drew blurred blobs). The text
+    encoder is the tiny model's UMT5 and stays frozen (random): the toy world
+    has only a few dozen distinct words, and their embeddings are distinct.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tiny = build_tiny_wan(seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        z_dim = 8
+        vae = AutoencoderKLWan(
+            base_dim=16,
+            z_dim=z_dim,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[True],
+            latents_mean=[0.0] * z_dim,
+            latents_std=[1.0] * z_dim,
+            scale_factor_spatial=2,
+            scale_factor_temporal=2,
+        )
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 4, 4),
+            num_attention_heads=4,
+            attention_head_dim=24,
+            in_channels=z_dim,
+            out_channels=z_dim,
+            text_dim=tiny.text_encoder.config.d_model,
+            freq_dim=32,
+            ffn_dim=256,
+            num_layers=4,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=256,
+        )
+    # Small latents need less shift towards high noise than Wan's 480p default of 3-5.
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=2.0
+    )
+    return WanPipeline(
+        tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+TOY_NATIVE_SIZE = (32, 32, 9)
+
+
 # Native (height, width, frames) of each built-in model, written beside the
 # weights as supergen.json so the loader finds it like any checkpoint's hint.
 TINY_NATIVE_SIZES = {
@@ -407,8 +461,24 @@ TINY_BUILDERS = {
 MODEL_ALIASES = {"tiny": "tiny-wan"}
 
 
+# Trained models shipped inside the package (Diffusers folders written by
+# scripts/train_toy_model.py); they load from their folder as they are.
+SHIPPED_MODELS = {"toy": Path(__file__).resolve().parent / "assets" / "toy"}
+
+
 def known_model_names() -> list[str]:
-    return sorted([*TINY_BUILDERS, *MODEL_ALIASES])
+    return sorted([*TINY_BUILDERS, *MODEL_ALIASES, *SHIPPED_MODELS])
+
+
+def shipped_model_path(name: str) -> Path:
+    """Folder of a model shipped with the package, e.g. ``toy``."""
+    folder = SHIPPED_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"the shipped model {name!r} is missing from {folder}: this install has no weights for it. "
+            "Reinstall the package, or train it with scripts/train_toy_model.py --output " + str(folder)
+        )
+    return folder
 
 
 def tiny_model_path(name: str, seed: int = 0) -> Path:
@@ -466,6 +536,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     ``model_index.json``; anything else must look like a hub id (``org/name``).
     """
     text = str(name_or_path)
+    if text in SHIPPED_MODELS:
+        return str(shipped_model_path(text))
     if MODEL_ALIASES.get(text, text) in TINY_BUILDERS:
         return str(tiny_model_path(text))
     path = Path(text).expanduser()

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from supergen.backbones import BackboneAdapter, adapter_for
-from supergen.config import ParallelConfig, StreamConfig, TilingConfig
+from supergen.cache import CacheSchedule, RegionCache
+from supergen.config import CacheConfig, ParallelConfig, StreamConfig, TilingConfig
 from supergen.io import to_uint8
 from supergen.models import read_native_size, resolve_model
-from supergen.samplers.schedule import refinement_timesteps, renoise
+from supergen.samplers.schedule import refinement_steps, refinement_timesteps, renoise
 from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
 
@@ -229,6 +230,7 @@ class SuperGenPipeline:
         seed: int = 0,
         generator: torch.Generator | None = None,
         tiling: TilingConfig | None = None,
+        cache: CacheConfig | None = None,
         output_type: str = "uint8",
         progress: bool = True,
         max_sequence_length: int | None = None,
@@ -243,6 +245,8 @@ class SuperGenPipeline:
                 and width, native frame count).
             seed: seeds a CPU ``torch.Generator`` (ignored when ``generator`` is given).
             tiling: tile geometry, blend, shift, RoPE, strength, up-scale mode.
+            cache: region-aware step cache of the refinement stage (the
+                native-size sketch always runs every step).
             output_type: ``uint8`` frames (F,H,W,3), ``float`` frames in [0, 1]
                 (what Diffusers' ``output_type='np'`` gives), or ``latent``.
             image: the first frame, for image-to-video pipelines (a PIL image,
@@ -264,9 +268,21 @@ class SuperGenPipeline:
                 "(load the model's image-to-video pipeline instead)"
             )
         tiling = tiling or TilingConfig()
-        parallel = parallel or ParallelConfig()
+        cache = cache or CacheConfig()
         request = self.check_request(height, width, num_frames, tiling)
+        cache.check_schedule(refinement_steps(num_inference_steps, tiling.strength))
+        if cache.enabled and cache.reuse == "blocks" and not self.adapter.supports_block_reuse:
+            raise ValueError(
+                f"cache reuse='blocks' needs a backbone adapter that can skip its transformer blocks; "
+                f"{type(self.adapter).__name__} cannot: use reuse='output'"
+            )
+        parallel = parallel or ParallelConfig()
         distributed = context is not None and context.enabled
+        if distributed and cache.enabled:
+            raise ValueError(
+                "the region cache does not run under torchrun yet (its state is kept for the whole canvas on one "
+                "process): use --cache off with several processes, or one process with the cache"
+            )
         if distributed:
             context.ensure_same(
                 "generation requests",
@@ -321,6 +337,7 @@ class SuperGenPipeline:
         latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
 
         t0 = time.perf_counter()
+        region_cache = self._region_cache(cache, planner, len(timesteps))
         executor = None
         if distributed:
             from supergen.parallel import make_executor
@@ -337,7 +354,10 @@ class SuperGenPipeline:
                 executor, planner=planner, rope=tiling.rope, desc="refine", condition=condition, **sampler_args
             )
         else:
-            sampler = TiledSampler(planner=planner, rope=tiling.rope, desc="refine", condition=condition, **sampler_args)
+            sampler = TiledSampler(
+                planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
+                **sampler_args
+            )
         latents = sampler(latents, scheduler, timesteps)
         denoise_s = time.perf_counter() - t0
 
@@ -358,6 +378,7 @@ class SuperGenPipeline:
                 frames = to_uint8(frames)
         decode_s = time.perf_counter() - t0
         metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
+        metrics["cache"] = self._cache_metrics(cache, region_cache)
         if distributed:
             metrics.update(self._parallel_metrics(context, executor, sampler.stats))
         metrics.update(
@@ -518,6 +539,49 @@ class SuperGenPipeline:
                 "tile_latent": list(executor.planner.tile),
             },
         }
+
+    def _reuse_mode(self, cache: CacheConfig) -> str:
+        if cache.reuse != "auto":
+            return cache.reuse
+        return "blocks" if self.adapter.supports_block_reuse else "output"
+
+    def _region_cache(self, cache: CacheConfig, planner: TilePlanner, num_steps: int) -> RegionCache | None:
+        """The step cache of the refinement loop (``None`` when off or at threshold 0)."""
+        if not cache.enabled:
+            return None
+        tile_f, tile_h, tile_w = planner.tile
+        region = (tile_f, max(1, tile_h // cache.regions_per_tile), max(1, tile_w // cache.regions_per_tile))
+        return RegionCache(
+            canvas=planner.canvas,
+            region=region,
+            threshold=cache.threshold,
+            schedule=CacheSchedule(num_steps=num_steps, warmup=cache.warmup, cooldown=cache.cooldown),
+            max_skips=cache.max_skips,
+            adaptive=cache.adaptive,
+            scope=cache.mode,
+            reuse=self._reuse_mode(cache),
+            patch=self.adapter.geometry.patch,
+        )
+
+    def _cache_metrics(self, cache: CacheConfig, region_cache: RegionCache | None) -> dict:
+        """The cache settings and, when it ran, where it reused outputs: per step, the reused fraction of
+        every region (F, H, W grid of regions) and the regions' final thresholds."""
+        metrics = {
+            "mode": cache.mode if cache.enabled else "off",
+            "threshold": cache.threshold,
+            "warmup": cache.warmup,
+            "cooldown": cache.cooldown,
+            "max_skips": cache.max_skips,
+            "adaptive": cache.adaptive,
+            "reuse": self._reuse_mode(cache),
+        }
+        if region_cache is not None:
+            metrics.update(
+                region_grid=list(region_cache.grid),
+                region_skip_map=[region_cache.region_fractions(m).tolist() for m in region_cache.reuse_maps],
+                region_thresholds=region_cache.thresholds().tolist(),
+            )
+        return metrics
 
     def _metrics(self, request, steps, stats: TileStats, planner: TilePlanner, tiling: TilingConfig) -> dict:
         return {

@@ -35,11 +35,25 @@ def test_tiling_config_errors(kwargs, match):
         (dict(threshold=math.inf), "threshold"),
         (dict(threshold=math.nan), "threshold"),
         (dict(max_skips=0), "max_skips"),
+        (dict(threshold=True), "threshold"),
+        (dict(warmup=-1), "warmup"),
+        (dict(cooldown=0), "cooldown=0 must be an integer >= 1"),
+        (dict(regions_per_tile=0), "regions_per_tile"),
+        (dict(reuse="latest"), "cache reuse"),
+        (dict(adaptive="yes"), "adaptive"),
     ],
 )
 def test_cache_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CacheConfig(**kwargs)
+
+
+def test_cache_schedule_check():
+    cache = CacheConfig(mode="region", warmup=5)
+    with pytest.raises(ValueError, match="warmup=5 is longer than the schedule \\(4 refinement steps\\)"):
+        cache.check_schedule(4)
+    cache.check_schedule(5)  # nothing left to skip: a warning, not an error
+    CacheConfig(mode="off", warmup=50).check_schedule(4)  # the cache is off: nothing to check
 
 
 @pytest.mark.parametrize(

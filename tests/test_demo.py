@@ -98,7 +98,9 @@ def test_bad_request_returns_message_and_server_keeps_serving(demo_url):
     with pytest.raises(Exception, match="not a multiple of 16"):
         client.predict(**_args(mode="ultra-high resolution", height=100, width=192), api_name="/generate")
     # The same server then serves a good tiled request.
-    result = client.predict(**_args(mode="ultra-high resolution", height=128, width=192, steps=2), api_name="/generate")
+    result = client.predict(
+        **_args(mode="ultra-high resolution", height=128, width=192, steps=8, cache="region"), api_name="/generate"
+    )
     assert "4 tiles" in result[2]
 
 

@@ -100,6 +100,9 @@ class BackboneAdapter(ABC):
     pipeline_classes: tuple[str, ...] = ()
     #: Whether :meth:`predict` accepts ``positions`` (canvas-absolute RoPE).
     supports_absolute_rope: bool = False
+    #: Whether :meth:`predict` can return the residual its transformer blocks add to the hidden
+    #: states, and run with a given residual in place of the blocks (step caches reuse it).
+    supports_block_reuse: bool = False
 
     def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
         self.pipeline = pipeline
@@ -181,7 +184,9 @@ class BackboneAdapter(ABC):
         positions: TokenPositions | None = None,
         guidance_scale_2: float | None = None,
         condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        block_residual: torch.Tensor | None = None,
+        return_block_residual: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Model prediction for a batch of latent tiles ``(N, C, F, H, W)`` at one timestep.
 
         Classifier-free guidance runs the conditional and unconditional branch
@@ -189,6 +194,13 @@ class BackboneAdapter(ABC):
         (``None``: each tile gets the positions of a standalone video).
         ``condition`` is the same tiles cut from :meth:`encode_image`'s canvas
         (image-to-video pipelines only).
+
+        Adapters with :attr:`supports_block_reuse` also take
+        ``return_block_residual=True`` (returns ``(prediction, residual)``,
+        the residual the transformer blocks added to the hidden states,
+        shape (N, branches, tokens, dim), tokens in (F, H, W) order) and
+        ``block_residual`` (skip the blocks and add this residual instead;
+        embeddings and the timestep-modulated output head still run).
         """
 
     # --- image-to-video -------------------------------------------------------

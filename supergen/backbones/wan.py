@@ -11,6 +11,8 @@ for Wan2.1 I2V, CLIP image tokens shared by every tile.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, TokenPositions, require_config
@@ -70,10 +72,59 @@ class WanRopePositions:
         return tables[0], tables[1]
 
 
+class WanBlockResidual:
+    """Pre-hooks on the first block and on ``norm_out`` of a Wan transformer.
+
+    While :attr:`mode` is ``record`` they keep the residual the blocks added to
+    the hidden states (:attr:`value`); while it is ``inject`` (inside
+    :meth:`skipping_blocks`) the blocks are left out and :attr:`value` is added
+    in their place, so only the embeddings and the timestep-modulated output
+    head run. A step cache uses this to reuse a region's blocks at the current
+    timestep, as Diffusers' MagCache does for the whole model.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.mode: str | None = None
+        self.value: torch.Tensor | None = None
+        self._first_input: torch.Tensor | None = None
+        self._handles = [
+            model.blocks[0].register_forward_pre_hook(self._first),
+            model.norm_out.register_forward_pre_hook(self._head),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _first(self, module, args):
+        if self.mode == "record":
+            self._first_input = args[0]
+
+    def _head(self, module, args):
+        if self.mode == "record":
+            # Kept in the model's dtype: the residual of a 4K canvas is large.
+            self.value = (args[0] - self._first_input.float()).to(self._first_input.dtype)
+            self._first_input = None
+        elif self.mode == "inject":
+            return (args[0] + self.value.to(args[0].dtype),)
+        return None
+
+    @contextlib.contextmanager
+    def skipping_blocks(self):
+        blocks = self.model.blocks
+        self.model.blocks = torch.nn.ModuleList()
+        try:
+            yield
+        finally:
+            self.model.blocks = blocks
+
+
 class WanAdapter(BackboneAdapter):
     transformer_classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
     pipeline_classes = ("WanPipeline", "SkyReelsV2Pipeline", "WanImageToVideoPipeline")
     supports_absolute_rope = True
+    supports_block_reuse = True
 
     def __init__(self, pipeline, native_size=None):
         if pipeline.transformer is None:
@@ -88,6 +139,7 @@ class WanAdapter(BackboneAdapter):
         self._rope_hooks = {
             id(model): WanRopePositions(model.rope) for model in self._experts() if hasattr(model, "rope")
         }
+        self._block_hooks = {id(model): WanBlockResidual(model) for model in self._experts()}
 
     def _experts(self):
         return [m for m in (self.pipeline.transformer, getattr(self.pipeline, "transformer_2", None)) if m is not None]
@@ -116,9 +168,10 @@ class WanAdapter(BackboneAdapter):
         return self.pipeline.transformer.dtype
 
     def remove_hooks(self) -> None:
-        for hook in self._rope_hooks.values():
-            hook.remove()
-        self._rope_hooks.clear()
+        for hooks in (self._rope_hooks, self._block_hooks):
+            for hook in hooks.values():
+                hook.remove()
+            hooks.clear()
 
     # --- conditioning -------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None, image=None):
@@ -173,8 +226,18 @@ class WanAdapter(BackboneAdapter):
             return self.pipeline.transformer, guidance_scale
         return self.pipeline.transformer_2, guidance_scale if guidance_scale_2 is None else guidance_scale_2
 
-    def predict(self, latents, timestep, cond, guidance_scale, positions=None, guidance_scale_2=None,
-                condition=None):
+    def predict(
+        self,
+        latents,
+        timestep,
+        cond,
+        guidance_scale,
+        positions=None,
+        guidance_scale_2=None,
+        condition=None,
+        block_residual=None,
+        return_block_residual=False,
+    ):
         if (condition is None) == self.image_to_video:
             raise ValueError(
                 f"{type(self.pipeline).__name__} needs an image condition" if condition is None
@@ -199,33 +262,46 @@ class WanAdapter(BackboneAdapter):
         hook = self._rope_hooks.get(id(model))
         if positions is not None and hook is None:
             raise ValueError(f"{type(model).__name__} exposes no `rope` module, so tile positions cannot be set")
-        batches = [(x, text, t)]
+        branches = 2 if do_cfg else 1
+        # Residuals travel tile-major (N, branches, tokens, dim); the model batch is branch-major.
+        residual = None if block_residual is None else block_residual.transpose(0, 1).flatten(0, 1)
+        batches = [(x, text, t, residual)]
         if do_cfg and not self.batch_cfg:
-            batches = [(part_x, part_text, part_t) for part_x, part_text, part_t in zip(x.chunk(2), text.chunk(2), t.chunk(2))]
-        outs = []
-        for part_x, part_text, part_t in batches:
+            parts = (residual.chunk(2) if residual is not None else (None, None),)
+            batches = list(zip(x.chunk(2), text.chunk(2), t.chunk(2), *parts))
+        blocks = self._block_hooks[id(model)]
+        outs, residuals = [], []
+        for part_x, part_text, part_t, part_residual in batches:
             if hook is not None:
                 hook.positions = positions
                 hook.repeat = part_x.shape[0] // n
+            blocks.mode = "inject" if part_residual is not None else "record" if return_block_residual else None
+            blocks.value = part_residual
+            skipping = blocks.skipping_blocks() if part_residual is not None else contextlib.nullcontext()
             try:
-                outs.append(
-                    model(
-                        hidden_states=part_x,
-                        timestep=part_t,
-                        encoder_hidden_states=part_text,
-                        encoder_hidden_states_image=None
-                        if image_embeds is None
-                        else image_embeds.expand(part_x.shape[0], -1, -1),
-                        return_dict=False,
-                    )[0]
-                )
+                with skipping:
+                    outs.append(
+                        model(
+                            hidden_states=part_x,
+                            timestep=part_t,
+                            encoder_hidden_states=part_text,
+                            encoder_hidden_states_image=None
+                            if image_embeds is None
+                            else image_embeds.expand(part_x.shape[0], -1, -1),
+                            return_dict=False,
+                        )[0]
+                    )
+                residuals.append(blocks.value)
             finally:
+                blocks.mode = blocks.value = None
                 if hook is not None:
                     hook.positions = None
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         if do_cfg:
             uncond, cond_out = out.chunk(2)
             out = uncond + scale * (cond_out - uncond)
+        if return_block_residual:
+            return out, torch.cat(residuals).unflatten(0, (branches, n)).transpose(0, 1)
         return out
 
     # --- streaming ------------------------------------------------------------

@@ -1,0 +1,325 @@
+"""Train the toy reference model (``--model toy``) on the procedural world of ``supergen.toyworld``.
+
+Two phases, one background job, resumable from its checkpoints:
+
+1. ``vae``: an ``AutoencoderKLWan`` (2x spatial, 2x temporal compression, 8
+   latent channels) learns to reconstruct toy-world clips (MSE + a small KL
+   term). Its latent mean/std are then measured on training clips and written
+   into the VAE config (``latents_mean``/``latents_std``), as Wan checkpoints do.
+2. ``dit``: a small ``WanTransformer3DModel`` learns flow matching on the
+   VAE latents of a fixed, seeded set of clips, conditioned on a frozen random
+   tiny UMT5 encoder (the prompt vocabulary is tiny and each prompt's embedding
+   is distinct), with 10% empty prompts so classifier-free guidance works. An
+   EMA of the weights is what ships.
+
+Everything is determined by ``--seed``: initial weights, the clip of every
+step, the noise and timesteps of every step (each drawn from a generator
+seeded by (seed, phase, step)), so a resumed run follows the same path as an
+uninterrupted one. The loss curve goes to ``<work>/loss.csv`` (and a PNG when
+matplotlib is present); the final pipeline is written with ``save_pretrained``
+to ``--output`` (default ``supergen/assets/toy``).
+
+    nohup python scripts/train_toy_model.py --work /tmp/toy-train > /tmp/toy-train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Run this checkout's supergen, not whatever copy happens to be installed.
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from supergen.models import TOY_NATIVE_SIZE, build_toy_wan, write_native_size  # noqa: E402
+from supergen.toyworld import all_prompts, render_batch  # noqa: E402
+
+logger = logging.getLogger("train_toy_model")
+
+
+def clips_to_video(clips: np.ndarray) -> torch.Tensor:
+    """uint8 (N, F, H, W, 3) -> float video (N, 3, F, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def step_seed(seed: int, phase: int, step: int) -> int:
+    return (seed * 1_000_003 + phase * 100_003 + step) % (2**63)
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def budget_spent(args) -> bool:
+    """Count one optimizer step against ``--max-steps``; True once this invocation has used them all."""
+    args.steps_done += 1
+    return args.max_steps is not None and args.steps_done >= args.max_steps
+
+
+def stop_run(step: int) -> None:
+    logger.info("stopping after --max-steps at phase step %d; run the same command again to resume", step)
+    sys.exit(0)
+
+
+class LossLog:
+    """Append-only CSV of (phase, step, loss, seconds) that survives resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.exists():
+            path.write_text("phase,step,loss,elapsed_s\n")
+
+    def add(self, phase: str, step: int, loss: float, elapsed: float) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{phase},{step},{loss:.6f},{elapsed:.1f}\n")
+
+
+def train_vae(pipe, args, work: Path, log: LossLog) -> None:
+    vae = pipe.vae
+    height, width, frames = TOY_NATIVE_SIZE
+    ckpt = work / "vae.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+        logger.info("vae: resumed at step %d (%.0f s so far)", start, elapsed)
+    vae.train()
+    t0 = time.perf_counter() - elapsed
+    running = None
+    for step in range(start, args.vae_steps):
+        seed = step_seed(args.seed, 1, step)
+        clips, _, alpha = render_batch(seed, args.vae_batch, height, width, frames, return_alpha=True)
+        video = clips_to_video(clips)
+        gen = torch.Generator().manual_seed(seed)
+        dist = vae.encode(video).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        rec_loss = F.mse_loss(recon, video)
+        # The shape covers ~5% of the pixels but is what the clip is about: weight
+        # its pixels up so the VAE learns it early instead of after the background.
+        weight = 1.0 + args.vae_shape_weight * torch.from_numpy(alpha)[:, None]
+        fit_loss = (weight * (recon - video) ** 2).mean() / weight.mean()
+        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
+        loss = fit_loss + args.vae_kl * kl
+        # Cosine decay to 10% keeps the last steps from undoing what was learned.
+        lr = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        running = rec_loss.item() if running is None else 0.95 * running + 0.05 * rec_loss.item()
+        if (step + 1) % args.log_every == 0:
+            now = time.perf_counter() - t0
+            log.add("vae", step + 1, rec_loss.item(), now)
+            psnr = 10 * math.log10(4.0 / max(running, 1e-12))
+            logger.info("vae step %d/%d mse %.5f (~%.1f dB) kl %.3f lr %.2e %.0f s", step + 1, args.vae_steps, running, psnr, kl.item(), lr, now)
+        stop = budget_spent(args)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps or stop:
+            save_checkpoint(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1, elapsed=time.perf_counter() - t0)
+        if stop:
+            stop_run(step + 1)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_dataset(pipe, args, work: Path) -> tuple[torch.Tensor, list[str]]:
+    """Fixed training set: clips rendered from the seed, encoded once (distribution mode, unnormalised)."""
+    cache = work / "latents.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+        return data["latents"], data["prompts"]
+    height, width, frames = TOY_NATIVE_SIZE
+    latents, prompts = [], []
+    chunk = 64
+    for i in range(0, args.dataset, chunk):
+        n = min(chunk, args.dataset - i)
+        clips, texts = render_batch(step_seed(args.seed, 2, i), n, height, width, frames)
+        latents.append(pipe.vae.encode(clips_to_video(clips)).latent_dist.mode())
+        prompts.extend(texts)
+    latents = torch.cat(latents)
+    torch.save({"latents": latents, "prompts": prompts}, cache)
+    return latents, prompts
+
+
+@torch.no_grad()
+def set_latent_stats(pipe, latents: torch.Tensor) -> None:
+    """Record per-channel latent mean/std in the VAE config so normalised latents have unit scale."""
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4))
+    pipe.vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean], latents_std=[round(float(v), 6) for v in std])
+    logger.info("latent stats: mean %s std %s", [round(float(v), 3) for v in mean], [round(float(v), 3) for v in std])
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Frozen text embeddings for every prompt, padded exactly as WanPipeline pads them at inference."""
+    table = {}
+    for text in [*prompts, ""]:
+        emb, _ = pipe.encode_prompt(text, do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")
+        table[text] = emb[0]
+    return table
+
+
+def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, prompts: list[str]) -> torch.nn.Module:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = pipe.transformer
+    cfg = pipe.vae.config
+    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    latents = (latents_raw - mean) / std
+    text = encode_prompts(pipe, sorted(set(prompts)))
+    empty = text[""]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.01)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
+    ckpt = work / "dit.pt"
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+        logger.info("dit: resumed at step %d (%.0f s so far)", start, elapsed)
+    model.train()
+    shift = pipe.scheduler.config.flow_shift
+    t0 = time.perf_counter() - elapsed
+    running = None
+    for step in range(start, args.dit_steps):
+        gen = torch.Generator().manual_seed(step_seed(args.seed, 3, step))
+        idx = torch.randint(len(latents), (args.dit_batch,), generator=gen)
+        x0 = latents[idx]
+        cond = torch.stack(
+            [empty if torch.rand((), generator=gen) < args.cfg_drop else text[prompts[i]] for i in idx.tolist()]
+        )
+        # The same shifted sigmas the flow UniPC scheduler visits at inference, drawn uniformly.
+        u = torch.rand(args.dit_batch, generator=gen)
+        sigma = shift * u / (1 + (shift - 1) * u)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=cond, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        warm = min(1.0, (step + 1) / 200)
+        lr = args.dit_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.dit_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(model)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % args.log_every == 0:
+            now = time.perf_counter() - t0
+            log.add("dit", step + 1, loss.item(), now)
+            logger.info("dit step %d/%d loss %.4f lr %.2e %.0f s", step + 1, args.dit_steps, running, lr, now)
+        stop = budget_spent(args)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.dit_steps or stop:
+            save_checkpoint(
+                ckpt, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
+                elapsed=time.perf_counter() - t0,
+            )
+            if args.export_every and (step + 1) % args.export_every == 0:
+                export(pipe, ema, args.output, work)
+        if stop:
+            stop_run(step + 1)
+    return ema
+
+
+def export(pipe, ema, output: Path, work: Path) -> None:
+    """Write the pipeline (EMA transformer weights) in the Diffusers layout, atomically."""
+    live = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.transformer.load_state_dict(ema.module.state_dict())
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    write_native_size(tmp, *TOY_NATIVE_SIZE)
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.replace(output)
+    pipe.transformer.load_state_dict(live)
+    size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+    logger.info("exported %s (%.1f MB)", output, size / 1e6)
+
+
+def plot_loss(work: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = list(csv.DictReader((work / "loss.csv").open()))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, phase, label in ((axes[0], "vae", "VAE reconstruction MSE"), (axes[1], "dit", "flow-matching loss")):
+        pts = [(int(r["step"]), float(r["loss"])) for r in rows if r["phase"] == phase]
+        if pts:
+            ax.plot(*zip(*pts), lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(work / "loss.png", dpi=100)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="checkpoints, loss.csv, latents cache")
+    parser.add_argument("--output", type=Path, default=REPO / "supergen" / "assets" / "toy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-batch", type=int, default=2)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-kl", type=float, default=1e-4)
+    parser.add_argument("--vae-shape-weight", type=float, default=9.0, help="extra loss weight on shape pixels")
+    parser.add_argument("--dataset", type=int, default=1536, help="clips in the fixed transformer training set")
+    parser.add_argument("--dit-steps", type=int, default=2500)
+    parser.add_argument("--dit-batch", type=int, default=16)
+    parser.add_argument("--dit-lr", type=float, default=1e-3)
+    parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--ckpt-every", type=int, default=250)
+    parser.add_argument("--export-every", type=int, default=500, help="also export the EMA pipeline this often (0: only at the end)")
+    parser.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many optimizer steps in this invocation")
+    args = parser.parse_args(argv)
+    args.steps_done = 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    log = LossLog(args.work / "loss.csv")
+
+    pipe = build_toy_wan(seed=args.seed)
+    train_vae(pipe, args, args.work, log)
+    latents, prompts = encode_dataset(pipe, args, args.work)
+    set_latent_stats(pipe, latents)
+    logger.info("dataset: %d clips, %d distinct prompts of %d", len(prompts), len(set(prompts)), len(all_prompts()))
+    ema = train_dit(pipe, args, args.work, log, latents, prompts)
+    export(pipe, ema, args.output, args.work)
+    plot_loss(args.work)
+
+
+if __name__ == "__main__":
+    main()

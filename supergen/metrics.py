@@ -1,0 +1,236 @@
+"""Video quality metrics for benchmarks: PSNR/SSIM, seam score, temporal flicker, prompt adherence.
+
+Frames are ``(F, H, W, 3)`` arrays (uint8 0..255, or floats on the same
+scale), as in ``SuperGenOutput.frames``. Adherence works on prompts of the
+procedural world in :mod:`supergen.toyworld`, where the ground truth is known:
+it finds the requested colour, classifies the blob's shape and measures its
+motion, with no learned parts, so its verdict can be checked by eye.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from supergen.toyworld import COLOURS, SHAPES, parse_prompt
+
+
+def _as_float(frames) -> np.ndarray:
+    array = np.asarray(frames, dtype=np.float64)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got shape {array.shape}")
+    return array
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"videos differ in shape: {a.shape} vs {b.shape}; compare outputs of the same size")
+
+
+def psnr(video, reference, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB over the whole video; ``inf`` when the videos are identical."""
+    a, b = _as_float(video), _as_float(reference)
+    _same_shape(a, b)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def ssim(video, reference, data_range: float = 255.0) -> float:
+    """Mean structural similarity (Wang et al. 2004: 11-tap Gaussian window, sigma 1.5), per frame and channel.
+
+    The window shrinks (odd size, at most the frame's shorter side) for frames
+    smaller than 11 pixels. Identical videos give exactly 1.
+    """
+    a, b = _as_float(video), _as_float(reference)
+    _same_shape(a, b)
+    size = min(11, a.shape[1], a.shape[2])
+    size -= 1 - size % 2
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :])[None, None]
+    # (F*3, 1, H, W): every frame and channel is an independent image.
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).reshape(-1, 1, a.shape[1], a.shape[2])
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).reshape(-1, 1, a.shape[1], a.shape[2])
+    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
+    var_x = F.conv2d(x * x, window) - mu_x**2
+    var_y = F.conv2d(y * y, window) - mu_y**2
+    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(index.mean())
+
+
+def seam_score(frames, rows=(), cols=()) -> float:
+    """Gradient energy across tile boundaries relative to the rest of the frame.
+
+    ``rows``/``cols`` are pixel positions of boundaries: a boundary at column
+    ``c`` lies between columns ``c-1`` and ``c``. The score is the mean absolute
+    step across boundary lines divided by the mean absolute step across all
+    other lines of the same orientation: about 1 for a seamless image, above 1
+    when tiles show edges. Positions on the frame border (0 or the size) are
+    ignored, since nothing is stitched there.
+    """
+    array = _as_float(frames)
+    height, width = array.shape[1:3]
+    rows = sorted({int(r) for r in rows if 0 < int(r) < height})
+    cols = sorted({int(c) for c in cols if 0 < int(c) < width})
+    if not rows and not cols:
+        raise ValueError(f"seam_score needs at least one boundary inside the frame ({height}x{width}); got none")
+    step_x = np.abs(np.diff(array, axis=2)).mean(axis=(0, 3))  # (H, W-1): step between column c-1 and c at c-1
+    step_y = np.abs(np.diff(array, axis=1)).mean(axis=(0, 3))  # (H-1, W)
+    col_is_seam = np.zeros(width - 1, dtype=bool)
+    col_is_seam[[c - 1 for c in cols]] = True
+    row_is_seam = np.zeros(height - 1, dtype=bool)
+    row_is_seam[[r - 1 for r in rows]] = True
+    seam = np.concatenate([step_x[:, col_is_seam].ravel(), step_y[row_is_seam, :].ravel()])
+    interior = np.concatenate([step_x[:, ~col_is_seam].ravel(), step_y[~row_is_seam, :].ravel()])
+    return float(seam.mean() / max(interior.mean(), 1e-12))
+
+
+def temporal_flicker(frames) -> float:
+    """Mean absolute change between consecutive frames, as a fraction of the 0..255 range.
+
+    Moving content contributes too, so compare settings on the same prompt and
+    seed rather than reading the value alone; a static video scores 0.
+    """
+    array = _as_float(frames)
+    if array.shape[0] < 2:
+        raise ValueError("temporal_flicker needs at least two frames")
+    return float(np.abs(np.diff(array, axis=0)).mean() / 255.0)
+
+
+# --- prompt adherence ------------------------------------------------------------
+
+# A pixel "has" a colour when it lies within this RGB distance of it. Toy-world
+# colours are >= ~110 apart and >= ~120 from any background pixel, so 70 keeps
+# blurred edges in and backgrounds out.
+COLOUR_TOLERANCE = 70.0
+# A blob must cover this fraction of the frame (toy shapes cover 3..9%).
+MIN_AREA_FRACTION = 0.008
+# Fill ratio (blob area / bounding-box area): triangle 0.5, circle pi/4, square 1.
+_SHAPE_FILL_THRESHOLDS = ((0.65, "triangle"), (0.89, "circle"), (math.inf, "square"))
+# The blob must travel this fraction of the shorter side over the clip to count as moving.
+MIN_TRAVEL_FRACTION = 0.1
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a boolean mask (empty mask if none)."""
+    height, width = mask.shape
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, pixels = deque([(y0, x0)]), []
+        while queue:
+            y, x = queue.popleft()
+            pixels.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(pixels) > len(best):
+            best = pixels
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def _blobs(array: np.ndarray, colour: str) -> list[np.ndarray]:
+    target = np.asarray(COLOURS[colour], dtype=np.float64)
+    near = np.linalg.norm(array - target, axis=-1) < COLOUR_TOLERANCE
+    return [_largest_component(frame) for frame in near]
+
+
+def _classify_shape(blob: np.ndarray) -> str:
+    ys, xs = np.nonzero(blob)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = len(ys) / box
+    return next(name for limit, name in _SHAPE_FILL_THRESHOLDS if fill < limit)
+
+
+@dataclass(frozen=True)
+class Adherence:
+    """What the detector found in one clip, against what its prompt asked for."""
+
+    colour: str | None
+    shape: str | None
+    direction: str | None
+    colour_ok: bool
+    shape_ok: bool
+    direction_ok: bool
+
+    @property
+    def score(self) -> float:
+        """Fraction of the three facts (colour, shape, direction) that match the prompt."""
+        return (self.colour_ok + self.shape_ok + self.direction_ok) / 3.0
+
+
+def adherence(frames, prompt: str) -> Adherence:
+    """Check a clip against a toy-world prompt: colour present, shape, motion direction.
+
+    Colour: among the world's shape colours, the one whose largest blob covers
+    the most pixels, counted only if it is big enough in at least half the
+    frames. Shape and direction are read from the blob of the requested colour
+    when it is present (else from the detected colour): shape by its fill
+    ratio, majority over frames; direction from a least-squares fit of the
+    blob's centroid over time, which must travel ``MIN_TRAVEL_FRACTION`` of
+    the frame. Raises ``ValueError`` if ``prompt`` is not a toy-world prompt.
+    """
+    facts = parse_prompt(prompt)
+    array = _as_float(frames)
+    num_frames, height, width = array.shape[:3]
+    min_area = MIN_AREA_FRACTION * height * width
+    present: dict[str, list[np.ndarray]] = {}
+    for colour in COLOURS:
+        blobs = _blobs(array, colour)
+        big = [b for b in blobs if b.sum() >= min_area]
+        if 2 * len(big) >= num_frames:
+            present[colour] = blobs
+    detected_colour = max(present, key=lambda c: sum(int(b.sum()) for b in present[c]), default=None)
+    source = facts.colour if facts.colour in present else detected_colour
+    shape = direction = None
+    if source is not None:
+        frames_with_blob = [(t, b) for t, b in enumerate(present[source]) if b.sum() >= min_area]
+        votes = [_classify_shape(b) for _, b in frames_with_blob]
+        shape = max(SHAPES, key=votes.count)
+        if len(frames_with_blob) >= 3:
+            times = np.array([t for t, _ in frames_with_blob], dtype=np.float64)
+            centroids = np.array([np.argwhere(b).mean(axis=0) for _, b in frames_with_blob])  # (n, [y, x])
+            slope_y, slope_x = np.polyfit(times, centroids, 1)[0]
+            travel_x, travel_y = slope_x * (num_frames - 1), slope_y * (num_frames - 1)
+            if max(abs(travel_x), abs(travel_y)) >= MIN_TRAVEL_FRACTION * min(height, width):
+                if abs(travel_x) >= abs(travel_y):
+                    direction = "right" if travel_x > 0 else "left"
+                else:
+                    direction = "down" if travel_y > 0 else "up"
+    return Adherence(
+        colour=detected_colour,
+        shape=shape,
+        direction=direction,
+        colour_ok=detected_colour == facts.colour,
+        shape_ok=shape == facts.shape,
+        direction_ok=direction == facts.direction,
+    )
+
+
+def mean_adherence(videos, prompts) -> dict[str, float]:
+    """Average colour/shape/direction accuracy and overall score over several clips."""
+    results = [adherence(v, p) for v, p in zip(videos, prompts, strict=True)]
+    if not results:
+        raise ValueError("mean_adherence needs at least one video")
+    return {
+        "colour": float(np.mean([r.colour_ok for r in results])),
+        "shape": float(np.mean([r.shape_ok for r in results])),
+        "direction": float(np.mean([r.direction_ok for r in results])),
+        "score": float(np.mean([r.score for r in results])),
+    }

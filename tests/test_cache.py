@@ -1,0 +1,280 @@
+"""Region-aware step cache: exactness when off, bounded error when on, region awareness, the rules."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from supergen import CacheConfig, SuperGenPipeline, TilingConfig
+from supergen.backbones.wan import WanAdapter
+from supergen.cache import CacheSchedule, RegionCache
+from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps
+from supergen.samplers.tiled import TiledSampler
+from supergen.tiling import TilePlanner
+
+PROMPT = "a red circle moving left over a blue sky"
+STEPS = 10
+# 1x2 tiles of the tiny model's native 8x12 latent, grid shifted every step: the
+# smallest canvas where tiles move between steps and wrap around.
+SIZE = dict(height=64, width=192)
+
+
+def _run(sg, cache=None, steps=STEPS, tiling=None, **kw):
+    return sg(PROMPT, num_inference_steps=steps, seed=0, tiling=tiling or TilingConfig(strength=1.0), cache=cache,
+              output_type="latent", progress=False, **{**SIZE, **kw})
+
+
+def _psnr(x, ref):
+    """PSNR of latents, peak = the reference's value range (what scripts/bench_cache.py reports)."""
+    mse = torch.mean((x.double() - ref.double()) ** 2).item()
+    return 10 * math.log10((ref.max() - ref.min()).item() ** 2 / mse)
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny):
+    return _run(tiny)
+
+
+def test_off_and_threshold_zero_are_bitwise_uncached(tiny, uncached):
+    for cache in (CacheConfig(mode="off", threshold=0.5), CacheConfig(mode="region", threshold=0.0)):
+        out = _run(tiny, cache)
+        assert torch.equal(out.frames, uncached.frames), cache
+        assert out.metrics["tiles"]["tile_steps_skipped"] == 0
+
+
+def test_a_cache_in_the_loop_at_threshold_zero_changes_nothing(tiny):
+    # The pipeline builds no cache at threshold 0; here one is in the loop anyway,
+    # predicting and updating every step: it must not touch a single bit.
+    adapter = tiny.adapter
+    planner = tiny.plan(**SIZE, tiling=TilingConfig(strength=1.0))
+    cond = adapter.encode_prompt(PROMPT, None, 5.0)
+    results = []
+    for cache in (None, RegionCache(planner.canvas, (3, 2, 3), 0.0, CacheSchedule(6, 0, 1))):
+        scheduler = fresh_scheduler(adapter.scheduler)
+        timesteps, _ = refinement_timesteps(scheduler, 6, 1.0)
+        noise = adapter.prepare_noise(planner.canvas, torch.Generator().manual_seed(0))
+        sampler = TiledSampler(adapter, cond, planner, guidance_scale=5.0, progress=False, cache=cache)
+        with torch.no_grad():
+            results.append(sampler(noise, scheduler, timesteps))
+    assert torch.equal(results[0], results[1])
+    assert len(cache.reuse_maps) == 6 and all(float(m.max()) == 0.0 for m in cache.reuse_maps)
+
+
+def test_positive_threshold_skips_with_bounded_error(tiny, uncached):
+    out = _run(tiny, CacheConfig(mode="region", threshold=0.3))
+    tiles = out.metrics["tiles"]
+    assert tiles["tile_steps_skipped"] > 0
+    assert tiles["tile_steps_computed"] + tiles["tile_steps_skipped"] == tiles["tile_steps_total"] == 2 * STEPS
+    assert tiles["model_calls"] == tiles["tile_steps_computed"]
+    assert not torch.equal(out.frames, uncached.frames)
+    # Measured on this request (2-core CPU, torch 2.13): 61.4 dB with 8 of 20
+    # tile-steps reused (threshold 1.0, 10 reused: 58.4 dB). 55 dB leaves ~6 dB
+    # for BLAS differences between machines.
+    assert out.metrics["cache"]["reuse"] == "blocks"
+    assert _psnr(out.frames, uncached.frames) > 55.0
+    cache = out.metrics["cache"]
+    assert cache["mode"] == "region" and len(cache["region_skip_map"]) == STEPS
+    reused = torch.tensor(cache["region_skip_map"])
+    assert reused.shape[1:] == tuple(cache["region_grid"]) and reused.max() == 1.0
+
+
+def test_reuse_modes_rank_as_measured(tiny, uncached):
+    # Same threshold, same skip decisions (the predictor does not depend on what
+    # is reused); measured: blocks 61.4 dB > output 45.9 dB > residual 43.0 dB.
+    runs = {reuse: _run(tiny, CacheConfig(mode="region", threshold=0.3, reuse=reuse))
+            for reuse in ("blocks", "output", "residual")}
+    maps = {reuse: out.metrics["tiles"]["skip_map"] for reuse, out in runs.items()}
+    assert maps["blocks"] == maps["output"] == maps["residual"]
+    psnr = {reuse: _psnr(out.frames, uncached.frames) for reuse, out in runs.items()}
+    assert psnr["blocks"] > psnr["output"] + 5 and psnr["output"] > psnr["residual"], psnr
+    # Block reuse still calls the model for skipped tiles (embeddings and head
+    # only); those calls are not counted as model calls.
+    assert runs["blocks"].metrics["tiles"]["model_calls"] == runs["output"].metrics["tiles"]["model_calls"]
+
+
+def test_block_residual_round_trip_is_exact_to_rounding(tiny):
+    # Running a tile with the residual its own blocks produced gives its output
+    # back: only the order of float additions differs.
+    cond = tiny.adapter.encode_prompt(PROMPT, None, 5.0)
+    x = torch.randn(2, 16, 3, 8, 12, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(500.0)
+    with torch.no_grad():
+        plain = tiny.adapter.predict(x, t, cond, 5.0)
+        out, residual = tiny.adapter.predict(x, t, cond, 5.0, return_block_residual=True)
+        again = tiny.adapter.predict(x, t, cond, 5.0, block_residual=residual)
+    assert torch.equal(out, plain)
+    assert residual.shape == (2, 2, 3 * 4 * 6, tiny.pipe.transformer.config.num_attention_heads
+                              * tiny.pipe.transformer.config.attention_head_dim)
+    torch.testing.assert_close(again, out, rtol=0, atol=1e-5)
+
+
+def test_warmup_cooldown_and_max_skips_are_respected(tiny):
+    # A threshold no prediction reaches: only the rules decide.
+    out = _run(tiny, CacheConfig(mode="region", threshold=1e6, warmup=3, cooldown=2, max_skips=2, adaptive=False))
+    skip_map = out.metrics["tiles"]["skip_map"]
+    assert len(skip_map) == STEPS
+    assert all(flag == 0 for row in skip_map[:3] + skip_map[-2:] for flag in row)
+    # With at most 2 reuses in a row, steps 3..7 go: skip, skip, compute, skip, skip (every tile).
+    assert [row[0] for row in skip_map[3:8]] == [1, 1, 0, 1, 1]
+    assert out.metrics["tiles"]["tile_steps_skipped"] == 8
+
+
+@pytest.mark.parametrize("reuse", ["blocks", "output"])
+def test_one_decision_for_both_cfg_branches(tiny, reuse):
+    # Cond and uncond branches run as separate transformer calls here, so each
+    # call can be told apart by its text embedding; a hook inside the first
+    # block tells whether the blocks ran or were reused.
+    cond = tiny.adapter.encode_prompt(PROMPT, None, 5.0)
+    calls, blocks_ran = [], []
+
+    def on_call(module, args, kwargs, output):
+        text = kwargs["encoder_hidden_states"]
+        # Encoded in another call than the pipeline's: equal up to float rounding.
+        branch = "cond" if torch.allclose(text[:1], cond.positive, atol=1e-4) else "uncond"
+        calls.append((branch, bool(blocks_ran)))
+        blocks_ran.clear()
+
+    handles = [
+        tiny.pipe.transformer.register_forward_hook(on_call, with_kwargs=True),
+        tiny.pipe.transformer.blocks[0].register_forward_hook(lambda *a: blocks_ran.append(1)),
+    ]
+    tiny.adapter.batch_cfg = False
+    try:
+        out = _run(tiny, CacheConfig(mode="region", threshold=0.3, reuse=reuse))
+    finally:
+        tiny.adapter.batch_cfg = True
+        for handle in handles:
+            handle.remove()
+    tiles = out.metrics["tiles"]
+    assert tiles["tile_steps_skipped"] > 0
+    pairs = list(zip(calls[::2], calls[1::2]))
+    assert len(calls) % 2 == 0 and all(u[0] == "uncond" and c[0] == "cond" for u, c in pairs)
+    # Both branches of a tile-step share one decision: blocks run for both or for neither.
+    assert all(u[1] == c[1] for u, c in pairs)
+    assert sum(u[1] for u, _ in pairs) == tiles["tile_steps_computed"]
+    # Block reuse runs a skipped tile's embeddings and head (both branches); output reuse runs nothing.
+    skipped_calls = tiles["tile_steps_skipped"] if reuse == "blocks" else 0
+    assert sum(not u[1] for u, _ in pairs) == skipped_calls
+
+
+class LeftHalfFrozen(WanAdapter):
+    """The tiny Wan model, except that its output on the left half of the canvas is a constant.
+
+    It needs canvas-absolute positions (``rope='absolute'``) to know where each
+    tile sits; the frozen half is static by construction, the right half is the
+    real model.
+    """
+
+    def __init__(self, pipeline, canvas_width):
+        super().__init__(pipeline, native_size=(64, 96, 9))
+        self.canvas_width = canvas_width
+
+    def predict(self, latents, timestep, cond, guidance_scale, positions=None, **kwargs):
+        result = super().predict(latents, timestep, cond, guidance_scale, positions=positions, **kwargs)
+        out, residual = result if isinstance(result, tuple) else (result, None)
+        pw = self.geometry.patch[2]
+        cols = (positions.cols[:, :, None] * pw + torch.arange(pw)).reshape(len(out), -1)
+        frozen = (cols < self.canvas_width // 2)[:, None, None, None, :]
+        out = torch.where(frozen, torch.full_like(out, 0.25), out)
+        return out if residual is None else (out, residual)
+
+
+def test_static_half_of_the_canvas_is_reused_more(tiny):
+    sg = SuperGenPipeline.from_pipe(tiny.pipe, native_size=(64, 96, 9))
+    sg.adapter.remove_hooks()
+    sg.adapter = LeftHalfFrozen(tiny.pipe, canvas_width=24)
+    try:
+        out = _run(sg, CacheConfig(mode="region", threshold=0.15, max_skips=5, adaptive=False),
+                   tiling=TilingConfig(strength=1.0, rope="absolute"))
+    finally:
+        sg.adapter.remove_hooks()
+    reused = torch.tensor(out.metrics["cache"]["region_skip_map"]).mean(dim=(0, 1, 2))  # per region column
+    left, right = reused[: len(reused) // 2].mean().item(), reused[len(reused) // 2 :].mean().item()
+    # Measured: the frozen half reused 43% of its region-steps, the live half 17%
+    # (6 of 10 steps may skip at all). Tiles straddle the halves on most steps
+    # of the shifted grid, so the gap is that of whole tiles, not of cells.
+    assert left > right + 0.15, (left, right)
+
+
+def test_predict_skips_is_pure_and_state_lives_on_the_canvas():
+    # Synthetic canvas trajectory, no model: output = a fixed field on the left
+    # half, a fast-changing one on the right; the grid shifts every step.
+    planner = TilePlanner((1, 8, 16), (1, 8, 8), align=(1, 2, 2), shift="wrap", shift_stride=(2, 2))
+    cache = RegionCache(planner.canvas, (1, 4, 4), 0.5, CacheSchedule(12, 2, 1), max_skips=4, adaptive=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 1, 8, 16, generator=gen)
+    fixed = torch.randn(1, 4, 1, 8, 16, generator=gen)
+    left_reuse = right_reuse = 0.0
+    for step in range(12):
+        plan = planner.plan(step)
+        first = cache.predict_skips(step, plan, x)
+        assert cache.predict_skips(step, plan, x) == first  # no hidden state change
+        out = torch.where(torch.arange(16) < 8, fixed, x * (1 + step))
+        cache.update(plan, first, x, out)
+        reuse = cache.reuse_maps[-1]
+        left_reuse += reuse[..., :8].mean().item()
+        right_reuse += reuse[..., 8:].mean().item()
+        if step < 2 or step == 11:
+            assert not any(first)
+        x = x * 0.9 + 0.05
+    assert left_reuse > right_reuse
+
+
+@pytest.mark.parametrize(
+    "cache,match",
+    [
+        (CacheConfig(mode="region", threshold=0.3, warmup=12), "warmup=12 is longer than the schedule"),
+    ],
+)
+def test_bad_cache_requests_fail_before_model_work(tiny, cache, match):
+    calls = []
+    handle = tiny.pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=match):
+            _run(tiny, cache)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_cli_cache_summary_metrics_and_skip_map(tmp_path):
+    import json
+
+    out, metrics, png = tmp_path / "o.mp4", tmp_path / "m.json", tmp_path / "skip.png"
+    res = subprocess.run(
+        [sys.executable, "-m", "supergen", "generate", "--prompt", PROMPT, "--width", "192", "--steps", "8",
+         "--strength", "1", "--cache", "region", "--cache-threshold", "0.3", "--output", str(out),
+         "--metrics-json", str(metrics), "--skip-map", str(png)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "cache region (threshold 0.3):" in res.stdout and "tile-steps reused" in res.stdout
+    assert "region cache (region)" in res.stderr  # the engine logs what it chose
+    m = json.loads(metrics.read_text())
+    assert m["tiles"]["tile_steps_skipped"] > 0 and m["cache"]["mode"] == "region"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--cache", "region", "--cache-threshold", "-1"], "cache threshold=-1.0 must be a finite number >= 0"),
+        (["--cache", "region", "--cache-threshold", "nan"], "cache threshold=nan"),
+        (["--cache", "region", "--cache-warmup", "9"], "cache warmup=9 is longer than the schedule"),
+        (["--cache", "region", "--cache-cooldown", "0"], "cache cooldown=0 must be an integer >= 1"),
+        (["--skip-map", "SKIP.png"], "--skip-map needs the cache on"),
+        (["--cache", "lru"], "invalid choice"),
+    ],
+)
+def test_cli_bad_cache_flags_exit_2(tmp_path, args, message):
+    args = [str(tmp_path / a) if a == "SKIP.png" else a for a in args]
+    res = subprocess.run(
+        [sys.executable, "-m", "supergen", "generate", "--prompt", PROMPT, "--steps", "4",
+         "--output", str(tmp_path / "o.mp4"), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
