@@ -28,7 +28,8 @@ class DistributedTiledSampler(TiledSampler):
 
     def _run_counted(self, canvas: torch.Tensor, timestep: torch.Tensor, tiles: list[Tile]) -> list[torch.Tensor]:
         self.stats.tile_steps_computed += len(tiles)
-        return self.run_tiles(canvas, timestep, tiles)
+        outputs, _ = self.run_tiles(canvas, timestep, tiles)
+        return outputs
 
     def __call__(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
         local = self.executor.scatter(latents)
