@@ -4,6 +4,7 @@ Usage: python tests/parallel_worker.py SCENARIO OUTDIR
   equal     run the region and all-gather schemes; rank 0 saves frames and metrics
   mismatch  every rank asks for a different seed (must be refused on every rank)
   fault     rank 1 raises in its second refinement model call (every rank must exit non-zero fast)
+  backbones every non-Wan backbone of tests/test_backbones.py at twice its native area; rank 0 saves latents
 """
 
 import json
@@ -58,6 +59,20 @@ def main(scenario: str, out: Path) -> None:
 
             pipe.pipe.transformer.register_forward_hook(fail_in_refinement)
             res = pipe(PROMPT, tiling=TILING, context=ctx, **KW)
+        elif scenario == "backbones":
+            from test_backbones import BACKBONES
+
+            from supergen.models import TINY_NATIVE_SIZES
+
+            for case in BACKBONES:
+                if case.name == "tiny-wan":
+                    continue
+                sg = SuperGenPipeline.from_pretrained(case.name)
+                height, width, _ = TINY_NATIVE_SIZES[case.name]
+                res = sg(PROMPT, height=2 * height, width=2 * width, num_inference_steps=2, progress=False,
+                         output_type="latent", tiling=TilingConfig(upscale="latent"), context=ctx, **case.inputs())
+                if ctx.is_main:
+                    np.save(out / f"{case.name}.npy", res.frames.numpy())
         else:
             raise SystemExit(f"unknown scenario {scenario}")
     if scenario == "fault" and ctx.is_main:
