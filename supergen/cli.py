@@ -229,7 +229,6 @@ def _log_per_rank(args: argparse.Namespace, ctx) -> None:
         logging.getLogger("supergen").setLevel(logging.WARNING)
 
 
-
 def cmd_stream(args: argparse.Namespace) -> int:
     from supergen.config import StreamConfig
     from supergen.io import VideoWriter, check_output_path, write_json
