@@ -614,6 +614,53 @@ def save_plot(
 
 
 # --- command line ---------------------------------------------------------------------------
+BACKBONE_PROMPT = "a red circle moving left over a blue sky"
+
+
+def measure_backbone(name: str, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int,
+                     scale: int = 2) -> dict:
+    """Seconds per tiled refinement step at ``scale`` x the native height and width, for any backbone.
+
+    ``name`` is a built-in tiny model (``tiny-cogvideox``...) or a real configuration of
+    :data:`supergen.models.REAL_CONFIGS` (random weights built on ``device``; meant for a GPU).
+    The step goes through the backbone's own adapter: prompt encoding, scheduler, CFG, layout.
+    """
+    from supergen import SuperGenPipeline, TilingConfig
+    from supergen.models import REAL_CONFIGS, build_random_pipeline
+    from supergen.samplers.schedule import refinement_timesteps
+    from supergen.samplers.tiled import TiledSampler
+
+    if name in REAL_CONFIGS:
+        sg = SuperGenPipeline.from_pipe(build_random_pipeline(name, device, dtype), native_size=REAL_CONFIGS[name]["native"])
+    else:
+        sg = SuperGenPipeline.from_pretrained(name, torch_dtype=dtype, device=device)
+    adapter = sg.adapter
+    height, width, frames = adapter.native_height, adapter.native_width, adapter.native_num_frames
+    planner = sg.plan(scale * height, scale * width, frames, TilingConfig())
+    generator = torch.Generator("cpu").manual_seed(0)
+    steps = warmup + repeats
+    with torch.no_grad():
+        cond = adapter.encode_prompt(BACKBONE_PROMPT, None, GUIDANCE_SCALE)
+        scheduler = adapter.make_scheduler(planner.tile, generator)
+        timesteps, _ = refinement_timesteps(scheduler, steps, 1.0, device=device)
+        latents = adapter.prepare_noise(planner.canvas, generator)
+        clock = StepClock(scheduler, device)
+        sampler = TiledSampler(adapter=adapter, cond=cond, planner=planner, guidance_scale=GUIDANCE_SCALE,
+                               progress=False)
+        sampler(latents, clock, timesteps)
+    step_s = [b - a for a, b in zip(clock.ends[warmup - 1 : -1], clock.ends[warmup:])]
+    return {
+        "backbone": name,
+        "pipeline": type(sg.pipe).__name__,
+        "native": f"{height}x{width}x{frames}",
+        "target": f"{scale * height}x{scale * width}x{frames}",
+        "latent": "x".join(map(str, planner.canvas)),
+        "tiles": planner.num_tiles,
+        "tokens_per_tile": adapter.tokens(tuple(planner.tile)),
+        "tiled_s_per_step": statistics.median(step_s),
+    }
+
+
 def _parse_areas(text: str) -> list[int]:
     scales = []
     for part in text.split(","):
@@ -664,6 +711,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-strength", type=float, default=0.9, help="refined fraction of a run in the FLOPs table")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     p.add_argument("--plot", type=Path, default=None, help="save a plot of step cost vs area (needs matplotlib)")
+    p.add_argument(
+        "--backbones",
+        default=None,
+        help="comma-separated backbones for the per-backbone table instead of the area table: built-in tiny "
+        "models (tiny-wan,tiny-cogvideox,tiny-hunyuanvideo,tiny-ltx) or real configurations on a GPU "
+        "(wan2.1-1.3b,cogvideox-5b,hunyuanvideo,ltx-video)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -706,6 +760,23 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     print(f"# bench_tiling  {report['date']}\n{report['command']}\nhardware: {report['hardware']}, torch {torch.__version__}")
+
+    if args.backbones:
+        names = [n.strip() for n in args.backbones.split(",") if n.strip()]
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        print(f"\n## One tiled refinement step at 2x the native height and width, per backbone ({device} {dtype}, "
+              f"warm-up {args.warmup}, median of {repeats})")
+        rows = []
+        for name in names:
+            logger.info("backbone %s...", name)
+            rows.append(measure_backbone(name, device, DTYPES[dtype], args.warmup, repeats))
+        keys = ["backbone", "pipeline", "native", "target", "latent", "tiles", "tokens_per_tile", "tiled_s_per_step"]
+        print(_table(keys, [[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]))
+        report["backbones"] = rows
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        return 0
 
     if not args.skip_measure:
         model = MODELS[model_name]

@@ -134,3 +134,12 @@ def test_quick_run_prints_both_tables(tmp_path):
         assert row["tiles"] == (4 if (row["mode"], row["scale"]) == ("tiled", 2) else 1)
     assert len(report["predicted"]) == 10
     assert {r["model"] for r in report["predicted"]} == {"wan2.1-1.3b", "wan2.1-14b"}
+
+
+def test_backbone_column_times_a_tiled_step_through_each_adapter(bench):
+    """The per-backbone table's core, on the smallest backbone: structure, not speed."""
+    import torch
+
+    row = bench.measure_backbone("tiny-ltx", torch.device("cpu"), torch.float32, warmup=1, repeats=1)
+    assert row["pipeline"] == "LTXPipeline" and row["tiles"] == 4
+    assert row["target"] == "256x384x9" and row["tiled_s_per_step"] > 0
