@@ -26,19 +26,33 @@ class DistributedTiledSampler(TiledSampler):
         super().__init__(**kwargs)
         self.executor = executor
 
-    def _run_counted(self, canvas: torch.Tensor, timestep: torch.Tensor, tiles: list[Tile]) -> list[torch.Tensor]:
-        self.stats.tile_steps_computed += len(tiles)
-        outputs, _ = self.run_tiles(canvas, timestep, tiles)
-        return outputs
+    def _run_counted(
+        self, canvas: torch.Tensor, timestep: torch.Tensor, tiles: list[Tile], skips: list[bool] | None = None
+    ) -> list[torch.Tensor]:
+        """This rank's tiles: computed, or (predicted skips) the cache's reused output, in order."""
+        skipped = {tile.index for tile in tiles if skips is not None and skips[tile.index]}
+        computed = iter(self.run_tiles(canvas, timestep, [t for t in tiles if t.index not in skipped])[0])
+        self.stats.tile_steps_computed += len(tiles) - len(skipped)
+        return [self.cache.reuse(t, canvas) if t.index in skipped else next(computed) for t in tiles]
 
     def __call__(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
         local = self.executor.scatter(latents)
         bar = tqdm(total=len(timesteps), desc=self.desc, disable=not self.progress, leave=False)
         with bar:
             for step, t in enumerate(timesteps):
+                skips = None
+                if self.cache is not None:
+                    # Under the all-gather scheme ``local`` is the whole canvas, identical on every rank,
+                    # so every rank predicts the same skips (and the balancer counts them nearly free).
+                    plan = self.planner.plan(step)
+                    skips = self.cache.predict_skips(step, plan, local)
+                    self.stats.skip_map.append([int(s) for s in skips])
                 prediction = self.executor.predict(
-                    step, local, lambda canvas, tiles, t=t: self._run_counted(canvas, t, tiles)
+                    step, local, lambda canvas, tiles, t=t, skips=skips: self._run_counted(canvas, t, tiles, skips),
+                    skips=skips,
                 )
+                if self.cache is not None:
+                    self.cache.update(plan, skips, local, prediction, None)
                 self.stats.tile_steps_total += self.planner.num_tiles
                 local = scheduler.step(prediction, t, local, return_dict=False)[0]
                 bar.update()

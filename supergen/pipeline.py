@@ -7,6 +7,7 @@ tiled decode. See ``docs/design.md`` in the repository for the contracts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -279,10 +280,15 @@ class SuperGenPipeline:
         parallel = parallel or ParallelConfig()
         distributed = context is not None and context.enabled
         if distributed and cache.enabled:
-            raise ValueError(
-                "the region cache does not run under torchrun yet (its state is kept for the whole canvas on one "
-                "process): use --cache off with several processes, or one process with the cache"
-            )
+            # The cache's state covers the whole canvas and its decisions must be identical on every rank:
+            # the all-gather scheme gives every rank the whole canvas and prediction each step. Block
+            # residuals would exist only on the rank that computed a tile, so skips reuse outputs instead.
+            if parallel.exchange != "allgather":
+                logger.warning("the region cache runs on the all-gather exchange under torchrun; using it")
+                parallel = dataclasses.replace(parallel, exchange="allgather")
+            if self._reuse_mode(cache) == "blocks":
+                logger.warning("cache reuse='blocks' is single-process only; reusing tile outputs across ranks")
+                cache = dataclasses.replace(cache, reuse="output")
         if distributed:
             context.ensure_same(
                 "generation requests",
@@ -351,7 +357,8 @@ class SuperGenPipeline:
                 exchange = "allgather"
             executor = make_executor(context, planner, exchange, len(timesteps), adapter.dtype)
             sampler = DistributedTiledSampler(
-                executor, planner=planner, rope=tiling.rope, desc="refine", condition=condition, **sampler_args
+                executor, planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
+                **sampler_args
             )
         else:
             sampler = TiledSampler(

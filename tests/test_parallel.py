@@ -216,6 +216,22 @@ def test_n_ranks_make_the_same_frames_as_one(tmp_path, single_process, world):
         assert max(expected) < min(ring)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_region_cache_across_ranks_matches_one_process(tmp_path, tiny, world):
+    from parallel_worker import CACHE, KW, TILING
+
+    ref = tiny(PROMPT, tiling=TILING, output_type="latent", cache=CACHE, **dict(KW, num_inference_steps=8))
+    codes, errs, _ = _launch("cache", world, tmp_path)
+    assert codes == [0] * world, "\n".join(errs)
+    # All-gather: every rank holds the same canvas and prediction, so every rank makes the cache's
+    # decisions exactly as one process does, and blends in plan order: bit for bit.
+    np.testing.assert_array_equal(np.load(tmp_path / "cache.npy"), ref.frames.numpy())
+    m = json.loads((tmp_path / "cache.json").read_text())
+    assert m["comm_scheme"] == "allgather"
+    assert m["tiles"]["tile_steps_skipped"] == ref.metrics["tiles"]["tile_steps_skipped"] > 0
+    assert sum(m["tiles"]["tile_steps_per_rank"]) == ref.metrics["tiles"]["tile_steps_computed"]
+
+
 def test_mismatched_requests_are_refused_on_every_rank(tmp_path):
     codes, errs, _ = _launch("mismatch", 2, tmp_path)
     assert all(c != 0 for c in codes)
