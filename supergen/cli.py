@@ -144,6 +144,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output_path(args.output)
     if args.skip_map:
         check_output_path(args.skip_map, suffixes=(".png",))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--skip-map draws with matplotlib: pip install 'supergen[bench]'") from None
         if not cache.enabled:
             raise ValueError("--skip-map needs the cache on: add --cache region and a --cache-threshold above 0")
     if args.metrics_json:
