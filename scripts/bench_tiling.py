@@ -57,6 +57,8 @@ if str(_REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from supergen.models import REAL_CONFIGS  # noqa: E402
+
 logger = logging.getLogger("bench_tiling")
 
 # Every Wan text encoder pads prompts to 512 tokens, so cross-attention always sees 512 keys.
@@ -99,10 +101,11 @@ MODELS: dict[str, BenchModel] = {
         dict(_WAN_COMMON, num_attention_heads=2, attention_head_dim=64, ffn_dim=768, num_layers=2, text_dim=256),
         "2 layers, dim 128 (2 heads x 64), ffn 768; native 256x480x13 = latent 4x32x60 = 1920 tokens",
     ),
+    # The released configuration, shared with supergen.models.build_random_pipeline.
     "wan2.1-1.3b": BenchModel(
         "wan2.1-1.3b",
-        (480, 832, 81),
-        dict(_WAN_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096),
+        REAL_CONFIGS["wan2.1-1.3b"]["native"],
+        dict(REAL_CONFIGS["wan2.1-1.3b"]["transformer"]),
         "Wan2.1-T2V-1.3B: 30 layers, dim 1536, 12 heads, ffn 8960",
     ),
     "wan2.1-14b": BenchModel(

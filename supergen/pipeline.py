@@ -2,7 +2,7 @@
 
 Ultra-high resolution (``__call__``): sketch at the backbone's native size ->
 up-scale to the target -> re-noise to ``strength`` -> tiled refinement ->
-tiled decode. See ``docs/design.md`` in the repository for the contracts.
+tiled decode. The README's "How a run works" describes each stage and its options.
 """
 
 from __future__ import annotations
