@@ -130,9 +130,9 @@ def sample_params(rng: np.random.Generator) -> ClipParams:
     """Draw one clip's parameters; the start point keeps the shape in frame for a 9..17-frame clip."""
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
     dx, dy = _DIRECTION_VECTORS[direction]
-    speed = float(rng.uniform(0.05, 0.065))
+    speed = float(rng.uniform(0.035, 0.045))
     # Start on the side the shape leaves from, so its path crosses the middle.
-    along = float(rng.uniform(0.7, 0.78))
+    along = float(rng.uniform(0.66, 0.72))
     across = float(rng.uniform(0.3, 0.7))
     start_x = 1.0 - along if dx > 0 else along if dx < 0 else across
     start_y = 1.0 - along if dy > 0 else along if dy < 0 else across
@@ -145,7 +145,7 @@ def sample_params(rng: np.random.Generator) -> ClipParams:
         background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
         start_x=start_x,
         start_y=start_y,
-        radius=float(rng.uniform(0.15, 0.2)),
+        radius=float(rng.uniform(0.19, 0.24)),
         speed=speed,
         pan_x=pan_speed * math.cos(pan_angle),
         pan_y=pan_speed * math.sin(pan_angle),
