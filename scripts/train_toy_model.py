@@ -83,6 +83,15 @@ class LossLog:
         if not path.exists():
             path.write_text("phase,step,loss,elapsed_s\n")
 
+    def rewind(self, phase: str, step: int) -> None:
+        """Forget ``phase`` rows after ``step``: a resumed run logs them again from its checkpoint."""
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines[1:] if not (ln.split(",")[0] == phase and int(ln.split(",")[1]) > step)]
+        if len(kept) != len(lines) - 1:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(lines[0] + "".join(kept))
+            tmp.replace(self.path)
+
     def add(self, phase: str, step: int, loss: float, elapsed: float) -> None:
         with self.path.open("a") as f:
             f.write(f"{phase},{step},{loss:.6f},{elapsed:.1f}\n")
@@ -100,6 +109,7 @@ def train_vae(pipe, args, work: Path, log: LossLog) -> None:
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         logger.info("vae: resumed at step %d (%.0f s so far)", start, elapsed)
+        log.rewind("vae", start)
     vae.train()
     t0 = time.perf_counter() - elapsed
     running = None
@@ -200,6 +210,7 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         logger.info("dit: resumed at step %d (%.0f s so far)", start, elapsed)
+        log.rewind("dit", start)
     model.train()
     shift = pipe.scheduler.config.flow_shift
     t0 = time.perf_counter() - elapsed
@@ -241,7 +252,7 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
             )
             if args.export_every and (step + 1) % args.export_every == 0:
                 export(pipe, ema, args.output, work)
-        if stop:
+        if stop and step + 1 < args.dit_steps:
             stop_run(step + 1)
     return ema
 
@@ -293,7 +304,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4)
     parser.add_argument("--vae-shape-weight", type=float, default=9.0, help="extra loss weight on shape pixels")
-    parser.add_argument("--dataset", type=int, default=1536, help="clips in the fixed transformer training set")
+    parser.add_argument("--dataset", type=int, default=4096, help="clips in the fixed transformer training set")
     parser.add_argument("--dit-steps", type=int, default=2500)
     parser.add_argument("--dit-batch", type=int, default=16)
     parser.add_argument("--dit-lr", type=float, default=1e-3)

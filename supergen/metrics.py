@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from supergen.toyworld import COLOURS, SHAPES, parse_prompt
+from supergen.toyworld import COLOURS, SHAPES, shape_coverage, parse_prompt
 
 
 def _as_float(frames) -> np.ndarray:
@@ -113,8 +113,8 @@ def temporal_flicker(frames) -> float:
 COLOUR_TOLERANCE = 70.0
 # A blob must cover this fraction of the frame (toy shapes cover 3..9%).
 MIN_AREA_FRACTION = 0.008
-# Fill ratio (blob area / bounding-box area): triangle 0.5, circle pi/4, square 1.
-_SHAPE_FILL_THRESHOLDS = ((0.65, "triangle"), (0.89, "circle"), (math.inf, "square"))
+# Area of each toy-world shape over its circumradius squared (toyworld.shape_coverage's geometry).
+_AREA_OVER_R2 = {"circle": math.pi, "square": 1.6**2, "triangle": 3 * math.sqrt(3) / 4}
 # The blob must travel this fraction of the shorter side over the clip to count as moving.
 MIN_TRAVEL_FRACTION = 0.1
 
@@ -152,10 +152,27 @@ def _blobs(array: np.ndarray, colour: str) -> list[np.ndarray]:
 
 
 def _classify_shape(blob: np.ndarray) -> str:
+    """The shape whose template best overlaps the blob (intersection over union).
+
+    Each template (upright, as the world draws them) has the blob's area and is
+    centred on its centroid; for the equilateral triangle the centroid is the
+    circumcentre. Matching whole templates is robust to the blur of a small
+    decoder: a blurred triangle loses its tips and its bounding-box fill ratio
+    drifts towards a circle's, but it still overlaps a triangle best (measured
+    on ground-truth clips blurred by a Gaussian of sigma 1.2 px: 0.99 correct
+    against 0.70 for the fill ratio; ``tests/test_metrics.py``).
+    """
     ys, xs = np.nonzero(blob)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = len(ys) / box
-    return next(name for limit, name in _SHAPE_FILL_THRESHOLDS if fill < limit)
+    cy, cx = ys.mean(), xs.mean()
+    yy, xx = np.mgrid[0 : blob.shape[0], 0 : blob.shape[1]]
+    best, best_iou = SHAPES[0], -1.0
+    for shape in SHAPES:
+        radius = math.sqrt(len(ys) / _AREA_OVER_R2[shape])
+        template = shape_coverage(shape, xx - cx, yy - cy, radius) >= 0.5
+        iou = np.logical_and(template, blob).sum() / np.logical_or(template, blob).sum()
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
 
 
 @dataclass(frozen=True)
@@ -181,8 +198,8 @@ def adherence(frames, prompt: str) -> Adherence:
     Colour: among the world's shape colours, the one whose largest blob covers
     the most pixels, counted only if it is big enough in at least half the
     frames. Shape and direction are read from the blob of the requested colour
-    when it is present (else from the detected colour): shape by its fill
-    ratio, majority over frames; direction from a least-squares fit of the
+    when it is present (else from the detected colour): shape by the best
+    matching template, majority over frames; direction from a least-squares fit of the
     blob's centroid over time, which must travel ``MIN_TRAVEL_FRACTION`` of
     the frame. Raises ``ValueError`` if ``prompt`` is not a toy-world prompt.
     """

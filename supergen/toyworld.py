@@ -153,7 +153,7 @@ def sample_params(rng: np.random.Generator) -> ClipParams:
     )
 
 
-def _shape_coverage(shape: str, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
+def shape_coverage(shape: str, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] from a signed distance (pixels, positive inside)."""
     if shape == "circle":
         inside = radius - np.hypot(px, py)
@@ -195,7 +195,7 @@ def render_clip(params: ClipParams, height: int, width: int, num_frames: int, re
         background = top_a + (bottom_a - top_a) * mix + texture[..., None]
         cx = (params.start_x * width) + dx * params.speed * short * t
         cy = (params.start_y * height) + dy * params.speed * short * t
-        alpha = _shape_coverage(params.shape, xx + 0.5 - cx, yy + 0.5 - cy, params.radius * short)[..., None]
+        alpha = shape_coverage(params.shape, xx + 0.5 - cx, yy + 0.5 - cy, params.radius * short)[..., None]
         frames[t] = np.clip(np.rint(background * (1 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
         coverage[t] = alpha[..., 0]
     return (frames, coverage) if return_alpha else frames
