@@ -277,6 +277,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
     logger.info("streaming %s to %s", "until Ctrl-C" if args.blocks is None else f"{args.blocks} blocks", args.output)
     interrupted = False
     writer = VideoWriter(args.output, fps=args.fps)
+    # `kill`, a job scheduler's timeout or a container stop send SIGTERM: treat it
+    # like Ctrl-C, so the frames made so far are finalised instead of lost.
+    restore = _sigterm_as_interrupt()
     try:
         with stream:
             for block in stream:
@@ -286,12 +289,16 @@ def cmd_stream(args: argparse.Namespace) -> int:
                     "block %d: %d frames in %.2fs (KV cache %.1f KiB)", block.index, m["frames"], m["latency_s"],
                     m["kv_cache_bytes"] / 1024,
                 )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         interrupted = True
+        # The shell's convention: 128 + the signal's number (SIGINT 2, SIGTERM 15).
+        exit_code = 143 if isinstance(exc, Terminated) else 130
         logger.warning("interrupted: keeping the %d frames made so far", writer.frames)
     except BaseException:
         writer.close(keep=False)
         raise
+    finally:
+        restore()
     # A stopped stream keeps what was made: the file is finalised and renamed into place.
     writer.close(keep=True)
     metrics = dict(stream.metrics, output=args.output, prompt=args.prompt, seed=args.seed, interrupted=interrupted)
@@ -302,7 +309,30 @@ def cmd_stream(args: argparse.Namespace) -> int:
         f"first frame after {metrics['time_to_first_frame_s'] or 0:.2f}s, {metrics['fps']:.1f} frames/s"
         + (" (interrupted)" if interrupted else "")
     )
-    return 130 if interrupted else 0
+    return exit_code if interrupted else 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that ``except KeyboardInterrupt`` cleanup runs."""
+
+
+def _sigterm_as_interrupt():
+    """Raise :class:`Terminated` on SIGTERM until the returned function restores the old handler.
+
+    Only the main thread can install handlers; elsewhere (an embedding
+    application's worker thread) this does nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -43,7 +43,8 @@ def test_stream_writes_video_and_per_block_metrics(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_ctrl_c_leaves_a_playable_file_of_what_was_made(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_kill_leaves_a_playable_file_of_what_was_made(tmp_path, sig, code):
     out, metrics = tmp_path / "s.mp4", tmp_path / "m.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "supergen", "stream", "--prompt", PROMPT, "--block-frames", "1", "--window", "2",
@@ -59,12 +60,12 @@ def test_ctrl_c_leaves_a_playable_file_of_what_was_made(tmp_path):
                 if blocks == 3:
                     break
             assert time.monotonic() < deadline, "stream made no blocks in time"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert "(interrupted)" in stdout
     m = json.loads(metrics.read_text())
     assert m["interrupted"] is True and len(m["blocks"]) >= 3
