@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
 import time
@@ -49,20 +50,21 @@ def pick_prompts(count: int, seed: int) -> list[str]:
     return [prompts[i] for i in order[:count]]
 
 
-def generate(pipe: SuperGenPipeline, prompts, size: int, steps: int, guidance: float, tiling: TilingConfig):
+def generate(pipe: SuperGenPipeline, prompts, size: tuple[int, int], steps: int, guidance: float,
+             tiling: TilingConfig):
     videos, seconds = [], []
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
-        out = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, seed=i,
+        out = pipe(prompt, height=size[0], width=size[1], num_inference_steps=steps, guidance_scale=guidance, seed=i,
                    tiling=tiling, progress=False)
         seconds.append(time.perf_counter() - t0)
         videos.append(out.frames)
     return videos, float(np.mean(seconds))
 
 
-def last_step_boundaries(pipe: SuperGenPipeline, size: int, steps: int, tiling: TilingConfig) -> tuple[list, list]:
+def last_step_boundaries(pipe: SuperGenPipeline, size: tuple[int, int], steps: int, tiling: TilingConfig) -> tuple[list, list]:
     """Pixel rows/cols where tiles start or end in the last refinement step's plan."""
-    planner = pipe.plan(height=size, width=size, tiling=tiling)
+    planner = pipe.plan(height=size[0], width=size[1], tiling=tiling)
     refine_steps = max(1, round(steps * tiling.strength))
     plan = planner.plan(refine_steps - 1)
     scale = pipe.adapter.geometry.scale_spatial
@@ -118,55 +120,83 @@ def contact_sheet(pipe: SuperGenPipeline, path: Path, steps: int, guidance: floa
     print(f"\nsaved {path}")
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 48x48") from None
+    return height, width
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy")
-    parser.add_argument("--clips", type=int, default=12, help="prompts per setting (one seed each)")
+    parser.add_argument("--clips", type=int, default=24, help="prompts per setting (one seed each)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="CFG scale for the tiling rows and the contact sheet (default: the model's own default)")
+    parser.add_argument("--guidance-sweep", default="1,3,5,7", help="CFG scales for the native adherence table")
+    parser.add_argument("--sizes", type=parse_size, nargs="+",
+                        default=[(48, 48), (56, 56), (32, 64), (32, 96)],
+                        help="tiled canvases HxW; 32x64 and 32x96 are exact 2x and 3x grids of 32x32 tiles")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-work", type=Path, help="training work folder with loss.csv")
     parser.add_argument("--sheet", type=Path, default=REPO / "docs" / "toy_contact_sheet.png")
+    parser.add_argument("--json", type=Path, help="also write every table's numbers here")
     parser.add_argument("--skip-tiling", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     import platform
 
+    toy = SuperGenPipeline.from_pretrained(args.model, device="cpu")
+    guidance = args.guidance if args.guidance is not None else toy.default_guidance_scale
+    sweep = [float(g) for g in args.guidance_sweep.split(",") if g]
     print(f"hardware: {platform.processor() or platform.machine()}, torch threads {args.threads}; "
-          f"{args.clips} prompts x 1 seed, {args.steps} steps, guidance {args.guidance}")
+          f"{args.clips} prompts x 1 seed, {args.steps} steps, guidance {guidance} (native table: {sweep})")
+    results: dict = {"clips": args.clips, "steps": args.steps, "guidance": guidance, "native": [], "tiled": []}
     if args.train_work:
         training_table(args.train_work)
 
-    toy = SuperGenPipeline.from_pretrained(args.model, device="cpu")
-    random_pipe = SuperGenPipeline.from_pipe(build_toy_wan(seed=0), native_size=(32, 32, 9))
+    native_size = (toy.adapter.native_height, toy.adapter.native_width, toy.adapter.native_num_frames)
+    random_pipe = SuperGenPipeline.from_pipe(build_toy_wan(seed=0), native_size=native_size)
     prompts = pick_prompts(args.clips, seed=0)
     native = TilingConfig(strength=1.0)
-    print("\n### Prompt adherence at the native size (32x32, 9 frames)\n")
-    print("| model | colour | shape | direction | score | s / clip |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n### Prompt adherence at the native size ({native_size[0]}x{native_size[1]}, {native_size[2]} frames)\n")
+    print("| model | guidance | colour | shape | direction | score | s / clip |")
+    print("|---|---|---|---|---|---|---|")
     for name, pipe in (("toy (trained)", toy), ("same architecture, random weights", random_pipe)):
-        videos, sec = generate(pipe, prompts, 32, args.steps, args.guidance, native)
-        acc = mean_adherence(videos, prompts)
-        print(f"| {name} | {acc['colour']:.2f} | {acc['shape']:.2f} | {acc['direction']:.2f} | {acc['score']:.2f} | {sec:.2f} |")
+        for g in sweep:
+            videos, sec = generate(pipe, prompts, native_size[:2], args.steps, g, native)
+            acc = mean_adherence(videos, prompts)
+            results["native"].append(dict(model=name, guidance=g, seconds=sec, **acc))
+            print(f"| {name} | {g:g} | {acc['colour']:.2f} | {acc['shape']:.2f} | {acc['direction']:.2f} | "
+                  f"{acc['score']:.2f} | {sec:.2f} |", flush=True)
 
     if not args.skip_tiling:
-        print("\n### Tiled generation (toy model; sketch 32x32, strength 0.9, rope local)\n")
+        print(f"\n### Tiled generation (toy model; guidance {guidance:g}; sketch at the native area, strength 0.9)\n")
         print("| canvas (area) | setting | tiles/step | seam score | adherence | colour | shape | direction | flicker | s / clip |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        for size in (48, 56):
+        area = native_size[0] * native_size[1]
+        for size in args.sizes:
             for name, kwargs in SETTINGS.items():
                 tiling = TilingConfig(**kwargs)
-                tiles = len(toy.plan(height=size, width=size, tiling=tiling).plan(0).tiles)
+                tiles = len(toy.plan(height=size[0], width=size[1], tiling=tiling).plan(0).tiles)
                 rows, cols = last_step_boundaries(toy, size, args.steps, tiling)
-                videos, sec = generate(toy, prompts, size, args.steps, args.guidance, tiling)
-                seam = np.mean([seam_score(v, rows=rows, cols=cols) for v in videos])
-                flicker = np.mean([temporal_flicker(v) for v in videos])
+                videos, sec = generate(toy, prompts, size, args.steps, guidance, tiling)
+                seam = float(np.mean([seam_score(v, rows=rows, cols=cols) for v in videos])) if rows or cols else None
+                flicker = float(np.mean([temporal_flicker(v) for v in videos]))
                 acc = mean_adherence(videos, prompts)
-                print(f"| {size}x{size} ({size * size / 1024:.2f}x) | {name} | {tiles} | {seam:.3f} | {acc['score']:.2f} | "
-                      f"{acc['colour']:.2f} | {acc['shape']:.2f} | {acc['direction']:.2f} | {flicker:.4f} | {sec:.2f} |")
+                results["tiled"].append(dict(height=size[0], width=size[1], setting=name, tiles=tiles, seam=seam,
+                                             flicker=flicker, seconds=sec, **acc))
+                seam_text = "n/a" if seam is None else f"{seam:.3f}"
+                print(f"| {size[0]}x{size[1]} ({size[0] * size[1] / area:.2f}x) | {name} | {tiles} | {seam_text} | "
+                      f"{acc['score']:.2f} | {acc['colour']:.2f} | {acc['shape']:.2f} | {acc['direction']:.2f} | "
+                      f"{flicker:.4f} | {sec:.2f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     if args.sheet:
-        contact_sheet(toy, args.sheet, args.steps, args.guidance)
+        contact_sheet(toy, args.sheet, args.steps, guidance)
 
 
 if __name__ == "__main__":

@@ -251,20 +251,20 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
                 elapsed=time.perf_counter() - t0,
             )
             if args.export_every and (step + 1) % args.export_every == 0:
-                export(pipe, ema, args.output, work)
+                export(pipe, ema, args.output, work, args.guidance)
         if stop and step + 1 < args.dit_steps:
             stop_run(step + 1)
     return ema
 
 
-def export(pipe, ema, output: Path, work: Path) -> None:
+def export(pipe, ema, output: Path, work: Path, guidance: float) -> None:
     """Write the pipeline (EMA transformer weights) in the Diffusers layout, atomically."""
     live = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pipe.transformer.load_state_dict(ema.module.state_dict())
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    write_native_size(tmp, *TOY_NATIVE_SIZE)
+    write_native_size(tmp, *TOY_NATIVE_SIZE, guidance_scale=guidance)
     shutil.rmtree(output, ignore_errors=True)
     tmp.replace(output)
     pipe.transformer.load_state_dict(live)
@@ -310,6 +310,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dit-lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.998)
     parser.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts")
+    parser.add_argument("--guidance", type=float, default=3.0,
+                        help="CFG scale written to supergen.json as the model's default (chosen with "
+                        "bench_toy_model.py's --guidance-sweep)")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--ckpt-every", type=int, default=250)
     parser.add_argument("--export-every", type=int, default=500, help="also export the EMA pipeline this often (0: only at the end)")
@@ -328,7 +331,7 @@ def main(argv=None) -> None:
     set_latent_stats(pipe, latents)
     logger.info("dataset: %d clips, %d distinct prompts of %d", len(prompts), len(set(prompts)), len(all_prompts()))
     ema = train_dit(pipe, args, args.work, log, latents, prompts)
-    export(pipe, ema, args.output, args.work)
+    export(pipe, ema, args.output, args.work, args.guidance)
     plot_loss(args.work)
 
 

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="pixels (default: 2x the model's native width)")
     g.add_argument("--num-frames", type=int, default=None, help="frames (default: the model's native count)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps of the full schedule")
-    g.add_argument("--guidance", type=float, default=5.0,
-                   help="classifier-free guidance scale (HunyuanVideo: its embedded, distilled guidance)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's, 5 unless its supergen.json says "
+                   "otherwise; HunyuanVideo: its embedded, distilled guidance)")
     g.add_argument("--guidance-2", type=float, default=None, help="guidance of Wan2.2's low-noise expert")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--strength", type=float, default=0.9, help="fraction of the schedule refined at the target size")

@@ -273,7 +273,7 @@ class GenerationConfig:
     width: int | None = None
     num_frames: int | None = None
     num_inference_steps: int = 30
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None: the model's default (SuperGenPipeline.default_guidance_scale)
     guidance_scale_2: float | None = None
     seed: int = 0
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -288,5 +288,5 @@ class GenerationConfig:
             if value is not None:
                 _positive_int(name, value)
         _positive_int("num_inference_steps", self.num_inference_steps)
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+        if self.guidance_scale is not None and (not math.isfinite(self.guidance_scale) or self.guidance_scale < 0):
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a finite number >= 0")

@@ -518,17 +518,25 @@ def tiny_model_path(name: str, seed: int = 0) -> Path:
 NATIVE_SIZE_FILE = "supergen.json"
 
 
-def write_native_size(folder: str | os.PathLike, height: int, width: int, num_frames: int) -> None:
-    """Record the size a checkpoint was trained at, for checkpoints that do not say it."""
+def write_native_size(folder: str | os.PathLike, height: int, width: int, num_frames: int,
+                      guidance_scale: float | None = None) -> None:
+    """Record the size a checkpoint was trained at (and, optionally, the CFG scale it works best with)."""
     payload = {"native_height": height, "native_width": width, "native_num_frames": num_frames}
+    if guidance_scale is not None:
+        payload["guidance_scale"] = float(guidance_scale)
     (Path(folder) / NATIVE_SIZE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def read_native_size(folder: str | os.PathLike) -> tuple[int, int, int] | None:
+def read_model_hints(folder: str | os.PathLike) -> dict:
+    """The checkpoint's ``supergen.json`` (empty when it has none)."""
     path = Path(folder) / NATIVE_SIZE_FILE
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_native_size(folder: str | os.PathLike) -> tuple[int, int, int] | None:
+    data = read_model_hints(folder)
+    if "native_height" not in data:
         return None
-    data = json.loads(path.read_text())
     return int(data["native_height"]), int(data["native_width"]), int(data["native_num_frames"])
 
 

@@ -23,7 +23,7 @@ from supergen.backbones import BackboneAdapter, adapter_for
 from supergen.cache import CacheSchedule, RegionCache
 from supergen.config import CacheConfig, ParallelConfig, StreamConfig, TilingConfig
 from supergen.io import to_uint8
-from supergen.models import read_native_size, resolve_model
+from supergen.models import read_model_hints, read_native_size, resolve_model
 from supergen.samplers.schedule import refinement_steps, refinement_timesteps, renoise
 from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
@@ -68,9 +68,16 @@ class SuperGenPipeline:
     id) or :meth:`from_pipe` (an already loaded Diffusers pipeline).
     """
 
-    def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
+    # Diffusers' Wan/CogVideoX pipelines default to CFG 5-6; a checkpoint's supergen.json may say otherwise.
+    DEFAULT_GUIDANCE_SCALE = 5.0
+
+    def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None,
+                 default_guidance_scale: float | None = None):
         self.pipe = pipeline
         self.adapter: BackboneAdapter = adapter_for(pipeline, native_size=native_size)
+        self.default_guidance_scale = (
+            self.DEFAULT_GUIDANCE_SCALE if default_guidance_scale is None else float(default_guidance_scale)
+        )
 
     # --- construction ---------------------------------------------------------
     @classmethod
@@ -98,9 +105,10 @@ class SuperGenPipeline:
             torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype)
         pipe.to(device)
+        hints = read_model_hints(source) if Path(source).is_dir() else {}
         if native_size is None and Path(source).is_dir():
             native_size = read_native_size(source)
-        return cls(pipe, native_size=native_size)
+        return cls(pipe, native_size=native_size, default_guidance_scale=hints.get("guidance_scale"))
 
     @classmethod
     def from_pipe(cls, pipeline, native_size: tuple[int, int, int] | None = None) -> "SuperGenPipeline":
@@ -225,7 +233,7 @@ class SuperGenPipeline:
         width: int | None = None,
         num_frames: int | None = None,
         num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         guidance_scale_2: float | None = None,
         negative_prompt: str | None = None,
         seed: int = 0,
@@ -244,6 +252,8 @@ class SuperGenPipeline:
         Args:
             height, width, num_frames: target size (default: 2x native height
                 and width, native frame count).
+            guidance_scale: CFG scale (default: ``default_guidance_scale``, 5 unless
+                the checkpoint's ``supergen.json`` recommends another).
             seed: seeds a CPU ``torch.Generator`` (ignored when ``generator`` is given).
             tiling: tile geometry, blend, shift, RoPE, strength, up-scale mode.
             cache: region-aware step cache of the refinement stage (the
@@ -270,6 +280,10 @@ class SuperGenPipeline:
             )
         tiling = tiling or TilingConfig()
         cache = cache or CacheConfig()
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
         request = self.check_request(height, width, num_frames, tiling)
         cache.check_schedule(refinement_steps(num_inference_steps, tiling.strength))
         if cache.enabled and cache.reuse == "blocks" and not self.adapter.supports_block_reuse:

@@ -149,6 +149,20 @@ def test_loads_a_saved_pipeline_folder_by_path(tiny, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_checkpoint_can_recommend_its_guidance_scale(tiny, tmp_path):
+    folder = tmp_path / "my-wan"
+    tiny.pipe.save_pretrained(folder)
+    write_native_size(folder, 64, 96, 9, guidance_scale=2.5)
+    loaded = SuperGenPipeline.from_pretrained(str(folder))
+    assert tiny.default_guidance_scale == 5.0 and loaded.default_guidance_scale == 2.5
+    kw = dict(height=64, width=96, num_inference_steps=2, tiling=TilingConfig(strength=1.0), progress=False)
+    by_default = loaded(PROMPT, **kw).frames
+    np.testing.assert_array_equal(by_default, loaded(PROMPT, guidance_scale=2.5, **kw).frames)
+    assert not np.array_equal(by_default, loaded(PROMPT, guidance_scale=5.0, **kw).frames)
+    with pytest.raises(ValueError, match="guidance_scale=-1.0 must be a finite number >= 0"):
+        loaded(PROMPT, guidance_scale=-1.0, **kw)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
