@@ -117,9 +117,8 @@ def _dtype(name: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     from supergen.config import CacheConfig, ParallelConfig, TilingConfig
     from supergen.io import check_output_path, write_json, write_skip_map, write_video
-    from supergen.models import resolve_model
     from supergen.parallel import distributed_session
-    from supergen.pipeline import SuperGenPipeline
+    from supergen.pipeline import SuperGenPipeline, check_request_for
     from supergen.samplers.schedule import refinement_steps
 
     tiling = TilingConfig(
@@ -156,7 +155,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     cache.check_schedule(refinement_steps(args.steps, args.strength))
-    resolve_model(args.model)  # unknown names fail before anything loads
+    # Unknown names and sizes the model cannot take fail before any weights load (a folder's
+    # configs are enough); a hub id is checked after loading, by check_request below.
+    check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
     image = None
     if args.image is not None:
         from diffusers.utils import load_image

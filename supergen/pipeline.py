@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from supergen.backbones import BackboneAdapter, adapter_for
+from supergen.backbones import BackboneAdapter, ModelSpec, adapter_for, spec_from_folder
 from supergen.cache import CacheSchedule, RegionCache
 from supergen.config import CacheConfig, ParallelConfig, StreamConfig, TilingConfig
 from supergen.io import to_uint8
@@ -59,6 +59,123 @@ def _peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     # ru_maxrss is KiB on Linux: the process's peak resident set.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def validate_request(
+    spec: ModelSpec,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    tiling: TilingConfig | None = None,
+) -> TiledRequest:
+    """Validate sizes against a model's geometry and native size; returns the request in latent cells.
+
+    Needs only the model's :class:`~supergen.backbones.ModelSpec`, so it runs
+    as well before the weights load (:func:`check_request_for`) as after
+    (:meth:`SuperGenPipeline.check_request`). Defaults: twice the native
+    height and width, the native frame count. Raises ``ValueError`` naming the
+    bad size and a value that would work.
+    """
+    tiling = tiling or TilingConfig()
+    geo = spec.geometry
+    nh, nw, nf = spec.native_size
+    height = 2 * nh if height is None else height
+    width = 2 * nw if width is None else width
+    num_frames = nf if num_frames is None else num_frames
+    mult_h, mult_w = geo.pixel_multiple
+    for name, value, mult in (("height", height, mult_h), ("width", width, mult_w)):
+        if value % mult:
+            raise ValueError(
+                f"{name} {value} is not a multiple of {mult} (VAE {geo.scale_spatial} x patch {mult // geo.scale_spatial}); "
+                f"try {max(mult, round(value / mult) * mult)}"
+            )
+    for name, value, native in (("height", height, nh), ("width", width, nw)):
+        if value < native:
+            raise ValueError(
+                f"{name} {value} is smaller than the model's native {name} {native}; SuperGen refines at or "
+                "above the native size: use the plain Diffusers pipeline for smaller videos"
+            )
+    if (num_frames - 1) % geo.scale_temporal:
+        raise ValueError(
+            f"num_frames {num_frames} must be {geo.scale_temporal}k+1 (VAE temporal factor {geo.scale_temporal}); "
+            f"try {((num_frames - 1) // geo.scale_temporal) * geo.scale_temporal + 1}"
+        )
+    pt = geo.patch[0]
+    for name, frames in (("num_frames", num_frames), ("tile_frames", tiling.tile_frames or min(nf, num_frames))):
+        if geo.latent_frames(frames) % pt:
+            raise ValueError(
+                f"{name} {frames} gives {geo.latent_frames(frames)} latent frames, not a multiple of the "
+                f"transformer's temporal patch {pt}; try {geo.pixel_frames(-(-geo.latent_frames(frames) // pt) * pt)}"
+            )
+    if tiling.rope == "absolute" and not spec.supports_absolute_rope:
+        raise ValueError(
+            f"rope='absolute' is not available for {spec.pipeline_class}: its adapter cannot offset RoPE "
+            "positions per tile; use rope='local'"
+        )
+    tile_h = tiling.tile_height or nh
+    tile_w = tiling.tile_width or nw
+    tile_f = tiling.tile_frames or min(nf, num_frames)
+    for name, tile, canvas, unit in (
+        ("tile_height", tile_h, height, "pixels"),
+        ("tile_width", tile_w, width, "pixels"),
+        ("tile_frames", tile_f, num_frames, "frames"),
+    ):
+        if tile > canvas:
+            raise ValueError(f"{name} {tile} is larger than the canvas ({canvas} {unit}); use a smaller tile")
+    for name, tile, mult in (("tile_height", tile_h, mult_h), ("tile_width", tile_w, mult_w)):
+        if tile % mult:
+            raise ValueError(f"{name} {tile} is not a multiple of {mult} (VAE x patch)")
+    if (tile_f - 1) % geo.scale_temporal:
+        raise ValueError(f"tile_frames {tile_f} must be {geo.scale_temporal}k+1 (VAE temporal factor)")
+    canvas = geo.latent_shape(height, width, num_frames)
+    tile = geo.latent_shape(tile_h, tile_w, tile_f)
+    pt, ph, pw = geo.patch
+
+    def cells(pixels: int, scale: int, patch: int) -> int:
+        return math.ceil(math.ceil(pixels / scale) / patch) * patch
+
+    overlap = (
+        cells(tiling.frame_overlap, geo.scale_temporal, pt),
+        cells(tiling.overlap, geo.scale_spatial, ph),
+        cells(tiling.overlap, geo.scale_spatial, pw),
+    )
+    for axis, name in ((1, "overlap"), (2, "overlap"), (0, "frame_overlap")):
+        if tile[axis] < canvas[axis] and overlap[axis] >= tile[axis]:
+            raise ValueError(
+                f"{name} {overlap[axis]} latent cells is not smaller than the tile ({tile[axis]} cells); reduce it"
+            )
+    stride = None
+    if tiling.shift_stride is not None:
+        stride = tuple(max(p, cells(tiling.shift_stride, geo.scale_spatial, p)) for p in (ph, pw))
+    # The sketch keeps the target's aspect ratio at (about) the native area.
+    scale = min(1.0, math.sqrt((nh * nw) / (height * width)))
+    sketch_h = min(height, max(mult_h, round(height * scale / mult_h) * mult_h))
+    sketch_w = min(width, max(mult_w, round(width * scale / mult_w) * mult_w))
+    return TiledRequest(height, width, num_frames, canvas, tile, overlap, stride, sketch_h, sketch_w)
+
+
+def check_request_for(
+    name_or_path: str | os.PathLike,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    tiling: TilingConfig | None = None,
+    native_size: tuple[int, int, int] | None = None,
+) -> TiledRequest | None:
+    """Validate a request for a model from its config files, before (and without) loading any weights.
+
+    Same checks and messages as :meth:`SuperGenPipeline.check_request` on the
+    loaded model; ``native_size`` and the checkpoint's ``supergen.json`` are
+    applied as :meth:`SuperGenPipeline.from_pretrained` applies them. Built-in
+    names resolve to their folder (a tiny model is built on first use).
+    Returns ``None`` for a hub id: its configs are not here, and the check
+    after loading still runs.
+    """
+    source = Path(resolve_model(name_or_path))
+    if not source.is_dir():
+        return None
+    spec = spec_from_folder(source, native_size=native_size or read_native_size(source))
+    return validate_request(spec, height, width, num_frames, tiling)
 
 
 class SuperGenPipeline:
@@ -130,83 +247,9 @@ class SuperGenPipeline:
         """Validate sizes against the model before any model work; returns latent geometry.
 
         Defaults: twice the native height and width, the native frame count.
+        See :func:`validate_request`.
         """
-        tiling = tiling or TilingConfig()
-        geo = self.adapter.geometry
-        nh, nw, nf = self.adapter.native_height, self.adapter.native_width, self.adapter.native_num_frames
-        height = 2 * nh if height is None else height
-        width = 2 * nw if width is None else width
-        num_frames = nf if num_frames is None else num_frames
-        mult_h, mult_w = geo.pixel_multiple
-        for name, value, mult in (("height", height, mult_h), ("width", width, mult_w)):
-            if value % mult:
-                raise ValueError(
-                    f"{name} {value} is not a multiple of {mult} (VAE {geo.scale_spatial} x patch {mult // geo.scale_spatial}); "
-                    f"try {max(mult, round(value / mult) * mult)}"
-                )
-        for name, value, native in (("height", height, nh), ("width", width, nw)):
-            if value < native:
-                raise ValueError(
-                    f"{name} {value} is smaller than the model's native {name} {native}; SuperGen refines at or "
-                    "above the native size: use the plain Diffusers pipeline for smaller videos"
-                )
-        if (num_frames - 1) % geo.scale_temporal:
-            raise ValueError(
-                f"num_frames {num_frames} must be {geo.scale_temporal}k+1 (VAE temporal factor {geo.scale_temporal}); "
-                f"try {((num_frames - 1) // geo.scale_temporal) * geo.scale_temporal + 1}"
-            )
-        pt = geo.patch[0]
-        for name, frames in (("num_frames", num_frames), ("tile_frames", tiling.tile_frames or min(nf, num_frames))):
-            if geo.latent_frames(frames) % pt:
-                raise ValueError(
-                    f"{name} {frames} gives {geo.latent_frames(frames)} latent frames, not a multiple of the "
-                    f"transformer's temporal patch {pt}; try {geo.pixel_frames(-(-geo.latent_frames(frames) // pt) * pt)}"
-                )
-        if tiling.rope == "absolute" and not self.adapter.supports_absolute_rope:
-            raise ValueError(
-                f"rope='absolute' is not available for {type(self.pipe).__name__}: its adapter cannot offset RoPE "
-                "positions per tile; use rope='local'"
-            )
-        tile_h = tiling.tile_height or nh
-        tile_w = tiling.tile_width or nw
-        tile_f = tiling.tile_frames or min(nf, num_frames)
-        for name, tile, canvas, unit in (
-            ("tile_height", tile_h, height, "pixels"),
-            ("tile_width", tile_w, width, "pixels"),
-            ("tile_frames", tile_f, num_frames, "frames"),
-        ):
-            if tile > canvas:
-                raise ValueError(f"{name} {tile} is larger than the canvas ({canvas} {unit}); use a smaller tile")
-        for name, tile, mult in (("tile_height", tile_h, mult_h), ("tile_width", tile_w, mult_w)):
-            if tile % mult:
-                raise ValueError(f"{name} {tile} is not a multiple of {mult} (VAE x patch)")
-        if (tile_f - 1) % geo.scale_temporal:
-            raise ValueError(f"tile_frames {tile_f} must be {geo.scale_temporal}k+1 (VAE temporal factor)")
-        canvas = geo.latent_shape(height, width, num_frames)
-        tile = geo.latent_shape(tile_h, tile_w, tile_f)
-        pt, ph, pw = geo.patch
-
-        def cells(pixels: int, scale: int, patch: int) -> int:
-            return math.ceil(math.ceil(pixels / scale) / patch) * patch
-
-        overlap = (
-            cells(tiling.frame_overlap, geo.scale_temporal, pt),
-            cells(tiling.overlap, geo.scale_spatial, ph),
-            cells(tiling.overlap, geo.scale_spatial, pw),
-        )
-        for axis, name in ((1, "overlap"), (2, "overlap"), (0, "frame_overlap")):
-            if tile[axis] < canvas[axis] and overlap[axis] >= tile[axis]:
-                raise ValueError(
-                    f"{name} {overlap[axis]} latent cells is not smaller than the tile ({tile[axis]} cells); reduce it"
-                )
-        stride = None
-        if tiling.shift_stride is not None:
-            stride = tuple(max(p, cells(tiling.shift_stride, geo.scale_spatial, p)) for p in (ph, pw))
-        # The sketch keeps the target's aspect ratio at (about) the native area.
-        scale = min(1.0, math.sqrt((nh * nw) / (height * width)))
-        sketch_h = min(height, max(mult_h, round(height * scale / mult_h) * mult_h))
-        sketch_w = min(width, max(mult_w, round(width * scale / mult_w) * mult_w))
-        return TiledRequest(height, width, num_frames, canvas, tile, overlap, stride, sketch_h, sketch_w)
+        return validate_request(self.adapter.spec, height, width, num_frames, tiling)
 
     # --- generation -------------------------------------------------------
     def _planner(self, request: TiledRequest, tiling: TilingConfig) -> TilePlanner:

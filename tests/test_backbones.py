@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from supergen import SuperGenPipeline, TilingConfig
-from supergen.backbones import adapter_for, supported_pipelines
-from supergen.models import TINY_NATIVE_SIZES, tiny_model_path
+from supergen.backbones import ModelConfigs, adapter_for, spec_from_folder, supported_pipelines
+from supergen.models import TINY_NATIVE_SIZES, read_native_size, resolve_model, tiny_model_path
 
 PROMPT = "a red circle moving left over a blue sky"
 
@@ -217,6 +217,54 @@ def test_checkpoint_missing_a_needed_field_is_named(backbone, tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="transformer config has no 'patch_size'"):
         SuperGenPipeline.from_pretrained(str(folder))
+    with pytest.raises(ValueError, match="transformer config has no 'patch_size'"):
+        spec_from_folder(folder)  # the pre-load check fails the same way
+
+
+@pytest.mark.parametrize("name", [case.name for case in BACKBONES] + ["toy"])
+def test_config_files_give_the_loaded_adapters_geometry_and_native_size(name):
+    """The pre-load check sees exactly the model the loaded adapter sees, from the JSON files alone."""
+    folder = resolve_model(name)
+    from_configs = spec_from_folder(folder, native_size=read_native_size(folder))
+    sg = SuperGenPipeline.from_pretrained(name)
+    assert from_configs == sg.adapter.spec
+    assert from_configs.geometry == sg.adapter.geometry
+    assert from_configs.native_size == (sg.adapter.native_height, sg.adapter.native_width, sg.adapter.native_num_frames)
+    assert from_configs.supports_absolute_rope == sg.adapter.supports_absolute_rope
+    # The same factors the Diffusers pipeline's __init__ computes from the loaded VAE and transformer.
+    pipe, geo = sg.pipe, from_configs.geometry
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_spatial_compression_ratio
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None) or pipe.vae_temporal_compression_ratio
+    assert (geo.scale_spatial, geo.scale_temporal) == (spatial, temporal)
+    # Without supergen.json the adapter's own default applies, loaded or not.
+    assert spec_from_folder(folder).native_size == type(sg.adapter).native_size_from_config(ModelConfigs.of(pipe), geo)
+
+
+def test_config_fields_left_out_take_the_diffusers_defaults(tmp_path):
+    """A config.json without an optional field reads as Diffusers fills it when loading."""
+    folder = tmp_path / "ltx"
+    shutil.copytree(tiny_model_path("tiny-ltx"), folder)
+    config_path = folder / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    for name in ("spatial_compression_ratio", "temporal_compression_ratio", "patch_size_t"):
+        config.pop(name, None)
+    config_path.write_text(json.dumps(config))
+    loaded = SuperGenPipeline.from_pretrained(str(folder)).adapter.spec
+    assert spec_from_folder(folder, read_native_size(folder)) == loaded
+
+
+def test_unsupported_transformer_in_a_folder_is_refused_before_loading(tmp_path):
+    folder = tmp_path / "flux"
+    shutil.copytree(tiny_model_path("tiny-wan"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError) as err:
+        spec_from_folder(folder)
+    message = str(err.value)
+    assert "no SuperGen adapter for FluxPipeline (transformer FluxTransformer2DModel)" in message
+    for case in BACKBONES:
+        assert case.pipeline_class in message
 
 
 def test_unsupported_pipeline_lists_every_supported_class():

@@ -56,3 +56,55 @@ def test_generate_bad_input_exits_2_with_message(tmp_path, args, message):
 def test_unknown_choice_is_rejected_by_argparse(tmp_path):
     res = run_cli("generate", "--prompt", PROMPT, "--blend", "gauss")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "model,args,message",
+    [
+        ("tiny", ["--height", "100"], "height 100 is not a multiple of 16 (VAE 8 x patch 2); try 96"),
+        ("tiny-ltx", ["--width", "200"], "width 200 is not a multiple of 32 (VAE 32 x patch 1); try 192"),
+        ("toy", ["--num-frames", "10"], "num_frames 10 must be 2k+1 (VAE temporal factor 2); try 9"),
+        ("tiny-cogvideox", ["--rope", "absolute"], "rope='absolute' is not available for CogVideoXPipeline"),
+        ("tiny-hunyuanvideo", ["--height", "32"], "height 32 is smaller than the model's native height 64"),
+    ],
+)
+def test_bad_sizes_fail_before_the_weights_load(tmp_path, monkeypatch, capsys, model, args, message):
+    """The size check reads the folder's configs: no pipeline is loaded to find out that a size is wrong."""
+    from diffusers import DiffusionPipeline
+
+    from supergen.cli import main
+    from supergen.pipeline import check_request_for
+
+    check_request_for(model)  # a built-in model is built on first use; that is not what this test is about
+
+    def no_loading(*a, **kw):
+        raise AssertionError("weights were loaded before the size check")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", no_loading)
+    code = main(["generate", "--model", model, "--prompt", PROMPT, "--steps", "1",
+                 "--output", str(tmp_path / "o.mp4"), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "loaded" not in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_unsupported_folder_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from supergen.cli import main
+    from supergen.models import tiny_model_path
+
+    folder = tmp_path / "flux"
+    shutil.copytree(tiny_model_path("tiny-wan"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **kw: pytest.fail("loaded"))
+    code = main(["generate", "--model", str(folder), "--prompt", PROMPT, "--output", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no SuperGen adapter for FluxPipeline (transformer FluxTransformer2DModel); supported pipelines: " in err
+    assert "WanPipeline" in err and "LTXPipeline" in err

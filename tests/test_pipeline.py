@@ -163,18 +163,18 @@ def test_checkpoint_can_recommend_its_guidance_scale(tiny, tmp_path):
         loaded(PROMPT, guidance_scale=-1.0, **kw)
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(height=100), "height 100 is not a multiple of 16"),
-        (dict(width=200), "width 200 is not a multiple of 16"),
-        (dict(height=48), "smaller than the model's native height"),
-        (dict(num_frames=10), "num_frames 10 must be 4k\\+1"),
-        (dict(height=64, tiling=TilingConfig(tile_height=80)), "tile_height 80 is larger than the canvas"),
-        (dict(tiling=TilingConfig(tile_width=88)), "tile_width 88 is not a multiple of 16"),
-        (dict(tiling=TilingConfig(overlap=70)), "overlap 10 latent cells is not smaller than the tile"),
-    ],
-)
+BAD_REQUESTS = [
+    (dict(height=100), "height 100 is not a multiple of 16"),
+    (dict(width=200), "width 200 is not a multiple of 16"),
+    (dict(height=48), "smaller than the model's native height"),
+    (dict(num_frames=10), "num_frames 10 must be 4k\\+1"),
+    (dict(height=64, tiling=TilingConfig(tile_height=80)), "tile_height 80 is larger than the canvas"),
+    (dict(tiling=TilingConfig(tile_width=88)), "tile_width 88 is not a multiple of 16"),
+    (dict(tiling=TilingConfig(overlap=70)), "overlap 10 latent cells is not smaller than the tile"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_REQUESTS)
 def test_bad_requests_fail_before_model_work(tiny, kwargs, match):
     calls = []
     handle = tiny.pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
@@ -184,6 +184,30 @@ def test_bad_requests_fail_before_model_work(tiny, kwargs, match):
     finally:
         handle.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_REQUESTS)
+def test_bad_requests_fail_the_same_from_the_configs_alone(tiny, kwargs, match):
+    """check_request_for (config files, no weights) and the loaded check say exactly the same."""
+    from supergen.pipeline import check_request_for
+
+    with pytest.raises(ValueError, match=match) as loaded:
+        tiny.check_request(**kwargs)
+    with pytest.raises(ValueError) as from_configs:
+        check_request_for("tiny", **kwargs)
+    assert str(from_configs.value) == str(loaded.value)
+
+
+def test_good_requests_plan_the_same_from_the_configs_alone(tiny):
+    from supergen.pipeline import check_request_for
+
+    cases = (dict(), dict(height=128, width=96, num_frames=13), dict(tiling=TilingConfig(overlap=16, shift_stride=8)))
+    for kwargs in cases:
+        assert check_request_for("tiny", **kwargs) == tiny.check_request(**kwargs)
+    # A checkpoint's supergen.json sets the native size here as it does when loading.
+    assert check_request_for("tiny").height == 2 * tiny.adapter.native_height
+    # A hub id cannot be checked without downloading it: the check after loading does it.
+    assert check_request_for("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", height=100) is None
 
 
 def test_unknown_models_and_folders_are_refused(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -47,6 +47,40 @@ class LatentGeometry:
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
         """(F, H, W) of the latent for a video of this pixel size."""
         return self.latent_frames(num_frames), height // self.scale_spatial, width // self.scale_spatial
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The configs an adapter derives a model's sizes from.
+
+    ``pipeline`` is the pipeline's own config (``model_index.json``),
+    ``transformer`` and ``vae`` those of its components. A loaded pipeline
+    gives its ``.config`` objects (:meth:`of`); a pipeline folder gives its
+    JSON files (:func:`supergen.backbones.read_folder_configs`), so sizes can
+    be checked before any weights load. Adapters index them (``cfg["name"]``)
+    so that a folder's config falls back on the Diffusers class's defaults as
+    a loaded one does.
+    """
+
+    pipeline_class: str
+    pipeline: Mapping[str, Any]
+    transformer: Mapping[str, Any]
+    vae: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, pipeline) -> "ModelConfigs":
+        return cls(type(pipeline).__name__, pipeline.config, pipeline.transformer.config, pipeline.vae.config)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What request validation needs to know about a model; known before its weights load."""
+
+    pipeline_class: str
+    geometry: LatentGeometry
+    #: (height, width, frames) the model was trained at.
+    native_size: tuple[int, int, int]
+    supports_absolute_rope: bool
 
 
 @dataclass(frozen=True)
@@ -103,6 +137,9 @@ class BackboneAdapter(ABC):
     #: Whether :meth:`predict` can return the residual its transformer blocks add to the hidden
     #: states, and run with a given residual in place of the blocks (step caches reuse it).
     supports_block_reuse: bool = False
+    #: Config fields the sizes are derived from: a checkpoint without them fails naming the field.
+    required_transformer_config: tuple[str, ...] = ()
+    required_vae_config: tuple[str, ...] = ()
 
     def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
         self.pipeline = pipeline
@@ -110,16 +147,43 @@ class BackboneAdapter(ABC):
         #: False runs them one after the other, exactly as WanPipeline does. The
         #: CogVideoX and LTX pipelines batch them themselves, so their adapters always do.
         self.batch_cfg = True
-        self.geometry = self._geometry()
-        self.native_height, self.native_width, self.native_num_frames = native_size or self.default_native_size()
+        spec = type(self).spec_from_configs(ModelConfigs.of(pipeline), native_size)
+        self.geometry = spec.geometry
+        self.native_height, self.native_width, self.native_num_frames = spec.native_size
 
     # --- description -----------------------------------------------------
-    @abstractmethod
-    def _geometry(self) -> LatentGeometry: ...
+    @classmethod
+    def spec_from_configs(cls, configs: ModelConfigs, native_size: tuple[int, int, int] | None = None) -> ModelSpec:
+        """The model's geometry and native size from its configs alone (no weights needed).
 
+        The one place both a loaded adapter and the pre-load check get them
+        from, so the two cannot disagree. ``native_size`` overrides the
+        adapter's default (a checkpoint's ``supergen.json``, a caller's choice).
+        """
+        require_config(configs.transformer, cls.required_transformer_config, "transformer")
+        require_config(configs.vae, cls.required_vae_config, "vae")
+        geometry = cls.geometry_from_config(configs)
+        native = tuple(native_size) if native_size else cls.native_size_from_config(configs, geometry)
+        return ModelSpec(configs.pipeline_class, geometry, native, cls.supports_absolute_rope)
+
+    @classmethod
     @abstractmethod
-    def default_native_size(self) -> tuple[int, int, int]:
-        """(height, width, frames) the checkpoint was trained at, read from its config."""
+    def geometry_from_config(cls, configs: ModelConfigs) -> LatentGeometry:
+        """Latent channels, VAE factors and transformer patch, as the Diffusers pipeline derives them."""
+
+    @classmethod
+    @abstractmethod
+    def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
+        """(height, width, frames) the checkpoint was trained at, from its configs (or the family's known size)."""
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            type(self.pipeline).__name__,
+            self.geometry,
+            (self.native_height, self.native_width, self.native_num_frames),
+            self.supports_absolute_rope,
+        )
 
     @property
     def native_latent_shape(self) -> tuple[int, int, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, PipelineScheduler, require_config
+from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, ModelConfigs, PipelineScheduler
 
 
 class CogVideoXStepper(PipelineScheduler):
@@ -59,36 +59,34 @@ class CogVideoXStepper(PipelineScheduler):
 class CogVideoXAdapter(BackboneAdapter):
     transformer_classes = ("CogVideoXTransformer3DModel",)
     pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
+    required_transformer_config = (
+        "in_channels", "patch_size", "patch_size_t", "sample_height", "sample_width", "sample_frames",
+        "attention_head_dim", "use_rotary_positional_embeddings",
+    )
+    required_vae_config = ("scaling_factor", "block_out_channels", "temporal_compression_ratio")
 
-    def __init__(self, pipeline, native_size=None):
-        require_config(
-            pipeline.transformer.config,
-            ("in_channels", "patch_size", "patch_size_t", "sample_height", "sample_width", "sample_frames",
-             "attention_head_dim", "use_rotary_positional_embeddings"),
-            "transformer",
-        )
-        require_config(pipeline.vae.config, ("scaling_factor", "block_out_channels", "temporal_compression_ratio"), "vae")
-        super().__init__(pipeline, native_size)
-
-    def _geometry(self) -> LatentGeometry:
-        cfg = self.pipeline.transformer.config
+    @classmethod
+    def geometry_from_config(cls, configs: ModelConfigs) -> LatentGeometry:
+        cfg = configs.transformer
         return LatentGeometry(
             # Image-to-video transformers take the image latents as extra input channels.
-            channels=cfg.out_channels or cfg.in_channels,
-            scale_temporal=int(self.pipeline.vae_scale_factor_temporal),
-            scale_spatial=int(self.pipeline.vae_scale_factor_spatial),
-            patch=(cfg.patch_size_t or 1, cfg.patch_size, cfg.patch_size),
+            channels=int(cfg["out_channels"] or cfg["in_channels"]),
+            # CogVideoXPipeline.__init__'s vae_scale_factor_temporal / _spatial.
+            scale_temporal=int(configs.vae["temporal_compression_ratio"]),
+            scale_spatial=2 ** (len(configs.vae["block_out_channels"]) - 1),
+            patch=(int(cfg["patch_size_t"] or 1), int(cfg["patch_size"]), int(cfg["patch_size"])),
         )
 
-    def default_native_size(self) -> tuple[int, int, int]:
-        cfg = self.pipeline.transformer.config
-        if cfg.patch_size_t is not None:
+    @classmethod
+    def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
+        cfg = configs.transformer
+        if cfg["patch_size_t"] is not None:
             # CogVideoX 1.5's sample_height/width (300x170) bound its RoPE table, they are not
             # its training size; it was trained at 768x1360. 85 frames = 22 latent frames, the
             # multiple of patch_size_t=2 that the pipeline pads 81 frames up to.
             return 768, 1360, 85
-        scale = self.geometry.scale_spatial
-        return cfg.sample_height * scale, cfg.sample_width * scale, cfg.sample_frames
+        scale = geometry.scale_spatial
+        return cfg["sample_height"] * scale, cfg["sample_width"] * scale, cfg["sample_frames"]
 
     @property
     def dtype(self) -> torch.dtype:

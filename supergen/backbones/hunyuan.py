@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, PipelineScheduler, require_config
+from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, ModelConfigs, PipelineScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -69,28 +69,29 @@ class HunyuanVideoAdapter(BackboneAdapter):
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     pipeline_classes = ("HunyuanVideoPipeline",)
     supports_absolute_rope = True
+    required_transformer_config = ("in_channels", "patch_size", "patch_size_t")
+    required_vae_config = ("scaling_factor", "spatial_compression_ratio", "temporal_compression_ratio")
 
     def __init__(self, pipeline, native_size=None):
-        require_config(pipeline.transformer.config, ("in_channels", "patch_size", "patch_size_t"), "transformer")
-        require_config(
-            pipeline.vae.config, ("scaling_factor", "spatial_compression_ratio", "temporal_compression_ratio"), "vae"
-        )
         super().__init__(pipeline, native_size)
         self._rope_hook = HunyuanRopePositions(pipeline.transformer.rope)
 
     def remove_hooks(self) -> None:
         self._rope_hook.remove()
 
-    def _geometry(self) -> LatentGeometry:
-        cfg = self.pipeline.transformer.config
+    @classmethod
+    def geometry_from_config(cls, configs: ModelConfigs) -> LatentGeometry:
+        cfg = configs.transformer
         return LatentGeometry(
-            channels=cfg.in_channels,
-            scale_temporal=int(self.pipeline.vae_scale_factor_temporal),
-            scale_spatial=int(self.pipeline.vae_scale_factor_spatial),
-            patch=(cfg.patch_size_t, cfg.patch_size, cfg.patch_size),
+            channels=int(cfg["in_channels"]),
+            # HunyuanVideoPipeline.__init__ takes them from the VAE, which keeps its config's values.
+            scale_temporal=int(configs.vae["temporal_compression_ratio"]),
+            scale_spatial=int(configs.vae["spatial_compression_ratio"]),
+            patch=(int(cfg["patch_size_t"]), int(cfg["patch_size"]), int(cfg["patch_size"])),
         )
 
-    def default_native_size(self) -> tuple[int, int, int]:
+    @classmethod
+    def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
         # The configs do not record it; HunyuanVideo was trained (and its pipeline defaults) at 720p, 129 frames.
         return 720, 1280, 129
 

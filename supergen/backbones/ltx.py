@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, PipelineScheduler, require_config
+from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, ModelConfigs, PipelineScheduler
 
 #: LTXPipeline's default frame rate; it only enters RoPE's temporal scale.
 FRAME_RATE = 25
@@ -33,23 +33,26 @@ class LTXAdapter(BackboneAdapter):
     transformer_classes = ("LTXVideoTransformer3DModel",)
     pipeline_classes = ("LTXPipeline",)
     supports_absolute_rope = True
+    required_transformer_config = ("in_channels", "patch_size", "patch_size_t")
+    required_vae_config = ("scaling_factor", "patch_size", "spatio_temporal_scaling")
 
-    def __init__(self, pipeline, native_size=None):
-        require_config(pipeline.transformer.config, ("in_channels", "patch_size", "patch_size_t"), "transformer")
-        require_config(pipeline.vae.config, ("scaling_factor", "patch_size", "spatio_temporal_scaling"), "vae")
-        super().__init__(pipeline, native_size)
-
-    def _geometry(self) -> LatentGeometry:
-        pipe = self.pipeline
+    @classmethod
+    def geometry_from_config(cls, configs: ModelConfigs) -> LatentGeometry:
+        cfg, vae = configs.transformer, configs.vae
+        # AutoencoderKLLTXVideo.__init__'s compression ratios (LTXPipeline reads them off the VAE):
+        # explicit in the config, or the VAE patch times 2 per scaling block.
+        scaling = 2 ** sum(bool(s) for s in vae["spatio_temporal_scaling"])
+        spatial = vae["spatial_compression_ratio"]
+        temporal = vae["temporal_compression_ratio"]
         return LatentGeometry(
-            channels=pipe.transformer.config.in_channels,
-            scale_temporal=int(pipe.vae_temporal_compression_ratio),
-            scale_spatial=int(pipe.vae_spatial_compression_ratio),
-            patch=(pipe.transformer_temporal_patch_size, pipe.transformer_spatial_patch_size,
-                   pipe.transformer_spatial_patch_size),
+            channels=int(cfg["in_channels"]),
+            scale_temporal=int(vae["patch_size_t"] * scaling if temporal is None else temporal),
+            scale_spatial=int(vae["patch_size"] * scaling if spatial is None else spatial),
+            patch=(int(cfg["patch_size_t"]), int(cfg["patch_size"]), int(cfg["patch_size"])),
         )
 
-    def default_native_size(self) -> tuple[int, int, int]:
+    @classmethod
+    def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
         # Not in the configs; LTXPipeline's defaults, the size LTX-Video was trained at.
         return 512, 704, 161
 

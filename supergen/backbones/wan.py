@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, TokenPositions, require_config
+from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, ModelConfigs, TokenPositions
 
 
 class WanRopePositions:
@@ -125,16 +125,12 @@ class WanAdapter(BackboneAdapter):
     pipeline_classes = ("WanPipeline", "SkyReelsV2Pipeline", "WanImageToVideoPipeline")
     supports_absolute_rope = True
     supports_block_reuse = True
+    required_transformer_config = ("in_channels", "patch_size")
+    required_vae_config = ("z_dim", "scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std")
 
     def __init__(self, pipeline, native_size=None):
         if pipeline.transformer is None:
             raise ValueError("this Wan pipeline has no `transformer`; the engine needs the high-noise expert")
-        require_config(pipeline.transformer.config, ("in_channels", "patch_size"), "transformer")
-        require_config(
-            pipeline.vae.config,
-            ("z_dim", "scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std"),
-            "vae",
-        )
         super().__init__(pipeline, native_size)
         self._rope_hooks = {
             id(model): WanRopePositions(model.rope) for model in self._experts() if hasattr(model, "rope")
@@ -144,21 +140,23 @@ class WanAdapter(BackboneAdapter):
     def _experts(self):
         return [m for m in (self.pipeline.transformer, getattr(self.pipeline, "transformer_2", None)) if m is not None]
 
-    def _geometry(self) -> LatentGeometry:
-        vae_cfg = self.pipeline.vae.config
-        tr_cfg = self.pipeline.transformer.config
+    @classmethod
+    def geometry_from_config(cls, configs: ModelConfigs) -> LatentGeometry:
+        vae_cfg, tr_cfg = configs.vae, configs.transformer
         return LatentGeometry(
             # The VAE's channels: image-to-video transformers take more (the condition).
-            channels=vae_cfg.z_dim,
-            scale_temporal=int(vae_cfg.scale_factor_temporal),
-            scale_spatial=int(vae_cfg.scale_factor_spatial),
-            patch=tuple(int(p) for p in tr_cfg.patch_size),
+            channels=int(vae_cfg["z_dim"]),
+            scale_temporal=int(vae_cfg["scale_factor_temporal"]),
+            scale_spatial=int(vae_cfg["scale_factor_spatial"]),
+            patch=tuple(int(p) for p in tr_cfg["patch_size"]),
         )
 
-    def default_native_size(self) -> tuple[int, int, int]:
-        cfg = self.pipeline.transformer.config
-        inner_dim = cfg.num_attention_heads * cfg.attention_head_dim
-        if getattr(self.pipeline.config, "expand_timesteps", False):
+    @classmethod
+    def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
+        cfg = configs.transformer
+        inner_dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        # Only WanPipeline and WanImageToVideoPipeline have the option.
+        if configs.pipeline.get("expand_timesteps", False):
             return 704, 1280, 121  # Wan2.2 TI2V-5B
         # Wan2.1-1.3B and SkyReels-V2-1.3B are 480p models; the 14B family is 720p.
         return (480, 832, 81) if inner_dim <= 1536 else (720, 1280, 81)
