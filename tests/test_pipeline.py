@@ -233,3 +233,23 @@ def test_unsupported_pipeline_lists_supported_ones(tiny):
 def test_metrics_are_json_serialisable(tiny):
     out = tiny(PROMPT, height=128, width=192, num_inference_steps=2, progress=False)
     json.dumps(out.metrics)
+
+
+def test_the_check_from_configs_imports_no_model_code():
+    """Reading the configs stays cheap: neither Diffusers nor Transformers is imported for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from supergen.pipeline import check_request_for\n"
+        "check_request_for('tiny')\n"
+        "try:\n"
+        "    check_request_for('tiny', height=100)\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["height 100 is not a multiple of 16 (VAE 8 x patch 2); try 96", "[]"]

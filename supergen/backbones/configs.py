@@ -6,7 +6,6 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from supergen.backbones.base import ModelConfigs
 
@@ -27,28 +26,28 @@ class FolderConfig(dict):
         self.class_name = class_name
         self.where = where
 
-    def _defaults(self) -> dict[str, Any]:
+    def _default(self, key: str):
+        """The class's ``__init__`` default for ``key``; ``inspect.Parameter.empty`` when it has none."""
+        # Private keys (_name_or_path, _use_default_values...) are Diffusers' bookkeeping, not arguments.
+        if key.startswith("_") or not self.class_name:
+            return inspect.Parameter.empty
         import diffusers
 
-        cls = getattr(diffusers, self.class_name, None) if self.class_name else None
-        if cls is None:
-            return {}
-        return {
-            name: param.default
-            for name, param in inspect.signature(cls.__init__).parameters.items()
-            if param.default is not inspect.Parameter.empty
-        }
+        cls = getattr(diffusers, self.class_name, None)
+        param = inspect.signature(cls.__init__).parameters.get(key) if cls is not None else None
+        return inspect.Parameter.empty if param is None else param.default
 
     def __missing__(self, key: str):
-        defaults = self._defaults()
-        if key not in defaults:
+        value = self._default(key)
+        if value is inspect.Parameter.empty:
             raise KeyError(f"{self.where} has no {key!r} and {self.class_name} has no default for it")
-        return defaults[key]
+        return value
 
     def get(self, key: str, default=None):
         if key in self:
             return self[key]
-        return self._defaults().get(key, default)
+        value = self._default(key)
+        return default if value is inspect.Parameter.empty else value
 
 
 def _read_json(path: Path) -> dict:
