@@ -40,7 +40,10 @@ class FolderConfig(dict):
     def __missing__(self, key: str):
         value = self._default(key)
         if value is inspect.Parameter.empty:
-            raise KeyError(f"{self.where} has no {key!r} and {self.class_name} has no default for it")
+            raise ValueError(
+                f"{self.where} has no {key!r} and {self.class_name} has no default for it; SuperGen needs it "
+                "for this model: add it, or load a complete checkpoint"
+            )
         return value
 
     def get(self, key: str, default=None):
