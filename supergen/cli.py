@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write a finished block's keys/values by a clean re-run, or from its last denoising step")
     st.add_argument("--height", type=int, default=None, help="pixels (default: the model's native height)")
     st.add_argument("--width", type=int, default=None, help="pixels (default: the model's native width)")
-    st.add_argument("--guidance", type=float, default=1.0, help="CFG scale (causal few-step checkpoints: 1)")
+    st.add_argument("--guidance", type=float, default=None,
+                    help="CFG scale (default: 1, no guidance, as causal few-step checkpoints run; or the scale the "
+                    "checkpoint's supergen.json recommends)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--transformer-weights", default=None,
                     help="original-layout Wan checkpoint to load into the transformer (Self-Forcing, CausVid, Rolling Forcing)")

@@ -192,9 +192,12 @@ class SuperGenPipeline:
                  default_guidance_scale: float | None = None):
         self.pipe = pipeline
         self.adapter: BackboneAdapter = adapter_for(pipeline, native_size=native_size)
+        # What the checkpoint recommends (supergen.json), else the tiled default; streams default to no
+        # guidance (causal few-step checkpoints are distilled without it) unless the checkpoint says otherwise.
         self.default_guidance_scale = (
             self.DEFAULT_GUIDANCE_SCALE if default_guidance_scale is None else float(default_guidance_scale)
         )
+        self.default_stream_guidance_scale = 1.0 if default_guidance_scale is None else float(default_guidance_scale)
 
     # --- construction ---------------------------------------------------------
     @classmethod
@@ -493,7 +496,7 @@ class SuperGenPipeline:
         stream: StreamConfig | None = None,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         seed: int = 0,
         generator: torch.Generator | None = None,
@@ -512,7 +515,9 @@ class SuperGenPipeline:
         Args:
             stream: block length, window, sink, steps, schedule, KV write mode.
             height, width: frame size in pixels (default: the native size).
-            guidance_scale: CFG scale; causal few-step checkpoints run without it (1.0).
+            guidance_scale: CFG scale (default: ``default_stream_guidance_scale``: 1.0,
+                no guidance, as causal few-step checkpoints run, unless the
+                checkpoint's ``supergen.json`` recommends a scale).
             scheduler: a Diffusers scheduler to copy per block (default: the
                 pipeline's); ``FlowMatchEulerDiscreteScheduler(shift=5.0,
                 stochastic_sampling=True)`` is Self-Forcing's few-step sampler.
@@ -524,6 +529,8 @@ class SuperGenPipeline:
         stream = stream or StreamConfig()
         if output_type not in ("uint8", "float"):
             raise ValueError(f"output_type={output_type!r} must be uint8 or float")
+        if guidance_scale is None:
+            guidance_scale = self.default_stream_guidance_scale
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
         height, width = self.check_stream(stream, height, width, num_blocks)

@@ -155,6 +155,7 @@ def test_checkpoint_can_recommend_its_guidance_scale(tiny, tmp_path):
     write_native_size(folder, 64, 96, 9, guidance_scale=2.5)
     loaded = SuperGenPipeline.from_pretrained(str(folder))
     assert tiny.default_guidance_scale == 5.0 and loaded.default_guidance_scale == 2.5
+    assert tiny.default_stream_guidance_scale == 1.0 and loaded.default_stream_guidance_scale == 2.5
     kw = dict(height=64, width=96, num_inference_steps=2, tiling=TilingConfig(strength=1.0), progress=False)
     by_default = loaded(PROMPT, **kw).frames
     np.testing.assert_array_equal(by_default, loaded(PROMPT, guidance_scale=2.5, **kw).frames)
