@@ -144,6 +144,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sheet", type=Path, default=REPO / "docs" / "toy_contact_sheet.png")
     parser.add_argument("--json", type=Path, help="also write every table's numbers here")
     parser.add_argument("--skip-tiling", action="store_true")
+    parser.add_argument("--strengths", default="0.5,0.7,0.9",
+                        help="refinement strengths for the strength table (empty: skip it)")
+    parser.add_argument("--strength-size", type=parse_size, default=(64, 64))
+    parser.add_argument("--only-strength", action="store_true", help="print only the strength table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -159,8 +163,29 @@ def main(argv=None) -> None:
         training_table(args.train_work)
 
     native_size = (toy.adapter.native_height, toy.adapter.native_width, toy.adapter.native_num_frames)
-    random_pipe = SuperGenPipeline.from_pipe(build_toy_wan(seed=0), native_size=native_size)
     prompts = pick_prompts(args.clips, seed=0)
+    strengths = [float(v) for v in args.strengths.split(",") if v]
+    if strengths:
+        h, w = args.strength_size
+        print(f"\n### Refinement strength ({h}x{w}, guidance {guidance:g}, no overlap)\n")
+        print("| strength | shift | adherence | colour | shape | direction | flicker | s / clip |")
+        print("|---|---|---|---|---|---|---|---|")
+        results["strength"] = []
+        for shift in ("wrap", "none"):
+            for strength in strengths:
+                videos, sec = generate(toy, prompts, (h, w), args.steps, guidance,
+                                       TilingConfig(strength=strength, shift=shift))
+                acc = mean_adherence(videos, prompts)
+                flicker = float(np.mean([temporal_flicker(v) for v in videos]))
+                results["strength"].append(dict(height=h, width=w, strength=strength, shift=shift, flicker=flicker,
+                                                seconds=sec, **acc))
+                print(f"| {strength:g} | {shift} | {acc['score']:.2f} | {acc['colour']:.2f} | {acc['shape']:.2f} | "
+                      f"{acc['direction']:.2f} | {flicker:.4f} | {sec:.2f} |", flush=True)
+    if args.only_strength:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
+    random_pipe = SuperGenPipeline.from_pipe(build_toy_wan(seed=0), native_size=native_size)
     native = TilingConfig(strength=1.0)
     print(f"\n### Prompt adherence at the native size ({native_size[0]}x{native_size[1]}, {native_size[2]} frames)\n")
     print("| model | guidance | colour | shape | direction | score | s / clip |")

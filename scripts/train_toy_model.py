@@ -15,11 +15,14 @@ Two phases, one background job, resumable from its checkpoints:
 Everything is determined by ``--seed``: initial weights, the clip of every
 step, the noise and timesteps of every step (each drawn from a generator
 seeded by (seed, phase, step)), so a resumed run follows the same path as an
-uninterrupted one. The loss curve goes to ``<work>/loss.csv`` (and a PNG when
+uninterrupted one, bit for bit at the same ``--threads`` (tests/test_train_toy.py;
+another thread count changes the order of float reductions). The loss curve
+goes to ``<work>/loss.csv`` (rewound to the checkpoint on resume; a PNG too when
 matplotlib is present); the final pipeline is written with ``save_pretrained``
-to ``--output`` (default ``supergen/assets/toy``).
+to ``--output`` (default ``supergen/assets/toy``). The defaults are the shipped
+model's settings (about 70 minutes on 2 CPU cores):
 
-    nohup python scripts/train_toy_model.py --work /tmp/toy-train > /tmp/toy-train.log 2>&1 &
+    nohup python scripts/train_toy_model.py --work runs/toy > runs/toy.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -298,14 +301,14 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="checkpoints, loss.csv, latents cache")
     parser.add_argument("--output", type=Path, default=REPO / "supergen" / "assets" / "toy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    parser.add_argument("--vae-steps", type=int, default=1000)
-    parser.add_argument("--vae-batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a CPU shared with other jobs: a 2-thread run slowed 20x when another process took a core)")
+    parser.add_argument("--vae-steps", type=int, default=5000)
+    parser.add_argument("--vae-batch", type=int, default=4)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4)
     parser.add_argument("--vae-shape-weight", type=float, default=9.0, help="extra loss weight on shape pixels")
     parser.add_argument("--dataset", type=int, default=4096, help="clips in the fixed transformer training set")
-    parser.add_argument("--dit-steps", type=int, default=2500)
+    parser.add_argument("--dit-steps", type=int, default=7000)
     parser.add_argument("--dit-batch", type=int, default=16)
     parser.add_argument("--dit-lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.998)

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="serve the Gradio demo (needs the [demo] extra)")
     _add_common(d)
+    # The demo is for people: default to the model that draws something (tiny draws noise).
+    d.set_defaults(model="toy")
     d.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--concurrency", type=int, default=1, help="generations run at once; other visitors queue")

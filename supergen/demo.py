@@ -35,7 +35,7 @@ class DemoBackend:
     (``concurrency_limit``), so the model is never used by two requests at once.
     """
 
-    def __init__(self, model: str = "tiny", device: str | None = None, workdir: str | None = None):
+    def __init__(self, model: str = "toy", device: str | None = None, workdir: str | None = None):
         from supergen.pipeline import SuperGenPipeline
 
         self.model = model
@@ -248,7 +248,7 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
     return app
 
 
-def serve(model: str = "tiny", host: str = "127.0.0.1", port: int = 7860, device: str | None = None,
+def serve(model: str = "toy", host: str = "127.0.0.1", port: int = 7860, device: str | None = None,
           concurrency: int = 1, block: bool = True):
     """Load the model, build the app and start serving; returns the Gradio app."""
     backend = DemoBackend(model, device=device)

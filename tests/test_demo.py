@@ -34,7 +34,7 @@ def demo_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("demo") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "supergen", "demo", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "supergen", "demo", "--model", "tiny", "--host", "127.0.0.1", "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"),

