@@ -67,6 +67,18 @@ def save_checkpoint(path: Path, **state) -> None:
     tmp.replace(path)
 
 
+def resume(ckpt: Path, log: "LossLog", phase: str, **parts) -> tuple[int, float]:
+    """Load ``parts`` (name -> module or optimizer) from ``ckpt`` if it exists; returns (step, seconds so far)."""
+    if not ckpt.exists():
+        return 0, 0.0
+    state = torch.load(ckpt, weights_only=False)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    logger.info("%s: resumed at step %d (%.0f s so far)", phase, state["step"], state["elapsed"])
+    log.rewind(phase, state["step"])
+    return state["step"], state["elapsed"]
+
+
 def budget_spent(args) -> bool:
     """Count one optimizer step against ``--max-steps``; True once this invocation has used them all."""
     args.steps_done += 1
@@ -105,14 +117,7 @@ def train_vae(pipe, args, work: Path, log: LossLog) -> None:
     height, width, frames = TOY_NATIVE_SIZE
     ckpt = work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start, elapsed = state["step"], state["elapsed"]
-        logger.info("vae: resumed at step %d (%.0f s so far)", start, elapsed)
-        log.rewind("vae", start)
+    start, elapsed = resume(ckpt, log, "vae", model=vae, opt=opt)
     vae.train()
     t0 = time.perf_counter() - elapsed
     running = None
@@ -205,15 +210,7 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
     opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.01)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
     ckpt = work / "dit.pt"
-    start, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start, elapsed = state["step"], state["elapsed"]
-        logger.info("dit: resumed at step %d (%.0f s so far)", start, elapsed)
-        log.rewind("dit", start)
+    start, elapsed = resume(ckpt, log, "dit", model=model, ema=ema, opt=opt)
     model.train()
     shift = pipe.scheduler.config.flow_shift
     t0 = time.perf_counter() - elapsed
