@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from supergen.toyworld import COLOURS, SHAPES, shape_coverage, parse_prompt
+from supergen.toyworld import COLOURS, SHAPES, parse_prompt, shape_area, shape_coverage
 
 
 def _as_float(frames) -> np.ndarray:
@@ -113,8 +113,6 @@ def temporal_flicker(frames) -> float:
 COLOUR_TOLERANCE = 70.0
 # A blob must cover this fraction of the frame (toy shapes cover 3..9%).
 MIN_AREA_FRACTION = 0.008
-# Area of each toy-world shape over its circumradius squared (toyworld.shape_coverage's geometry).
-_AREA_OVER_R2 = {"circle": math.pi, "square": 1.6**2, "triangle": 3 * math.sqrt(3) / 4}
 # The blob must travel this fraction of the shorter side over the clip to count as moving.
 MIN_TRAVEL_FRACTION = 0.1
 
@@ -167,7 +165,7 @@ def _classify_shape(blob: np.ndarray) -> str:
     yy, xx = np.mgrid[0 : blob.shape[0], 0 : blob.shape[1]]
     best, best_iou = SHAPES[0], -1.0
     for shape in SHAPES:
-        radius = math.sqrt(len(ys) / _AREA_OVER_R2[shape])
+        radius = math.sqrt(len(ys) / shape_area(shape, 1.0))
         template = shape_coverage(shape, xx - cx, yy - cy, radius) >= 0.5
         iou = np.logical_and(template, blob).sum() / np.logical_or(template, blob).sum()
         if iou > best_iou:

@@ -153,13 +153,26 @@ def sample_params(rng: np.random.Generator) -> ClipParams:
     )
 
 
+# A square's half side over its circumradius: slightly smaller than the circumscribed
+# square so all three shapes have similar areas.
+SQUARE_HALF_SIDE = 0.8
+
+
+def shape_area(shape: str, radius: float) -> float:
+    """Area of a shape of circumradius ``radius``, as :func:`shape_coverage` draws it."""
+    if shape == "circle":
+        return math.pi * radius**2
+    if shape == "square":
+        return (2 * SQUARE_HALF_SIDE * radius) ** 2
+    return 3 * math.sqrt(3) / 4 * radius**2
+
+
 def shape_coverage(shape: str, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] from a signed distance (pixels, positive inside)."""
     if shape == "circle":
         inside = radius - np.hypot(px, py)
     elif shape == "square":
-        # Slightly smaller than the circumscribed square so all three shapes have similar areas.
-        half = 0.8 * radius
+        half = SQUARE_HALF_SIDE * radius
         inside = half - np.maximum(np.abs(px), np.abs(py))
     else:
         # Upward equilateral triangle with circumradius `radius`: the minimum of
