@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from supergen.metrics import adherence, mean_adherence, psnr, seam_score, ssim, temporal_flicker
-from supergen.toyworld import ClipParams, all_prompts, parse_prompt, render_batch, render_clip
+from supergen.metrics import adherence, mean_adherence, object_counts, psnr, seam_score, ssim, temporal_flicker
+from supergen.toyworld import COLOURS, ClipParams, all_prompts, parse_prompt, render_batch, render_clip
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,17 @@ def test_adherence_notices_wrong_facts():
     assert adherence(noise, params.prompt).score == 0.0
     with pytest.raises(ValueError, match="not a toy-world prompt"):
         adherence(video, "a cat")
+
+
+def test_object_counts_one_per_ground_truth_frame_and_counts_duplicates():
+    clips, _ = render_batch(3, 6, 64, 64, 9)
+    for clip in clips:
+        assert object_counts(clip).tolist() == [1] * 9
+    # Two clips side by side: two shapes (of any colours) in every frame.
+    left, right = render_batch(4, 2, 64, 64, 9)[0]
+    both = np.concatenate([left[:, :, :32], right[:, :, 32:]], axis=2)
+    assert object_counts(both).tolist() == [2] * 9
+    # A speck below the minimum area is not an object.
+    specks = left.copy()
+    specks[:, 0:2, 0:2] = COLOURS["yellow"]
+    assert object_counts(specks).tolist() == object_counts(left).tolist()
