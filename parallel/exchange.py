@@ -266,6 +266,24 @@ class AllGatherExecutor(_Executor):
     def gather(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
+    def run_shared(self, count: int, run: Callable[[list[int]], list[torch.Tensor]], like: torch.Tensor) -> list[torch.Tensor]:
+        """Items ``0..count-1`` spread round-robin over the ranks, every output all-gathered to every rank.
+
+        ``run(indices)`` computes this rank's items (outputs shaped like ``like``),
+        so every item is computed once, by one rank, exactly as one process would.
+        """
+        world, rank = self.ctx.world_size, self.ctx.rank
+        mine = list(range(rank, count, world))
+        slots = -(-count // world)
+        stacked = torch.zeros((slots, *like.shape), dtype=self.out_dtype, device=like.device)
+        for i, out in enumerate(run(mine)):
+            stacked[i] = out
+        gathered = [torch.empty_like(stacked) for _ in range(world)]
+        dist.all_gather(gathered, stacked)
+        owners = [k % world for k in range(count)]
+        self.step_bytes[-1] += allgather_bytes(owners, world, like.numel(), stacked.element_size())[rank]
+        return [gathered[k % world][k // world] for k in range(count)]
+
 
 def make_executor(ctx: DistributedContext, planner: TilePlanner, exchange: str, steps: int, out_dtype: torch.dtype):
     """The executor for ``exchange`` (``region`` or ``allgather``); ``out_dtype`` is the model output's dtype."""

@@ -35,11 +35,24 @@ class DistributedTiledSampler(TiledSampler):
         self.stats.tile_steps_computed += len(tiles) - len(skipped)
         return [self.cache.reuse(t, canvas) if t.index in skipped else next(computed) for t in tiles]
 
+    def run_views(self, timestep, inputs, conditions):
+        """Global views spread over the ranks (each runs whole views), shared by an all-gather."""
+        def run(indices: list[int]) -> list[torch.Tensor]:
+            return super(DistributedTiledSampler, self).run_views(
+                timestep, [inputs[i] for i in indices], None if conditions is None else [conditions[i] for i in indices]
+            ) if indices else []
+
+        return self.executor.run_shared(len(inputs), run, inputs[0])
+
     def __call__(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.coherence is not None and self.executor.scheme != "allgather":
+            raise ValueError("global coherence needs the whole canvas on every rank: use exchange='allgather'")
         local = self.executor.scatter(latents)
         bar = tqdm(total=len(timesteps), desc=self.desc, disable=not self.progress, leave=False)
         with bar:
             for step, t in enumerate(timesteps):
+                if self.coherence is not None:
+                    local = self.coherence.guide_latents(step, t, local)
                 skips = None
                 if self.cache is not None:
                     # Under the all-gather scheme ``local`` is the whole canvas, identical on every rank,
@@ -53,6 +66,7 @@ class DistributedTiledSampler(TiledSampler):
                 )
                 if self.cache is not None:
                     self.cache.update(plan, skips, local, prediction, None)
+                prediction = self.global_views(step, t, local, prediction)
                 self.stats.tile_steps_total += self.planner.num_tiles
                 local = scheduler.step(prediction, t, local, return_dict=False)[0]
                 bar.update()

@@ -34,6 +34,7 @@ class TileStats:
     tile_steps_computed: int = 0
     tile_steps_skipped: int = 0
     model_calls: int = 0
+    view_forwards: int = 0
     skip_map: list[list[int]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -43,6 +44,7 @@ class TileStats:
             "tile_steps_computed": self.tile_steps_computed,
             "tile_steps_skipped": self.tile_steps_skipped,
             "model_calls": self.model_calls,
+            "view_forwards": self.view_forwards,
             "skip_map": self.skip_map,
         }
 
@@ -64,6 +66,8 @@ class TiledSampler:
         condition: a latent canvas aligned with the video latents (image-to-video:
             the encoded conditioning image), cropped with every tile like the latents.
         cache: step cache consulted every step (``None``: every tile runs every step).
+        coherence: a :class:`~supergen.samplers.coherence.CoherenceGuide` (sketch
+            guidance before each step, global views blended into its prediction).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class TiledSampler:
         desc: str = "refine",
         condition: torch.Tensor | None = None,
         cache=None,
+        coherence=None,
     ):
         self.adapter = adapter
         self.cond = cond
@@ -91,6 +96,7 @@ class TiledSampler:
         self.desc = desc
         self.condition = condition
         self.cache = cache
+        self.coherence = coherence if coherence is not None and coherence.active else None
         self.stats = TileStats(count=planner.num_tiles)
 
     def positions(self, tiles: list[Tile]) -> TokenPositions | None:
@@ -136,6 +142,37 @@ class TiledSampler:
             outputs.extend(out.split(latents.shape[0]))
         return outputs, (torch.cat(residuals) if residuals else None)
 
+    def global_views(self, step: int, timestep: torch.Tensor, latents: torch.Tensor,
+                     prediction: torch.Tensor) -> torch.Tensor:
+        """``prediction`` blended with the coherence guide's global views (unchanged while their weight is 0)."""
+        weight = 0.0 if self.coherence is None else self.coherence.view_weight(step)
+        if weight == 0.0:
+            return prediction
+        views = self.coherence.views
+        inputs = views.gather(latents)
+        conditions = None if self.condition is None else views.gather(self.condition)
+        outputs = self.run_views(timestep, inputs, conditions)
+        return prediction + weight * (views.scatter(outputs) - prediction)
+
+    def run_views(self, timestep: torch.Tensor, inputs: list[torch.Tensor],
+                  conditions: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Model outputs of whole-picture views (each a native-size canvas at local positions), in order."""
+        outputs = []
+        for first in range(0, len(inputs), self.tile_batch_size):
+            batch = slice(first, first + self.tile_batch_size)
+            out = self.adapter.predict(
+                torch.cat(inputs[batch]),
+                timestep,
+                self.cond,
+                self.guidance_scale,
+                guidance_scale_2=self.guidance_scale_2,
+                condition=None if conditions is None else torch.cat(conditions[batch]),
+            )
+            self.stats.model_calls += 1
+            outputs.extend(out.split(inputs[0].shape[0]))
+        self.stats.view_forwards += len(inputs)
+        return outputs
+
     def _block_args(self, blocks: str | None, batch: list[Tile]) -> dict:
         if blocks == "record":
             return {"return_block_residual": True}
@@ -177,10 +214,15 @@ class TiledSampler:
         logger.info("%s: %s", self.desc, self.planner.describe())
         if self.cache is not None:
             logger.info("%s: %s", self.desc, self.cache.describe())
+        if self.coherence is not None:
+            logger.info("%s: %s", self.desc, self.coherence.describe())
         bar = tqdm(total=len(timesteps), desc=self.desc, disable=not self.progress, leave=False)
         with bar:
             for step, t in enumerate(timesteps):
+                if self.coherence is not None:
+                    latents = self.coherence.guide_latents(step, t, latents)
                 prediction = self.predict(step, t, latents)
+                prediction = self.global_views(step, t, latents, prediction)
                 latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
                 bar.update()
         return latents

@@ -9,13 +9,14 @@ _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "tiling").is_dir() and (_checkout / "tiling" / "plan.py").is_file():
     __path__.append(str(_checkout))
 
-from supergen.config import CacheConfig, GenerationConfig, ParallelConfig, StreamConfig, TilingConfig
+from supergen.config import CacheConfig, CoherenceConfig, GenerationConfig, ParallelConfig, StreamConfig, TilingConfig
 from supergen.pipeline import SuperGenOutput, SuperGenPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheConfig",
+    "CoherenceConfig",
     "GenerationConfig",
     "ParallelConfig",
     "StreamConfig",

@@ -20,6 +20,8 @@ BLEND_MODES = ("cosine", "uniform")
 SHIFT_MODES = ("wrap", "none")
 ROPE_MODES = ("local", "absolute")
 UPSCALE_MODES = ("pixel", "latent")
+COHERENCE_GUIDES = ("none", "skip", "lowpass")
+COHERENCE_VIEWS = ("none", "dilated")
 CACHE_MODES = ("off", "region", "canvas")
 CACHE_REUSE = ("auto", "blocks", "output", "residual")
 EXCHANGE_MODES = ("region", "allgather")
@@ -109,6 +111,55 @@ class TilingConfig:
                 )
         if self.tile_frames is not None and self.frame_overlap >= self.tile_frames:
             raise ValueError(f"frame_overlap={self.frame_overlap} must be smaller than tile_frames={self.tile_frames}")
+
+
+def _finite_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}")
+
+
+@dataclass(kw_only=True)
+class CoherenceConfig:
+    """Global coherence of the tiled refinement: one subject where the prompt asks for one.
+
+    Native-size tiles each see only part of the canvas and, left alone, each
+    draws the whole prompt again. See :mod:`supergen.tiling.coherence`.
+
+    Args:
+        guide: ``lowpass`` pulls the canvas towards the up-scaled sketch,
+            noised to each step, in the band the sketch resolves (its
+            latent size), leaving finer detail to the tiles; ``skip`` pulls in
+            every frequency (DemoFusion's skip residual); ``none`` is off.
+            Needs a sketch (strength below 1).
+        guide_exponent: the guide's weight is ``((1 + cos(pi p)) / 2) **
+            guide_exponent`` at refinement progress ``p``: 1 at the start,
+            0 at the end; larger values release the canvas sooner.
+        views: ``dilated`` also denoises strided sub-canvases of native size
+            (global views, DemoFusion's dilated sampling) and blends them into
+            the tiles' prediction; each costs one forward per step while on.
+        view_exponent: exponent of the views' cosine decay.
+        view_until: fraction of the refinement steps during which the views run.
+    """
+
+    guide: str = "lowpass"
+    guide_exponent: float = 3.0
+    views: str = "none"
+    view_exponent: float = 1.0
+    view_until: float = 0.5
+
+    def __post_init__(self) -> None:
+        _choice("coherence guide", self.guide, COHERENCE_GUIDES)
+        _choice("coherence views", self.views, COHERENCE_VIEWS)
+        _finite_number("coherence guide_exponent", self.guide_exponent, 0.0, low_open=True)
+        _finite_number("coherence view_exponent", self.view_exponent, 0.0, low_open=True)
+        _finite_number("coherence view_until", self.view_until, 0.0, 1.0, low_open=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.guide != "none" or self.views != "none"
 
 
 @dataclass(kw_only=True)
@@ -277,6 +328,7 @@ class GenerationConfig:
     guidance_scale_2: float | None = None
     seed: int = 0
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 

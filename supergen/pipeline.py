@@ -21,12 +21,14 @@ import torch
 
 from supergen.backbones import BackboneAdapter, ModelSpec, adapter_for, spec_from_folder
 from supergen.cache import CacheSchedule, RegionCache
-from supergen.config import CacheConfig, ParallelConfig, StreamConfig, TilingConfig
+from supergen.config import CacheConfig, CoherenceConfig, ParallelConfig, StreamConfig, TilingConfig
 from supergen.io import to_uint8
 from supergen.models import read_model_hints, read_native_size, resolve_model
+from supergen.samplers.coherence import CoherenceGuide
 from supergen.samplers.schedule import refinement_steps, refinement_timesteps, renoise
 from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
+from supergen.tiling.coherence import DilatedViews
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +294,7 @@ class SuperGenPipeline:
         image=None,
         parallel: ParallelConfig | None = None,
         context=None,
+        coherence: CoherenceConfig | None = None,
     ) -> SuperGenOutput:
         """Generate a video larger than the backbone's native size.
 
@@ -302,6 +305,8 @@ class SuperGenPipeline:
                 the checkpoint's ``supergen.json`` recommends another).
             seed: seeds a CPU ``torch.Generator`` (ignored when ``generator`` is given).
             tiling: tile geometry, blend, shift, RoPE, strength, up-scale mode.
+            coherence: how the refinement keeps the sketch's layout (one subject,
+                not one per tile): sketch guidance and global views.
             cache: region-aware step cache of the refinement stage (the
                 native-size sketch always runs every step).
             output_type: ``uint8`` frames (F,H,W,3), ``float`` frames in [0, 1]
@@ -326,11 +331,17 @@ class SuperGenPipeline:
             )
         tiling = tiling or TilingConfig()
         cache = cache or CacheConfig()
+        coherence = coherence or CoherenceConfig()
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
         request = self.check_request(height, width, num_frames, tiling)
+        if (request.sketch_height, request.sketch_width) == (request.height, request.width) and tiling.strength < 1.0:
+            # At the native size the sketch is already the video: refining it again would double the work.
+            logger.info("target %dx%d is the native size: one full-schedule pass, no sketch", request.height,
+                        request.width)
+            tiling = dataclasses.replace(tiling, strength=1.0)
         cache.check_schedule(refinement_steps(num_inference_steps, tiling.strength))
         if cache.enabled and cache.reuse == "blocks" and not self.adapter.supports_block_reuse:
             raise ValueError(
@@ -354,7 +365,7 @@ class SuperGenPipeline:
                 "generation requests",
                 dict(
                     prompt=prompt, negative_prompt=negative_prompt, request=request, steps=num_inference_steps,
-                    guidance=(guidance_scale, guidance_scale_2), tiling=tiling, parallel=parallel.exchange,
+                    guidance=(guidance_scale, guidance_scale_2), tiling=tiling, coherence=coherence, parallel=parallel.exchange,
                     seed=generator.initial_seed() if generator is not None else seed, output_type=output_type,
                     model=self.adapter.describe(), max_sequence_length=max_sequence_length,
                     image=None if image is None else getattr(image, "size", type(image).__name__),
@@ -401,6 +412,8 @@ class SuperGenPipeline:
         condition = self._condition(image, request.height, request.width, request.num_frames, generator)
         noise = adapter.prepare_noise(request.canvas, generator)
         latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
+        guide = self._coherence_guide(coherence, request, planner, num_inference_steps, len(timesteps),
+                                      None if tiling.strength >= 1.0 else clean, noise)
 
         t0 = time.perf_counter()
         region_cache = self._region_cache(cache, planner, len(timesteps))
@@ -415,15 +428,20 @@ class SuperGenPipeline:
                 # process would; stepping the whole canvas on every rank keeps the output identical.
                 logger.warning("%s draws noise in its step: using exchange='allgather'", type(adapter).__name__)
                 exchange = "allgather"
+            if guide is not None and exchange != "allgather":
+                # Sketch guidance filters the whole canvas and global views read all of it.
+                logger.warning("global coherence (%s) runs on the all-gather exchange under torchrun; using it",
+                               guide.describe())
+                exchange = "allgather"
             executor = make_executor(context, planner, exchange, len(timesteps), adapter.dtype)
             sampler = DistributedTiledSampler(
                 executor, planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
-                **sampler_args
+                coherence=guide, **sampler_args
             )
         else:
             sampler = TiledSampler(
                 planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
-                **sampler_args
+                coherence=guide, **sampler_args
             )
         latents = sampler(latents, scheduler, timesteps)
         denoise_s = time.perf_counter() - t0
@@ -592,7 +610,7 @@ class SuperGenPipeline:
         """Counts summed over ranks and bytes per rank (collective: every rank calls it)."""
         comm = executor.comm_summary()
         steps = context.gather_ints(comm["per_step"])
-        totals = context.gather_ints([comm["total"], stats.tile_steps_computed, stats.model_calls])
+        totals = context.gather_ints([comm["total"], stats.tile_steps_computed, stats.model_calls, stats.view_forwards])
         return {
             "world_size": context.world_size,
             "comm_scheme": comm["scheme"],
@@ -605,11 +623,37 @@ class SuperGenPipeline:
                 "tile_steps_computed": sum(t[1] for t in totals),
                 "tile_steps_skipped": stats.tile_steps_total - sum(t[1] for t in totals),
                 "model_calls": sum(t[2] for t in totals),
+                "view_forwards": sum(t[3] for t in totals),
                 "tile_steps_per_rank": [t[1] for t in totals],
                 "grid": list(executor.planner.grid),
                 "tile_latent": list(executor.planner.tile),
             },
         }
+
+    def _coherence_guide(self, coherence: CoherenceConfig, request: TiledRequest, planner: TilePlanner,
+                         num_inference_steps: int, num_steps: int, sketch: torch.Tensor | None,
+                         noise: torch.Tensor) -> CoherenceGuide | None:
+        """The refinement's coherence guide (``None`` when nothing applies: one tile, or off)."""
+        if not coherence.enabled or planner.num_tiles == 1:
+            return None
+        guide = coherence.guide
+        if guide != "none" and sketch is None:
+            logger.info("coherence guide %s needs a sketch; strength 1.0 has none, so it is off", guide)
+            guide = "none"
+        noiser = None
+        if guide != "none":
+            noiser = self.adapter.make_scheduler(request.tile)
+            noiser.set_timesteps(num_inference_steps, device=self.device)
+        geo = self.adapter.geometry
+        sketch_hw = (request.sketch_height // geo.scale_spatial, request.sketch_width // geo.scale_spatial)
+        views = None
+        if coherence.views == "dilated":
+            views = DilatedViews(request.canvas, request.tile[1:], geo.patch[1:])
+        return CoherenceGuide(
+            num_steps, guide=guide, sketch=sketch, noise=noise, noiser=noiser,
+            guide_exponent=coherence.guide_exponent, lowpass_HW=sketch_hw, views=views,
+            view_exponent=coherence.view_exponent, view_until=coherence.view_until,
+        )
 
     def _reuse_mode(self, cache: CacheConfig) -> str:
         if cache.reuse != "auto":

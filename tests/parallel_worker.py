@@ -5,6 +5,7 @@ Usage: python tests/parallel_worker.py SCENARIO OUTDIR
   mismatch  every rank asks for a different seed (must be refused on every rank)
   fault     rank 1 raises in its second refinement model call (every rank must exit non-zero fast)
   cache     the region cache on the all-gather scheme; rank 0 saves latents and metrics
+  coherence sketch guidance and global views (all-gather scheme, views spread over ranks); rank 0 saves latents
   backbones every non-Wan backbone of tests/test_backbones.py at twice its native area; rank 0 saves latents
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from supergen import ParallelConfig, SuperGenPipeline, TilingConfig
+from supergen import CoherenceConfig, ParallelConfig, SuperGenPipeline, TilingConfig
 from supergen.io import write_video
 from supergen.parallel import distributed_session
 
@@ -26,6 +27,9 @@ PROMPT = "a red circle moving left over a blue sky"
 # up to four tiles per cell, tiles crossing region borders every step.
 TILING = TilingConfig(overlap=16)
 KW = dict(height=128, width=192, num_inference_steps=3, progress=False)
+# The exchange scenarios test the region scheme, which global coherence (all-gather only) would replace.
+NO_COHERENCE = CoherenceConfig(guide="none")
+COHERENCE = CoherenceConfig(guide="lowpass", views="dilated", view_until=1.0)
 
 
 def _cache_config():
@@ -47,7 +51,7 @@ def main(scenario: str, out: Path) -> None:
             # Frames (through the distributed decode) for one scheme, latents for the other: decodes are slow on CPU.
             for exchange, output_type in (("region", "float"), ("allgather", "latent")):
                 res = pipe(PROMPT, tiling=TILING, output_type=output_type, parallel=ParallelConfig(exchange=exchange),
-                           context=ctx, **KW)
+                           coherence=NO_COHERENCE, context=ctx, **KW)
                 if ctx.is_main:
                     np.save(out / f"{exchange}.npy", np.asarray(res.frames))
                     (out / f"{exchange}.json").write_text(json.dumps(res.metrics))
@@ -79,6 +83,11 @@ def main(scenario: str, out: Path) -> None:
             if ctx.is_main:
                 np.save(out / "cache.npy", res.frames.numpy())
                 (out / "cache.json").write_text(json.dumps(res.metrics))
+        elif scenario == "coherence":
+            res = pipe(PROMPT, tiling=TILING, output_type="latent", coherence=COHERENCE, context=ctx, **KW)
+            if ctx.is_main:
+                np.save(out / "coherence.npy", res.frames.numpy())
+                (out / "coherence.json").write_text(json.dumps(res.metrics))
         elif scenario == "backbones":
             from test_backbones import BACKBONES
 

@@ -175,8 +175,10 @@ def _launch(scenario: str, world: int, out: Path, timeout: float = 240):
 @pytest.fixture(scope="module")
 def single_process(tiny):
     """The reference: the same request in this process alone, as latents and as the frames __call__ would give."""
+    from parallel_worker import NO_COHERENCE
+
     res = tiny(PROMPT, tiling=TilingConfig(overlap=16), output_type="latent", height=128, width=192,
-               num_inference_steps=3, progress=False)
+               num_inference_steps=3, progress=False, coherence=NO_COHERENCE)
     with torch.no_grad():
         frames = tiny.adapter.postprocess(tiny.adapter.decode(res.frames, tiled=True))
     return res.frames.numpy(), frames, res.metrics
@@ -230,6 +232,22 @@ def test_region_cache_across_ranks_matches_one_process(tmp_path, tiny, world):
     assert m["comm_scheme"] == "allgather"
     assert m["tiles"]["tile_steps_skipped"] == ref.metrics["tiles"]["tile_steps_skipped"] > 0
     assert sum(m["tiles"]["tile_steps_per_rank"]) == ref.metrics["tiles"]["tile_steps_computed"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_global_coherence_across_ranks_matches_one_process(tmp_path, tiny, world):
+    from parallel_worker import COHERENCE, KW, TILING
+
+    ref = tiny(PROMPT, tiling=TILING, output_type="latent", coherence=COHERENCE, **KW)
+    codes, errs, _ = _launch("coherence", world, tmp_path)
+    assert codes == [0] * world, "\n".join(errs)
+    # The guide acts on the whole canvas identically on every rank; each view is computed by one rank in
+    # its own model call, as one process computes it, and all-gathered: bit for bit.
+    np.testing.assert_array_equal(np.load(tmp_path / "coherence.npy"), ref.frames.numpy())
+    m = json.loads((tmp_path / "coherence.json").read_text())
+    assert m["comm_scheme"] == "allgather"
+    # 2x the native height and width: 2x2 views on each of the 3 steps, each run once over all ranks.
+    assert m["tiles"]["view_forwards"] == ref.metrics["tiles"]["view_forwards"] == 4 * 3
 
 
 def test_mismatched_requests_are_refused_on_every_rank(tmp_path):

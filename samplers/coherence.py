@@ -1,0 +1,117 @@
+"""Global coherence in the tiled loop: guidance from the up-scaled sketch and global views.
+
+:class:`CoherenceGuide` is what :class:`~supergen.samplers.tiled.TiledSampler`
+consults at each refinement step; the math lives in
+:mod:`supergen.tiling.coherence`. Two hooks:
+
+* :meth:`CoherenceGuide.guide_latents`, before the tiles run: the canvas is
+  pulled towards the up-scaled sketch noised to this step's timestep (by the
+  scheduler's own ``add_noise`` / ``scale_noise``, with the noise the
+  refinement started from), in every frequency (``skip``) or only in the
+  sketch's own band (``lowpass``), with weight ``cosine_decay(step / steps,
+  guide_exponent)``;
+* :meth:`CoherenceGuide.view_weight` / :attr:`CoherenceGuide.views`: while the
+  weight is above zero the loop also runs the dilated global views and blends
+  their outputs into the tiles' prediction with it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from supergen.samplers.schedule import renoise
+from supergen.tiling.coherence import DilatedViews, cosine_decay, lowpass
+
+logger = logging.getLogger(__name__)
+
+GUIDES = ("none", "skip", "lowpass")
+
+
+class CoherenceGuide:
+    """Per-step coherence decisions of one refinement run.
+
+    Args:
+        num_steps: refinement steps (the schedule's progress is ``step / num_steps``).
+        guide: ``none``, ``skip`` or ``lowpass`` (see the module docstring).
+        sketch: the up-scaled clean sketch latents on the refinement canvas
+            (needed by ``skip`` and ``lowpass``).
+        noise: the noise the refinement canvas was re-noised with.
+        noiser: a scheduler with ``set_timesteps`` called and no begin index,
+            used only to noise the sketch to a timestep.
+        guide_exponent: exponent of the guide's cosine decay.
+        lowpass_HW: the sketch's latent size: the band ``lowpass`` keeps.
+        views: dilated global views (``None``: none).
+        view_exponent: exponent of the views' cosine decay.
+        view_until: fraction of the refinement after which the views stop
+            (their weight is zero from there on, and they cost nothing).
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        guide: str = "none",
+        sketch: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        noiser=None,
+        guide_exponent: float = 3.0,
+        lowpass_HW: tuple[int, int] | None = None,
+        views: DilatedViews | None = None,
+        view_exponent: float = 1.0,
+        view_until: float = 1.0,
+    ):
+        if guide not in GUIDES:
+            raise ValueError(f"guide={guide!r} is not one of {', '.join(GUIDES)}")
+        if guide != "none" and (sketch is None or noise is None or noiser is None):
+            raise ValueError(f"guide={guide!r} needs the up-scaled sketch, its noise and a noiser scheduler")
+        if guide == "lowpass" and lowpass_HW is None:
+            raise ValueError("guide='lowpass' needs lowpass_HW, the sketch's latent size")
+        self.num_steps = num_steps
+        self.guide = guide
+        self.sketch = sketch
+        self.noise = noise
+        self.noiser = noiser
+        self.guide_exponent = guide_exponent
+        self.lowpass_HW = tuple(lowpass_HW) if lowpass_HW is not None else None
+        self.views = views
+        self.view_exponent = view_exponent
+        self.view_until = view_until
+
+    @property
+    def active(self) -> bool:
+        return self.guide != "none" or self.views is not None
+
+    def guide_weight(self, step: int) -> float:
+        if self.guide == "none":
+            return 0.0
+        return cosine_decay(step / self.num_steps, self.guide_exponent)
+
+    def view_weight(self, step: int) -> float:
+        """Weight of the global views' prediction at ``step`` (0: the views do not run)."""
+        progress = step / self.num_steps
+        if self.views is None or progress >= self.view_until:
+            return 0.0
+        return cosine_decay(progress / self.view_until, self.view_exponent)
+
+    def guide_latents(self, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The canvas to denoise at ``step``: ``latents`` pulled towards the noised sketch."""
+        weight = self.guide_weight(step)
+        if weight == 0.0:
+            return latents
+        target = renoise(self.noiser, self.sketch, self.noise, timestep).to(latents.dtype)
+        if self.guide == "skip":
+            return latents + weight * (target - latents)
+        # lowpass: move only the band the sketch resolves (lowpass is linear, so one filter of the difference).
+        return latents + weight * lowpass(target - latents, self.lowpass_HW)
+
+    def describe(self) -> str:
+        parts = []
+        if self.guide != "none":
+            parts.append(f"guide {self.guide} (cosine decay ^{self.guide_exponent:g})")
+        if self.views is not None:
+            parts.append(
+                f"{len(self.views)} dilated views of {self.views.view_size[0]}x{self.views.view_size[1]} cells "
+                f"(stride {self.views.strides}, decay ^{self.view_exponent:g}, first {self.view_until:.0%} of steps)"
+            )
+        return "coherence: " + (", ".join(parts) if parts else "off")
