@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, TilingConfig
+
 logger = logging.getLogger("supergen")
 
 
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "otherwise; HunyuanVideo: its embedded, distilled guidance)")
     g.add_argument("--guidance-2", type=float, default=None, help="guidance of Wan2.2's low-noise expert")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--strength", type=float, default=0.9, help="fraction of the schedule refined at the target size")
+    g.add_argument("--strength", type=float, default=TilingConfig.strength,
+                   help="fraction of the schedule refined at the target size")
     g.add_argument("--tile-height", type=int, default=None, help="tile height in pixels (default: native)")
     g.add_argument("--tile-width", type=int, default=None, help="tile width in pixels (default: native)")
     g.add_argument("--tile-overlap", type=int, default=0, help="overlap between tiles, pixels")
@@ -53,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rope", choices=("local", "absolute"), default="local", help="tile RoPE positions")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="how the sketch is up-scaled")
     g.add_argument("--tile-batch-size", type=int, default=1, help="tiles per model call")
+    g.add_argument("--coherence-guide", choices=COHERENCE_GUIDES, default=CoherenceConfig.guide,
+                   help="keep the sketch's layout (one subject, not one per tile): pull the canvas towards the "
+                        "noised sketch in the band it resolves (lowpass), in every band (skip), or not (none)")
+    g.add_argument("--coherence-decay", type=float, default=CoherenceConfig.guide_exponent,
+                   help="exponent of the guide's cosine decay over the refinement (larger: released sooner)")
+    g.add_argument("--global-views", choices=COHERENCE_VIEWS, default=CoherenceConfig.views,
+                   help="also denoise strided whole-picture views of native size and blend them in (dilated; "
+                        "one extra forward per view and step)")
+    g.add_argument("--global-views-until", type=float, default=CoherenceConfig.view_until,
+                   help="fraction of the refinement steps during which the global views run")
     g.add_argument("--exchange", choices=("region", "allgather"), default="region",
                    help="under torchrun: each rank owns a canvas region and swaps halos (region), or every rank "
                         "receives every tile output (allgather)")
@@ -119,7 +132,7 @@ def _dtype(name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from supergen.config import CacheConfig, ParallelConfig, TilingConfig
+    from supergen.config import CacheConfig, ParallelConfig
     from supergen.io import check_output_path, write_json, write_skip_map, write_video
     from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline, check_request_for
@@ -135,6 +148,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tile_batch_size=args.tile_batch_size,
         strength=args.strength,
         upscale=args.upscale,
+    )
+    coherence = CoherenceConfig(
+        guide=args.coherence_guide,
+        guide_exponent=args.coherence_decay,
+        views=args.global_views,
+        view_until=args.global_views_until,
     )
     cache = CacheConfig(
         mode=args.cache,
@@ -192,6 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             negative_prompt=args.negative_prompt,
             seed=args.seed,
             tiling=tiling,
+            coherence=coherence,
             cache=cache,
             image=image,
             parallel=parallel,

@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, TilingConfig
+
 logger = logging.getLogger(__name__)
 
 MODES = ("stream", "ultra-high resolution")
@@ -75,13 +77,15 @@ class DemoBackend:
         return Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
 
     # --- the two modes ------------------------------------------------------
-    def generate_tiled(self, prompt, height, width, num_frames, steps, seed, cache, overlap, shift, rope, fps=16):
+    def generate_tiled(self, prompt, height, width, num_frames, steps, seed, cache, overlap, shift, rope, fps=16,
+                       strength=TilingConfig.strength, coherence_guide=CoherenceConfig.guide,
+                       global_views=CoherenceConfig.views):
         """Run the tiled pipeline; returns (mp4 path, status line)."""
-        from supergen.config import TilingConfig
         from supergen.io import write_video
 
-        tiling = TilingConfig(overlap=int(overlap), shift=shift, rope=rope)
+        tiling = TilingConfig(overlap=int(overlap), shift=shift, rope=rope, strength=float(strength))
         kwargs = dict(
+            coherence=CoherenceConfig(guide=coherence_guide, views=global_views),
             height=int(height),
             width=int(width),
             num_frames=int(num_frames),
@@ -178,8 +182,9 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
 
     nh, nw, nf = backend.native
 
-    def run(mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope, request: gr.Request,
-            progress=gr.Progress(track_tqdm=True)):
+    def run(mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope,
+            strength=TilingConfig.strength, coherence_guide=CoherenceConfig.guide, global_views=CoherenceConfig.views,
+            request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         session = request.session_hash if request is not None else "api"
         try:
             if mode == "stream":
@@ -187,7 +192,8 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
             else:
                 yield None, None, "refining tiles..."
                 path, status = backend.generate_tiled(
-                    prompt, height, width, frames, steps, seed, cache, overlap, shift, rope
+                    prompt, height, width, frames, steps, seed, cache, overlap, shift, rope, strength=strength,
+                    coherence_guide=coherence_guide, global_views=global_views,
                 )
                 yield None, path, status
         except ValueError as err:
@@ -221,6 +227,10 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
                     steps = gr.Slider(1, 50, value=4, step=1, label="Steps", elem_id="steps")
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 with gr.Accordion("Tiling and cache (ultra-high resolution)", open=False):
+                    strength = gr.Slider(0.1, 1.0, value=TilingConfig.strength, step=0.05, label="Refinement strength")
+                    coherence_guide = gr.Radio(list(COHERENCE_GUIDES), value=CoherenceConfig.guide,
+                                               label="Sketch guidance (one subject, not one per tile)")
+                    global_views = gr.Radio(list(COHERENCE_VIEWS), value=CoherenceConfig.views, label="Global views")
                     cache = gr.Radio(["off", "region"], value="off", label="Region cache")
                     overlap = gr.Number(value=0, precision=0, label="Tile overlap (px)")
                     shift = gr.Radio(["wrap", "none"], value="wrap", label="Grid shift")
@@ -235,7 +245,8 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
                 status = gr.Markdown(elem_id="status")
         event = go.click(
             run,
-            [mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope],
+            [mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope, strength,
+             coherence_guide, global_views],
             [live, final, status],
             api_name="generate",
             concurrency_limit=concurrency,
