@@ -7,7 +7,6 @@ and that bad command lines fail with one clear line. Timings on a shared CPU pro
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -24,14 +23,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve their module through sys.modules while the class is built.
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("gpu_check", None)
+def gpu_check(load_script):
+    return load_script("gpu_check")
 
 
 def _run(*args, timeout=180):
