@@ -35,6 +35,7 @@ Markdown report at the end.
     python scripts/gpu_check.py --output gpu-check              # on one CUDA GPU
     python scripts/gpu_check.py --dry-run --output /tmp/check   # same code paths on CPU, tiny sizes, seconds
     python scripts/gpu_check.py --output gpu-check --parts b,e  # some parts only
+    python scripts/gpu_check.py --output gpu-check --parts c --budget c=400  # one part, more time
 
 ``--dry-run`` replaces the 1.3B transformer with a 2-layer one of the same class and the
 VAE with a small one, shrinks every size (64x96 tiles, 5 frames) and runs in float32 on the
@@ -1019,6 +1020,22 @@ def _parse_parts(text: str) -> list[str]:
     return chosen
 
 
+def _parse_budgets(text: str) -> dict[str, float]:
+    budgets = {}
+    for item in (t.strip() for t in text.split(",")):
+        key, _, seconds = item.partition("=")
+        key = {p.name: k for k, p in PARTS.items()}.get(key, key)
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = float("nan")
+        if key not in PARTS or not value > 0:
+            raise argparse.ArgumentTypeError(f"{item!r} is not PART=SECONDS with a part of {','.join(PARTS)} and "
+                                             "a positive number of seconds")
+        budgets[key] = value
+    return budgets
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1029,6 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ",".join(RUN_ORDER) + ")")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds for the whole run (default: 445 on a GPU, 240 for a dry run)")
+    p.add_argument("--budget", type=_parse_budgets, default={},
+                   help="seconds for some parts instead of their defaults, e.g. c=300,e=60 (still capped by --time-limit)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile-json", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -1066,6 +1085,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.time_limit > 0:
             return _fail(f"--time-limit {args.time_limit} must be a positive number of seconds")
         profile = dataclasses.replace(profile, time_limit_s=args.time_limit)
+    if args.budget:
+        profile = dataclasses.replace(profile, budgets_s={**profile.budgets_s, **args.budget})
     for module in ("torch", "diffusers", "transformers", "accelerate"):
         if importlib.util.find_spec(module) is None:
             return _fail(f"{module} is not installed for {sys.executable}; the wheels to bring and how to install "

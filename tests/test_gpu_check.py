@@ -121,6 +121,8 @@ def test_bad_command_lines_fail_with_one_line(tmp_path):
     assert proc.returncode == 2 and "--output DIR is required" in proc.stderr
     proc = _run("--dry-run", "--output", str(tmp_path), "--parts", "a,z")
     assert proc.returncode == 2 and "unknown part 'z'" in proc.stderr
+    proc = _run("--dry-run", "--output", str(tmp_path), "--budget", "c=-5")
+    assert proc.returncode == 2 and "'c=-5' is not PART=SECONDS" in proc.stderr
     if not torch.cuda.is_available():
         proc = _run("--output", str(tmp_path / "gpu"))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no CUDA device" in proc.stderr
