@@ -88,7 +88,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -96,13 +96,15 @@ EVENT_TAG = "GPU_CHECK_EVENT "
 REPORT_JSON, REPORT_MD, REPORT_LOG = "gpu_check.json", "gpu_check.md", "gpu_check.log"
 REAL_NAME = "wan2.1-1.3b"
 PROMPT = "a fox running through snow"
-# Published single-GPU streaming figures for Wan2.1-1.3B on one H100 (docs: /work/shared/anchors.md).
+# What users compare a stream against: published figures for Wan2.1-1.3B on one H100.
 STREAM_ANCHORS = "Self-Forcing 17 FPS, LongLive 20.7 FPS (one H100, Wan2.1-1.3B)"
 OVERHEAD_GOAL_PCT = 2.0
 
 
 @dataclass(frozen=True)
 class Part:
+    """One part of the check: its letter, its name in the report and what it measures."""
+
     key: str
     name: str
     title: str
