@@ -144,7 +144,7 @@ class RowSpec:
         for name, low in (("scale", 1), ("warmup", 1), ("repeats", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
-                # The first step can never be timed (timing runs from one step's end to the next).
+                # The first step is never timed: it includes the pipeline's set-up and first-call costs.
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be >= 1")
@@ -262,6 +262,14 @@ class StepClock:
         self.ends.append(time.perf_counter())
         self.cpu_ends.append(time.process_time())
 
+    def step_seconds(self) -> list[float]:
+        """Wall-clock seconds between consecutive ticks."""
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+    def step_cpu_seconds(self) -> list[float]:
+        """Process CPU seconds between consecutive ticks."""
+        return [b - a for a, b in zip(self.cpu_ends, self.cpu_ends[1:])]
+
     def __getattr__(self, name):
         return getattr(self._scheduler, name)
 
@@ -285,12 +293,60 @@ def _memory_peak(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def measure_row(spec: RowSpec) -> RowResult:
-    """Build the model and time ``warmup + repeats`` denoising steps of one row (in this process)."""
-    from supergen import SuperGenPipeline, TilingConfig
+def run_direct_steps(pipe, height: int, width: int, frames: int, steps: int,
+                     guidance_scale: float = GUIDANCE_SCALE, seed: int = 0) -> StepClock:
+    """``steps`` denoising steps of the plain Diffusers pipeline at the full size; returns the step clock.
+
+    Random prompt embeddings of the padded length; latents only (no decode).
+    The clock's first tick is taken just before the call, so step 0 includes
+    the pipeline's own set-up (prompt checks, noise, timesteps).
+    """
+    device = pipe._execution_device
+    pos, neg = prompt_embeddings(pipe.transformer.config.text_dim, device, pipe.transformer.dtype, seed)
+    clock = StepClock(pipe.scheduler, device)
+    clock.tick()
+    with torch.no_grad():
+        pipe(
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            height=height,
+            width=width,
+            num_frames=frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="latent",
+            callback_on_step_end=lambda *_: clock.tick() or {},
+        )
+    return clock
+
+
+def run_tiled_steps(sg, planner, steps: int, guidance_scale: float = GUIDANCE_SCALE, seed: int = 0) -> StepClock:
+    """``steps`` steps of SuperGen's ``TiledSampler`` over ``planner``'s canvas from noise; returns the step clock.
+
+    The clock's first tick is taken just before the loop.
+    """
     from supergen.backbones.base import Conditioning
     from supergen.samplers.schedule import fresh_scheduler, refinement_timesteps
     from supergen.samplers.tiled import TiledSampler
+
+    adapter = sg.adapter
+    pos, neg = prompt_embeddings(sg.pipe.transformer.config.text_dim, adapter.device, adapter.dtype, seed)
+    cond = Conditioning(prompt="", positive=pos, negative=neg)
+    sampler = TiledSampler(adapter=adapter, cond=cond, planner=planner, guidance_scale=guidance_scale, progress=False)
+    scheduler = fresh_scheduler(adapter.scheduler)
+    timesteps, _ = refinement_timesteps(scheduler, steps, 1.0, device=adapter.device)
+    latents = adapter.prepare_noise(planner.canvas, torch.Generator("cpu").manual_seed(seed))
+    clock = StepClock(scheduler, adapter.device)
+    clock.tick()
+    with torch.no_grad():
+        sampler(latents, clock, timesteps)
+    return clock
+
+
+def measure_row(spec: RowSpec) -> RowResult:
+    """Build the model and time ``warmup + repeats`` denoising steps of one row (in this process)."""
+    from supergen import SuperGenPipeline, TilingConfig
 
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
@@ -302,7 +358,6 @@ def measure_row(spec: RowSpec) -> RowResult:
     height, width, frames = spec.size
     planner = sg.plan(height, width, frames, TilingConfig(overlap=spec.overlap))
     steps = spec.warmup + spec.repeats
-    pos, neg = prompt_embeddings(pipe.transformer.config.text_dim, device, dtype, spec.seed)
     result = RowResult(
         spec=spec,
         latent=tuple(planner.canvas),
@@ -310,39 +365,17 @@ def measure_row(spec: RowSpec) -> RowResult:
         tiles=planner.num_tiles if spec.mode == "tiled" else 1,
         grid=tuple(planner.grid) if spec.mode == "tiled" else (1, 1, 1),
     )
-    generator = torch.Generator("cpu").manual_seed(spec.seed)
-    with torch.no_grad():
-        if spec.mode == "direct":
-            clock = StepClock(pipe.scheduler, device)
-            result.base_bytes = _memory_mark(device)
-            pipe(
-                prompt_embeds=pos,
-                negative_prompt_embeds=neg,
-                height=height,
-                width=width,
-                num_frames=frames,
-                num_inference_steps=steps,
-                guidance_scale=GUIDANCE_SCALE,
-                generator=generator,
-                output_type="latent",
-                callback_on_step_end=lambda *_: clock.tick() or {},
-            )
-        else:
-            cond = Conditioning(prompt="", positive=pos, negative=neg)
-            sampler = TiledSampler(
-                adapter=sg.adapter, cond=cond, planner=planner, guidance_scale=GUIDANCE_SCALE, progress=False
-            )
-            scheduler = fresh_scheduler(sg.adapter.scheduler)
-            timesteps, _ = refinement_timesteps(scheduler, steps, 1.0, device=device)
-            latents = sg.adapter.prepare_noise(planner.canvas, generator)
-            clock = StepClock(scheduler, device)
-            result.base_bytes = _memory_mark(device)
-            sampler(latents, clock, timesteps)
+    result.base_bytes = _memory_mark(device)
+    if spec.mode == "direct":
+        clock = run_direct_steps(pipe, height, width, frames, steps, seed=spec.seed)
+    else:
+        clock = run_tiled_steps(sg, planner, steps, seed=spec.seed)
     result.peak_bytes = _memory_peak(device)
-    if len(clock.ends) != steps:
-        raise RuntimeError(f"expected {steps} step ends, recorded {len(clock.ends)}")
-    result.step_s = [b - a for a, b in zip(clock.ends[spec.warmup - 1 : -1], clock.ends[spec.warmup :])]
-    result.step_cpu_s = [b - a for a, b in zip(clock.cpu_ends[spec.warmup - 1 : -1], clock.cpu_ends[spec.warmup :])]
+    # The tick before the first step plus one per step.
+    if len(clock.ends) != steps + 1:
+        raise RuntimeError(f"expected {steps} step ends, recorded {len(clock.ends) - 1}")
+    result.step_s = clock.step_seconds()[spec.warmup :]
+    result.step_cpu_s = clock.step_cpu_seconds()[spec.warmup :]
     return result
 
 
@@ -651,7 +684,7 @@ def measure_backbone(name: str, device: torch.device, dtype: torch.dtype, warmup
         sampler = TiledSampler(adapter=adapter, cond=cond, planner=planner, guidance_scale=GUIDANCE_SCALE,
                                progress=False)
         sampler(latents, clock, timesteps)
-    step_s = [b - a for a, b in zip(clock.ends[warmup - 1 : -1], clock.ends[warmup:])]
+    step_s = clock.step_seconds()[warmup - 1 :]
     return {
         "backbone": name,
         "pipeline": type(sg.pipe).__name__,

@@ -599,7 +599,7 @@ REAL_CONFIGS: dict[str, dict] = {
 
 
 def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                          seed: int = 0):
+                          seed: int = 0, *, transformer_overrides: dict | None = None, released_vae: bool = False):
     """A Diffusers pipeline around a real-size transformer with random weights, built on ``device``.
 
     Weights are initialised directly on the device in ``dtype`` (no host copy
@@ -608,9 +608,19 @@ def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: 
     VAE is a small one with the real latent channels and compression, so
     ``SuperGenPipeline.from_pipe`` tiles it exactly as the released model, but
     decoded pixels mean nothing. Use ``device="meta"`` to inspect shapes only.
+
+    Args:
+        transformer_overrides: transformer config fields that replace the
+            released ones (e.g. fewer layers: the same build path at a size a
+            CPU runs in seconds).
+        released_vae: build the VAE in its released configuration (Wan only:
+            ``AutoencoderKLWan``'s defaults are Wan2.1's VAE), so decode time
+            and memory are those of the real model.
     """
     if name not in REAL_CONFIGS:
         raise ValueError(f"unknown real configuration {name!r}; known: {', '.join(REAL_CONFIGS)}")
+    if released_vae and not name.startswith("wan"):
+        raise ValueError(f"released_vae is only available for the Wan configurations, not {name!r}")
     from diffusers import (
         AutoencoderKLCogVideoX,
         AutoencoderKLHunyuanVideo,
@@ -631,6 +641,7 @@ def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: 
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
 
     spec = REAL_CONFIGS[name]
+    transformer_config = {**spec["transformer"], **(transformer_overrides or {})}
     tokenizer = _build_tokenizer()
 
     def t5():
@@ -656,19 +667,20 @@ def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: 
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
             if name.startswith("wan"):
-                transformer = WanTransformer3DModel(**spec["transformer"]).eval()
-                vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                       temperal_downsample=[False, True, True]).eval()
+                transformer = WanTransformer3DModel(**transformer_config).eval()
+                small_vae = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+                vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True],
+                                       **({} if released_vae else small_vae)).eval()
                 pipe = WanPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
                                    scheduler=scheduler)
             elif name.startswith("cogvideox"):
-                transformer = CogVideoXTransformer3DModel(**spec["transformer"]).eval()
+                transformer = CogVideoXTransformer3DModel(**transformer_config).eval()
                 vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1,
                                              norm_num_groups=4).eval()
                 pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
                                          scheduler=scheduler)
             elif name == "hunyuanvideo":
-                transformer = HunyuanVideoTransformer3DModel(**spec["transformer"]).eval()
+                transformer = HunyuanVideoTransformer3DModel(**transformer_config).eval()
                 vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 8, 8),
                                                 layers_per_block=1, norm_num_groups=4).eval()
                 llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=64,
@@ -682,7 +694,7 @@ def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: 
                                             scheduler=scheduler,
                                             text_encoder_2=clip, tokenizer_2=tokenizer)
             else:
-                transformer = LTXVideoTransformer3DModel(**spec["transformer"]).eval()
+                transformer = LTXVideoTransformer3DModel(**transformer_config).eval()
                 vae = AutoencoderKLLTXVideo(latent_channels=128, block_out_channels=(8, 8, 8, 8),
                                             decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
                                             decoder_layers_per_block=(1, 1, 1, 1, 1)).eval()

@@ -1,5 +1,8 @@
+import importlib.util
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +22,23 @@ def tiny():
     from supergen import SuperGenPipeline
 
     return SuperGenPipeline.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def load_script():
+    """``load_script("bench_tiling")`` imports scripts/bench_tiling.py (scripts/ is no package) for one test module."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    loaded = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        # dataclasses resolve their module through sys.modules while the class is built.
+        sys.modules[name] = module
+        loaded.append(name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

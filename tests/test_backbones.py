@@ -391,3 +391,17 @@ def test_real_size_configurations_match_the_released_models(name, pipeline_class
     assert adapter.native_latent_shape == latent
     assert adapter.tokens(latent) == tokens
     assert round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2) == billions
+
+
+def test_random_pipeline_overrides_and_released_vae():
+    """The GPU check's builds: a smaller transformer through the same path, and Wan2.1's VAE at its real size."""
+    from supergen.models import build_random_pipeline
+
+    pipe = build_random_pipeline("wan2.1-1.3b", device="meta", transformer_overrides=dict(num_layers=2),
+                                 released_vae=True)
+    assert len(pipe.transformer.blocks) == 2 and pipe.transformer.config.num_attention_heads == 12
+    # AutoencoderKLWan's defaults are the released Wan2.1 VAE: 127M parameters (the stand-in has well under 1M).
+    assert round(sum(p.numel() for p in pipe.vae.parameters()) / 1e6) == 127
+    assert sum(p.numel() for p in build_random_pipeline("wan2.1-1.3b", device="meta").vae.parameters()) < 1e6
+    with pytest.raises(ValueError, match="released_vae is only available for the Wan configurations"):
+        build_random_pipeline("cogvideox-5b", device="meta", released_vae=True)

@@ -5,7 +5,6 @@ machine prove nothing.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import subprocess
@@ -19,14 +18,8 @@ SCRIPT = REPO / "scripts" / "bench_tiling.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_tiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve their module through sys.modules while the class is built.
-    sys.modules["bench_tiling"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_tiling", None)
+def bench(load_script):
+    return load_script("bench_tiling")
 
 
 def _linear_flops(cfg: dict, tokens: int, text_tokens: int) -> int:
