@@ -10,6 +10,10 @@ consults at each refinement step; the math lives in
   refinement started from), in every frequency (``skip``) or only in the
   sketch's own band (``lowpass``), with weight ``cosine_decay(step / steps,
   guide_exponent)``;
+* :meth:`CoherenceGuide.guide_prediction`, after the tiles ran (``x0``): the
+  clean canvas the prediction implies has its low band moved towards the
+  up-scaled clean sketch's (HiFlow / FreeScale style), and the prediction is
+  rewritten to imply that canvas (flow, epsilon and v prediction);
 * :meth:`CoherenceGuide.view_weight` / :attr:`CoherenceGuide.views`: while the
   weight is above zero the loop also runs the dilated global views and blends
   their outputs into the tiles' prediction with it.
@@ -26,7 +30,7 @@ from supergen.tiling.coherence import DilatedViews, cosine_decay, lowpass
 
 logger = logging.getLogger(__name__)
 
-GUIDES = ("none", "skip", "lowpass")
+GUIDES = ("none", "skip", "lowpass", "x0")
 
 
 class CoherenceGuide:
@@ -65,8 +69,8 @@ class CoherenceGuide:
             raise ValueError(f"guide={guide!r} is not one of {', '.join(GUIDES)}")
         if guide != "none" and (sketch is None or noise is None or noiser is None):
             raise ValueError(f"guide={guide!r} needs the up-scaled sketch, its noise and a noiser scheduler")
-        if guide == "lowpass" and lowpass_HW is None:
-            raise ValueError("guide='lowpass' needs lowpass_HW, the sketch's latent size")
+        if guide in ("lowpass", "x0") and lowpass_HW is None:
+            raise ValueError(f"guide={guide!r} needs lowpass_HW, the sketch's latent size")
         self.num_steps = num_steps
         self.guide = guide
         self.sketch = sketch
@@ -94,9 +98,39 @@ class CoherenceGuide:
             return 0.0
         return cosine_decay(progress / self.view_until, self.view_exponent)
 
+    def _x0_coefficients(self, timestep: torch.Tensor) -> tuple[float, float]:
+        """``(a, b)`` with ``x0 = a * x_t + b * prediction`` at ``timestep`` for the noiser's parameterisation."""
+        config = self.noiser.config
+        kind = getattr(config, "prediction_type", "flow_prediction")
+        if getattr(config, "use_flow_sigmas", False) or not hasattr(config, "prediction_type"):
+            kind = "flow_prediction"
+        timesteps = self.noiser.timesteps
+        index = int(torch.argmin((timesteps.to(torch.float64) - float(timestep)).abs()))
+        if kind == "flow_prediction":
+            return 1.0, -float(self.noiser.sigmas[index])
+        alpha_bar = float(self.noiser.alphas_cumprod[int(timesteps[index])])
+        if kind == "epsilon":
+            return 1.0 / alpha_bar**0.5, -((1.0 - alpha_bar) / alpha_bar) ** 0.5
+        if kind == "v_prediction":
+            return alpha_bar**0.5, -((1.0 - alpha_bar) ** 0.5)
+        raise ValueError(f"guide='x0' does not know prediction_type={kind!r}; use guide='lowpass'")
+
+    def guide_prediction(self, step: int, timestep: torch.Tensor, latents: torch.Tensor,
+                         prediction: torch.Tensor) -> torch.Tensor:
+        """``prediction`` rewritten so that its clean canvas takes the sketch's low band (``x0`` guide only)."""
+        weight = self.guide_weight(step) if self.guide == "x0" else 0.0
+        if weight == 0.0:
+            return prediction
+        a, b = self._x0_coefficients(timestep)
+        if b == 0.0:
+            return prediction
+        x0 = a * latents.float() + b * prediction.float()
+        correction = weight * lowpass(self.sketch.float() - x0, self.lowpass_HW)
+        return (prediction.float() + correction / b).to(prediction.dtype)
+
     def guide_latents(self, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """The canvas to denoise at ``step``: ``latents`` pulled towards the noised sketch."""
-        weight = self.guide_weight(step)
+        """The canvas to denoise at ``step``: ``latents`` pulled towards the noised sketch (``skip``, ``lowpass``)."""
+        weight = self.guide_weight(step) if self.guide in ("skip", "lowpass") else 0.0
         if weight == 0.0:
             return latents
         target = renoise(self.noiser, self.sketch, self.noise, timestep).to(latents.dtype)

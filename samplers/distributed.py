@@ -67,6 +67,8 @@ class DistributedTiledSampler(TiledSampler):
                 if self.cache is not None:
                     self.cache.update(plan, skips, local, prediction, None)
                 prediction = self.global_views(step, t, local, prediction)
+                if self.coherence is not None:
+                    prediction = self.coherence.guide_prediction(step, t, local, prediction)
                 self.stats.tile_steps_total += self.planner.num_tiles
                 local = scheduler.step(prediction, t, local, return_dict=False)[0]
                 bar.update()

@@ -223,6 +223,8 @@ class TiledSampler:
                     latents = self.coherence.guide_latents(step, t, latents)
                 prediction = self.predict(step, t, latents)
                 prediction = self.global_views(step, t, latents, prediction)
+                if self.coherence is not None:
+                    prediction = self.coherence.guide_prediction(step, t, latents, prediction)
                 latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
                 bar.update()
         return latents

@@ -55,24 +55,22 @@ class Setting:
     upscale_only: bool = False
 
 
+def _coherent(**kw) -> Setting:
+    return Setting(tiling=dict(strength=0.9), coherence=CoherenceConfig(**{"guide": "none", **kw}))
+
+
 SETTINGS: dict[str, Setting] = {
     "up-scaled sketch (no refinement)": Setting(upscale_only=True),
-    "plain tiling, strength 0.9 (wave 1 defaults)": Setting(tiling=dict(strength=0.9)),
-    "plain tiling, strength 0.5": Setting(tiling=dict(strength=0.5)),
-    "plain, rope absolute": Setting(tiling=dict(strength=0.9, rope="absolute")),
-    "skip residual ^1": Setting(tiling=dict(strength=0.9), coherence=CoherenceConfig(guide="skip", guide_exponent=1)),
-    "skip residual ^3": Setting(tiling=dict(strength=0.9), coherence=CoherenceConfig(guide="skip", guide_exponent=3)),
-    "lowpass ^1": Setting(tiling=dict(strength=0.9), coherence=CoherenceConfig(guide="lowpass", guide_exponent=1)),
-    "lowpass ^3": Setting(tiling=dict(strength=0.9), coherence=CoherenceConfig(guide="lowpass", guide_exponent=3)),
-    "dilated views ^1, first 50%": Setting(
-        tiling=dict(strength=0.9), coherence=CoherenceConfig(guide="none", views="dilated", view_until=0.5)
-    ),
-    "dilated views ^1, all steps": Setting(
-        tiling=dict(strength=0.9), coherence=CoherenceConfig(guide="none", views="dilated", view_until=1.0)
-    ),
-    "lowpass ^3 + dilated 50%": Setting(
-        tiling=dict(strength=0.9), coherence=CoherenceConfig(guide="lowpass", views="dilated", view_until=0.5)
-    ),
+    "plain tiling, strength 0.9 (wave 1 defaults)": _coherent(),
+    "plain tiling, strength 0.5": Setting(tiling=dict(strength=0.5), coherence=OFF),
+    "plain, rope absolute": Setting(tiling=dict(strength=0.9, rope="absolute"), coherence=OFF),
+    "skip residual ^1": _coherent(guide="skip", guide_exponent=1),
+    "lowpass latents ^0.5": _coherent(guide="lowpass", guide_exponent=0.5),
+    "dilated views, all steps": _coherent(views="dilated", view_until=1.0),
+    "lowpass ^1 + dilated views 50%": _coherent(guide="lowpass", guide_exponent=1, views="dilated", view_until=0.5),
+    "x0 low band ^1": _coherent(guide="x0", guide_exponent=1),
+    "x0 low band ^0.5": _coherent(guide="x0", guide_exponent=0.5),
+    "x0 low band ^0.1": _coherent(guide="x0", guide_exponent=0.1),
     "defaults": Setting(),
 }
 
@@ -229,8 +227,13 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     area = native_hw[0] * native_hw[1]
     for size in args.sizes:
-        truth = render_batch(12345, args.clips, size[0], size[1], pipe.adapter.native_num_frames)[0]
-        truth_detail = float(np.mean([detail(v) for v in truth]))
+        truth, truth_prompts = render_batch(12345, args.clips, size[0], size[1], pipe.adapter.native_num_frames)
+        truth_row = summarise(list(truth), truth_prompts, native_facts, ([], []))
+        truth_detail = truth_row["detail"]
+        results.setdefault("truth", []).append(dict(truth_row, height=size[0], width=size[1]))
+        print(f"| {size[0]}x{size[1]} | ground truth (toy world rendered at this size) | "
+              f"{truth_row['objects_mean']:.2f} | {truth_row['exactly_one']:.0%} | - | - | - | - | "
+              f"{truth_detail:.2f} | {truth_row['flicker']:.4f} | - | - |", flush=True)
         sketch_detail = None
         sheet_rows = []
         for name in args.settings:

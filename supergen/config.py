@@ -20,7 +20,7 @@ BLEND_MODES = ("cosine", "uniform")
 SHIFT_MODES = ("wrap", "none")
 ROPE_MODES = ("local", "absolute")
 UPSCALE_MODES = ("pixel", "latent")
-COHERENCE_GUIDES = ("none", "skip", "lowpass")
+COHERENCE_GUIDES = ("none", "skip", "lowpass", "x0")
 COHERENCE_VIEWS = ("none", "dilated")
 CACHE_MODES = ("off", "region", "canvas")
 CACHE_REUSE = ("auto", "blocks", "output", "residual")
@@ -129,11 +129,14 @@ class CoherenceConfig:
     draws the whole prompt again. See :mod:`supergen.tiling.coherence`.
 
     Args:
-        guide: ``lowpass`` pulls the canvas towards the up-scaled sketch,
-            noised to each step, in the band the sketch resolves (its
-            latent size), leaving finer detail to the tiles; ``skip`` pulls in
-            every frequency (DemoFusion's skip residual); ``none`` is off.
-            Needs a sketch (strength below 1).
+        guide: ``x0`` (default) moves the clean canvas each prediction
+            implies towards the up-scaled sketch in the band the sketch
+            resolves (its latent size), leaving finer detail to the tiles
+            (HiFlow / FreeScale style); ``lowpass`` pulls the noisy canvas
+            towards the sketch noised to the step, in that band; ``skip``
+            pulls it in every band (DemoFusion's skip residual); ``none`` is
+            off. Needs a sketch (strength below 1). Chosen on the toy model by
+            ``scripts/bench_fidelity.py`` (docs/benchmarks.md#coherence).
         guide_exponent: the guide's weight is ``((1 + cos(pi p)) / 2) **
             guide_exponent`` at refinement progress ``p``: 1 at the start,
             0 at the end; larger values release the canvas sooner.
@@ -144,8 +147,8 @@ class CoherenceConfig:
         view_until: fraction of the refinement steps during which the views run.
     """
 
-    guide: str = "lowpass"
-    guide_exponent: float = 3.0
+    guide: str = "x0"
+    guide_exponent: float = 0.25
     views: str = "none"
     view_exponent: float = 1.0
     view_until: float = 0.5

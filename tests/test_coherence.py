@@ -165,3 +165,34 @@ def test_default_tiled_run_on_toy_draws_fewer_objects_than_wave_1_defaults():
     old_one, new_one = np.mean([(c == 1).mean() for c in old]), np.mean([(c == 1).mean() for c in new])
     assert np.mean(np.concatenate(new)) < np.mean(np.concatenate(old)) - 0.3
     assert new_one >= old_one + 0.3 and new_one >= 0.75, (old_one, new_one)
+
+
+@pytest.mark.parametrize("kind", ["flow", "epsilon", "v_prediction"])
+def test_x0_guide_moves_the_implied_clean_canvas_by_the_sketch_low_band(kind):
+    """The rewritten prediction implies exactly ``x0 + w * lowpass(sketch - x0)``, with x0 read as the scheduler reads it."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    gen = torch.Generator().manual_seed(5)
+    sketch, noise, x_t, pred = (torch.randn(1, 4, 3, 16, 16, generator=gen) for _ in range(4))
+    if kind == "flow":
+        noiser = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        noiser = DDIMScheduler(prediction_type=kind, clip_sample=False)  # no clamp: compare the raw x0
+    noiser.set_timesteps(10)
+    guide = CoherenceGuide(10, guide="x0", sketch=sketch, noise=noise, noiser=noiser, lowpass_HW=(8, 8),
+                           guide_exponent=1.0)
+    step, t = 2, noiser.timesteps[2]
+
+    def clean(prediction):
+        if kind == "flow":
+            return x_t - noiser.sigmas[step] * prediction
+        stepper = DDIMScheduler.from_config(noiser.config)
+        stepper.set_timesteps(10)
+        return stepper.step(prediction, t, x_t).pred_original_sample
+
+    x0 = clean(pred)
+    guided = guide.guide_prediction(step, t, x_t, pred)
+    expected = x0 + guide.guide_weight(step) * lowpass(sketch - x0, (8, 8))
+    torch.testing.assert_close(clean(guided), expected, atol=1e-4, rtol=1e-4)
+    # The latent-space guides leave the prediction alone, and this one leaves the latents alone.
+    assert torch.equal(guide.guide_latents(step, t, x_t), x_t)
