@@ -131,3 +131,14 @@ def test_adherence_notices_wrong_facts():
     assert adherence(noise, params.prompt).score == 0.0
     with pytest.raises(ValueError, match="not a toy-world prompt"):
         adherence(video, "a cat")
+
+
+def test_seam_score_docstring_example_runs():
+    import doctest
+
+    from supergen import metrics
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(metrics.seam_score, "seam_score", globs={"seam_score": metrics.seam_score}):
+        runner.run(test)
+    assert runner.tries == 6 and runner.failures == 0
