@@ -210,7 +210,21 @@ def test_browser_sees_frames_before_generation_ends(demo_url):
             status = page.locator("#status").inner_text()
             assert status.startswith("block "), status
             assert not status.startswith("done"), status
+            # The status stays in view above the players, whose height is capped instead of following the page width.
+            from supergen.demo import VIDEO_HEIGHT
+
+            box = page.locator("#status").bounding_box()
+            assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= 900, box
+            assert page.locator("#live video").bounding_box()["height"] <= VIDEO_HEIGHT + 1
             page.screenshot(path=str(ARTIFACTS / "demo.png"))
+            # Stop ends the stream at the next block and still shows the result made so far.
             page.locator("#stop").click()
+            page.wait_for_function(
+                "() => document.querySelector('#status').innerText.startsWith('stopped')", timeout=120_000
+            )
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#final video'); return v && v.readyState >= 1; }",
+                timeout=60_000,
+            )
         finally:
             browser.close()
