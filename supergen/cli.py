@@ -287,17 +287,28 @@ def _load_image(path: str):
 
 def _check_resources_before_loading(args: argparse.Namespace, request, tiling, device, ctx) -> None:
     """Refuse a request too big for this device (or for --max-memory) from the folder's files, before loading."""
-    from supergen.resources import agreed_budget, check_tiled_request, dtype_bytes_for, model_footprint_for, parse_memory
+    from supergen.resources import (
+        agreed_budget,
+        check_tiled_request,
+        dtype_bytes_for,
+        model_footprint_for,
+        parse_memory,
+        refused_together,
+    )
     from supergen.validation import resolve_device
 
     spec, footprint, hints = model_footprint_for(args.model)
     device = resolve_device(device) if device is not None else ctx.device
     guidance = args.guidance if args.guidance is not None else hints.get("guidance_scale", 5.0)
-    check_tiled_request(
-        spec, request, tiling, footprint, device=device, dtype_bytes=dtype_bytes_for(_dtype(args.dtype), device),
-        max_memory=None if args.max_memory is None else parse_memory(args.max_memory), guidance=guidance > 1.0,
-        budget=agreed_budget(device, ctx),
-    )
+    budget = agreed_budget(device, ctx)
+    try:
+        check_tiled_request(
+            spec, request, tiling, footprint, device=device, dtype_bytes=dtype_bytes_for(_dtype(args.dtype), device),
+            max_memory=None if args.max_memory is None else parse_memory(args.max_memory), guidance=guidance > 1.0,
+            budget=budget,
+        )
+    except ValueError as err:
+        raise refused_together(ctx, err) from None
 
 
 def _check_stream_before_loading(args: argparse.Namespace, config) -> None:

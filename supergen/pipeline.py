@@ -279,15 +279,19 @@ class SuperGenPipeline:
         them; under a multi-process job every rank refuses together, against
         the smallest free memory of any rank.
         """
-        from supergen.resources import agreed_budget, check_tiled_request, parse_memory
+        from supergen.resources import agreed_budget, check_tiled_request, parse_memory, refused_together
         from supergen.validation import warn_long_prompt, warn_small_tiles
 
         budget = agreed_budget(self.device, context)
-        check_tiled_request(
-            self.adapter.spec, request, tiling, self.footprint, device=self.device,
-            dtype_bytes=self.adapter.dtype.itemsize, max_memory=None if max_memory is None else parse_memory(max_memory),
-            guidance=guidance_scale > 1.0, decode=output_type != "latent", count_weights=False, budget=budget,
-        )
+        try:
+            check_tiled_request(
+                self.adapter.spec, request, tiling, self.footprint, device=self.device,
+                dtype_bytes=self.adapter.dtype.itemsize,
+                max_memory=None if max_memory is None else parse_memory(max_memory),
+                guidance=guidance_scale > 1.0, decode=output_type != "latent", count_weights=False, budget=budget,
+            )
+        except ValueError as err:
+            raise refused_together(context, err) from None
         geo = self.adapter.geometry
         warn_small_tiles((request.tile[1] * geo.scale_spatial, request.tile[2] * geo.scale_spatial),
                          (self.adapter.native_height, self.adapter.native_width))

@@ -424,14 +424,29 @@ def check_stream_request(
 
 def model_footprint_for(name_or_path: str | os.PathLike):
     """``(spec, footprint, hints)`` of a built-in name or pipeline folder from its files alone; ``None`` for a hub id."""
-    from supergen.backbones import read_folder_configs, spec_from_folder
+    from supergen.backbones import spec_from_folder
     from supergen.models import read_model_hints, read_native_size, resolve_model
 
     source = Path(resolve_model(name_or_path))
     if not source.is_dir():
         return None
     spec = spec_from_folder(source, native_size=read_native_size(source))
-    return spec, footprint_from_folder(source, read_folder_configs(source).transformer), read_model_hints(source)
+    # The file as written, not the mapping that falls back on the class defaults: finding those imports
+    # the Diffusers model classes (seconds), and the widths have safe defaults here.
+    try:
+        transformer = json.loads((source / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        transformer = {}
+    return spec, footprint_from_folder(source, transformer), read_model_hints(source)
+
+
+def refused_together(context, err: ValueError) -> ValueError:
+    """A refusal every rank of ``context`` reached from the same numbers: no rank needs to tell the others."""
+    if context is None or not context.enabled:
+        return err
+    from supergen.parallel.runtime import AgreedError
+
+    return AgreedError(str(err))
 
 
 def agreed_budget(device: torch.device, context) -> tuple[int | None, str]:

@@ -268,6 +268,24 @@ def test_a_stalled_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
 
 
+def test_a_request_too_big_is_refused_by_every_rank_together(tmp_path):
+    """Ranks agree on the smallest free memory, so each refuses alike: exit 2 and one line, no rank kills another."""
+    port, procs = _free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "supergen", "generate", "--prompt", PROMPT, "--height", "100000", "--width",
+             "100000", "--timeout", "60", "--output", str(tmp_path / "o.mp4")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for err in errs:
+        assert "supergen generate: error: needs about" in err and "smallest of all ranks" in err, err
+        assert "stopping because" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_torchrun_cli_three_ranks_writes_what_one_process_writes(tmp_path, tiny):
     from supergen.io import write_video
 
