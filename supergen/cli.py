@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -264,7 +265,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
     if getattr(args, "fps", 1) < 1:
         raise ValueError(f"--fps {args.fps} must be >= 1")
     check_seed(getattr(args, "seed", 0))
-    if getattr(args, "guidance", None) is not None and not (args.guidance >= 0 and args.guidance != float("inf")):
+    if getattr(args, "guidance", None) is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ValueError(f"--guidance {args.guidance} must be a finite number >= 0")
     if args.device is not None:
         resolve_device(args.device)
@@ -295,11 +296,13 @@ def _check_resources_before_loading(args: argparse.Namespace, request, tiling, d
         parse_memory,
         refused_together,
     )
+    from supergen.pipeline import SuperGenPipeline
     from supergen.validation import resolve_device
 
     spec, footprint, hints = model_footprint_for(args.model)
     device = resolve_device(device) if device is not None else ctx.device
-    guidance = args.guidance if args.guidance is not None else hints.get("guidance_scale", 5.0)
+    guidance = args.guidance if args.guidance is not None else hints.get(
+        "guidance_scale", SuperGenPipeline.DEFAULT_GUIDANCE_SCALE)
     budget = agreed_budget(device, ctx)
     try:
         check_tiled_request(

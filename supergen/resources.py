@@ -24,7 +24,7 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 # A step with more tiles than this is a mistake, not a plan: 4K on a 480p model is 25 tiles, 8K about 100.
 MAX_TILES_PER_STEP = 1024
 
-_GB = 1e9
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -133,7 +132,6 @@ class ResourceEstimate:
     tiles: int
     stages: dict[str, int]
     weights_bytes: int = 0
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def peak(self) -> int:
