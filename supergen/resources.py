@@ -132,6 +132,8 @@ class ResourceEstimate:
     tiles: int
     stages: dict[str, int]
     weights_bytes: int = 0
+    #: Host memory for the frames, when the device has its own (CUDA); 0 when it is in the stages.
+    host_bytes: int = 0
 
     @property
     def peak(self) -> int:
@@ -145,10 +147,29 @@ class ResourceEstimate:
         f, h, w = self.canvas
         stages = ", ".join(f"{name} {format_bytes(b)}" for name, b in self.stages.items())
         weights = f"; weights {format_bytes(self.weights_bytes)}" if self.weights_bytes else ", weights already loaded"
+        if self.host_bytes:
+            weights += f"; host RAM for the frames {format_bytes(self.host_bytes)}"
         return (
             f"{self.what}: latent canvas {f}x{h}x{w} ({self.channels} ch), {self.tiles:,} tile(s) per step; "
             f"peak {format_bytes(self.peak)} in the {self.largest_stage} stage ({stages}{weights})"
         )
+
+
+def _decode_device_bytes(dtype_bytes: int) -> int:
+    """Peak bytes per decoded pixel value (frame x channel x row x column) on the device while a video is decoded.
+
+    The tiled VAE decode keeps its decoded tiles, the blended rows and their
+    concatenation, a clamped and a denormalised copy: about six copies in the
+    VAE's dtype. With :data:`DECODE_HOST_BYTES`, calibrated on CPU (tiny Wan,
+    float32, 1152x768x9: 0.93-1.05 GB measured growth, 39-44 bytes per value)
+    with some margin.
+    """
+    return 6 * dtype_bytes + 4
+
+
+#: Bytes per decoded pixel value in host memory: float32 frames, the temporaries of the uint8
+#: conversion, the uint8 frames.
+DECODE_HOST_BYTES = 20
 
 
 def _activation_bytes(footprint: ModelFootprint, tokens: int, batch: int, act_bytes: int) -> int:
@@ -169,8 +190,13 @@ def estimate_tiled(
     sketch: bool = True,
     decode: bool = True,
     count_weights: bool = True,
+    host_separate: bool = False,
 ) -> ResourceEstimate:
-    """Peak memory of each stage of a tiled request (:class:`~supergen.pipeline.TiledRequest`)."""
+    """Peak memory of each stage of a tiled request (:class:`~supergen.pipeline.TiledRequest`).
+
+    ``host_separate``: the device is not the host's memory (CUDA), so the
+    frames converted on the host go to ``host_bytes`` instead of the stages.
+    """
     geo = spec.geometry
     c = geo.channels
     f, h, w = request.canvas
@@ -194,10 +220,12 @@ def estimate_tiled(
             stages["up-scale"] = weights + sketch_bytes + 2 * canvas_bytes
     stages["refine"] = weights + 6 * canvas_bytes + _activation_bytes(footprint, tile_tokens, batch, dtype_bytes)
     if decode:
-        # The decoded video (and the rows it is stitched from) in the VAE's dtype, float frames, uint8 frames.
-        stages["decode"] = weights + canvas_bytes + 2 * dtype_bytes * pixels + 4 * pixels + pixels
+        stages["decode"] = weights + canvas_bytes + _decode_device_bytes(dtype_bytes) * pixels
+    host = DECODE_HOST_BYTES * pixels if decode else 0
+    if not host_separate:
+        stages["decode" if decode else "refine"] += host
     what = f"{request.width}x{request.height}, {request.num_frames} frames"
-    return ResourceEstimate(what, tuple(request.canvas), c, tiles, stages, weights)
+    return ResourceEstimate(what, tuple(request.canvas), c, tiles, stages, weights, host if host_separate else 0)
 
 
 def estimate_stream(
@@ -210,6 +238,7 @@ def estimate_stream(
     dtype_bytes: int,
     guidance: bool,
     count_weights: bool = True,
+    host_separate: bool = False,
 ) -> ResourceEstimate:
     """Peak memory of one block of a stream: KV cache, the forward's activations, the block's decode."""
     geo = spec.geometry
@@ -225,9 +254,15 @@ def estimate_stream(
     latents = 4 * c * segment * lh * lw
     stages = {
         "denoise": weights + kv + 6 * latents + _activation_bytes(footprint, segment * tokens_per_frame, batch, dtype_bytes),
-        "decode": weights + kv + 2 * dtype_bytes * block_pixels + 5 * block_pixels,
+        # The causal stream decode is not tiled: the decoder's full-resolution feature maps of the whole block
+        # come on top (measured on CPU, tiny Wan, 768x512 blocks of 12 frames: 0.74-1.14 GB in three runs).
+        "decode": weights + kv + 3 * _decode_device_bytes(dtype_bytes) * block_pixels,
     }
-    return ResourceEstimate(f"stream {width}x{height}", (segment, lh, lw), c, 1, stages, weights)
+    host = DECODE_HOST_BYTES * block_pixels
+    if not host_separate:
+        stages["decode"] += host
+    return ResourceEstimate(f"stream {width}x{height}", (segment, lh, lw), c, 1, stages, weights,
+                            host if host_separate else 0)
 
 
 # --- budgets ----------------------------------------------------------------------------------
@@ -288,6 +323,13 @@ def check_fits(estimate: ResourceEstimate, budget: int | None, label: str, fits:
                          f"{estimate.describe()}; {fits()}")
 
 
+def check_host(estimate: ResourceEstimate, host_free: int | None, fits: Callable[[], str]) -> None:
+    """Refuse frames that would not fit in host RAM once copied off the device."""
+    if host_free is not None and estimate.host_bytes > host_free:
+        raise ValueError(f"the frames need about {format_bytes(estimate.host_bytes)} of host RAM once off the device, "
+                         f"more than {format_bytes(host_free)} available: {estimate.describe()}; {fits()}")
+
+
 def largest_fitting(height: int, width: int, multiple: tuple[int, int], minimum: tuple[int, int],
                     ok: Callable[[int, int], bool]) -> tuple[int, int] | None:
     """The largest (height, width) of about the same aspect ratio, multiples of ``multiple``, for which ``ok``.
@@ -344,18 +386,22 @@ def check_tiled_request(
         return TilePlanner(canvas=req.canvas, tile=req.tile, overlap=req.overlap, align=geo.patch,
                            blend=tiling.blend, shift=tiling.shift, shift_stride=req.shift_stride)
 
+    host_separate = device.type != "cpu"
+
     def estimate(req, with_weights):
         return estimate_tiled(
             spec, req, footprint, plan(req).num_tiles, dtype_bytes=dtype_bytes, tile_batch_size=tiling.tile_batch_size,
             guidance=guidance, upscale=tiling.upscale, sketch=tiling.strength < 1.0, decode=decode,
-            count_weights=with_weights,
+            count_weights=with_weights, host_separate=host_separate,
         )
 
     free, label = budget if budget is not None else device_budget(device)
     cap = None if max_memory is None else (max_memory, "the --max-memory / max_memory budget")
+    host_free = device_budget(torch.device("cpu"))[0] if host_separate else None
 
     def fits_in_memory(req) -> bool:
-        return (free is None or estimate(req, count_weights).peak <= free) and (
+        result = estimate(req, count_weights)
+        return (free is None or result.peak <= free) and (host_free is None or result.host_bytes <= host_free) and (
             cap is None or estimate(req, True).peak <= cap[0])
 
     def suggestion() -> str:
@@ -375,6 +421,7 @@ def check_tiled_request(
 
     result = estimate(request, count_weights)
     check_fits(result, free, label, suggestion)
+    check_host(result, host_free, suggestion)
     if cap is not None:
         check_fits(estimate(request, True), *cap, suggestion)
     planner = plan(request)
@@ -398,13 +445,16 @@ def check_stream_request(
     """Refuse a stream whose KV cache and per-block work exceed the memory budget; returns its estimate."""
     geo = spec.geometry
     free, label = device_budget(device)
+    host_separate = device.type != "cpu"
+    host_free = device_budget(torch.device("cpu"))[0] if host_separate else None
 
     def estimate(h, w, with_weights):
         return estimate_stream(spec, footprint, config, h, w, dtype_bytes=dtype_bytes, guidance=guidance,
-                               count_weights=with_weights)
+                               count_weights=with_weights, host_separate=host_separate)
 
     def ok(h, w):
-        return (free is None or estimate(h, w, count_weights).peak <= free) and (
+        result = estimate(h, w, count_weights)
+        return (free is None or result.peak <= free) and (host_free is None or result.host_bytes <= host_free) and (
             max_memory is None or estimate(h, w, True).peak <= max_memory)
 
     def suggestion() -> str:
@@ -415,6 +465,7 @@ def check_stream_request(
 
     result = estimate(height, width, count_weights)
     check_fits(result, free, label, suggestion)
+    check_host(result, host_free, suggestion)
     if max_memory is not None:
         check_fits(estimate(height, width, True), max_memory, "the --max-memory / max_memory budget", suggestion)
     return result
