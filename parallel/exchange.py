@@ -89,10 +89,17 @@ class _Executor:
         owners = assign_tiles(costs, affinity, self.ctx.world_size)
         idle = idle_ranks(owners, self.ctx.world_size)
         if idle and not self._warned_idle and self.ctx.is_main:
+            world = self.ctx.world_size
+            if world > len(plan):
+                advice = (f"there are more processes than tiles: use at most {len(plan)} processes, or smaller tiles "
+                          "(--tile-height/--tile-width) to give every process work")
+            else:
+                advice = (f"the cost balance put the {len(plan)} tiles on fewer processes at step {step} (uneven "
+                          "tile costs); the output is unaffected, only those processes idle during that step's "
+                          f"model calls. Tile counts that divide by {world} balance best")
             logger.warning(
-                "%d tiles for %d ranks: ranks %s run no tiles (they only keep their part of the canvas); use at "
-                "most %d processes or smaller tiles (--tile-height/--tile-width) to use them",
-                len(plan), self.ctx.world_size, idle, len(plan),
+                "%d tiles for %d ranks: ranks %s run no tiles and only step their part of the canvas; %s",
+                len(plan), world, ", ".join(map(str, idle)), advice,
             )
             self._warned_idle = True
         if logger.isEnabledFor(logging.DEBUG):

@@ -13,8 +13,18 @@ therefore also an error board: a rank that fails posts its message there
 rank polls the board and ends its own process with exit status 1 as soon as
 it sees a message, or when the store itself goes away (the host rank died).
 So a failure anywhere ends the whole job within a fraction of a second
-instead of ``timeout_s``; the timeout is the last resort for a rank that
-hangs without raising.
+instead of ``timeout_s``.
+
+A rank that hangs without raising (stopped, swapping, stuck in a driver) is
+caught by heartbeats: every rank's watchdog bumps a counter of its own on the
+store and watches the others' counters; one that has not moved for
+``timeout_s`` seconds (by the watcher's own clock, so clocks need not agree)
+fails the job with a message naming that rank, within ``timeout_s`` plus a
+heartbeat interval. The watcher also kills the stalled process when it runs
+on the same host: a stopped process ignores the launcher's SIGTERM, and
+torchrun would otherwise wait out its own grace period before giving up.
+Collectives get a timeout a little longer than ``timeout_s``, as the last
+resort for a hang in which every rank is still alive.
 """
 
 from __future__ import annotations
@@ -24,8 +34,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator
@@ -38,6 +51,10 @@ from supergen.config import ParallelConfig
 logger = logging.getLogger(__name__)
 
 _ERROR_KEY = "supergen/error"
+_ALIVE_KEY = "supergen/alive/{}"
+_WHERE_KEY = "supergen/where/{}"
+# Collectives wait this much longer than the heartbeat limit, so a stalled rank is reported by name first.
+COLLECTIVE_MARGIN_S = 10.0
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -63,6 +80,8 @@ class DistributedContext:
     store: dist.Store | None = None
     _watchdog: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+    #: rank -> (last heartbeat count seen, monotonic time it changed), kept by the watchdog.
+    _seen: dict = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -115,15 +134,59 @@ class DistributedContext:
         with contextlib.suppress(Exception):
             self.store.set(_ERROR_KEY, f"rank {self.rank}: {message}")
 
+    @property
+    def heartbeat_s(self) -> float:
+        """How often ranks bump and read heartbeats: often enough to report a stall soon after
+        ``timeout_s``, rarely enough that many ranks do not flood the store."""
+        return min(2.0, max(0.2, self.timeout_s / 20))
+
+    def _stalled_rank(self, now: float) -> tuple[int, float] | None:
+        """Bump our heartbeat, read the others'; the rank silent for longest, if over ``timeout_s``."""
+        self.store.add(_ALIVE_KEY.format(self.rank), 1)
+        worst = None
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            count = self.store.add(_ALIVE_KEY.format(r), 0)
+            last = self._seen.get(r)
+            if last is None or last[0] != count:
+                self._seen[r] = (count, now)
+            elif now - last[1] > self.timeout_s and (worst is None or now - last[1] > worst[1]):
+                worst = (r, now - last[1])
+        return worst
+
+    def _kill_if_local(self, rank: int) -> None:
+        """SIGKILL a stalled rank on this host (a stopped process ignores SIGTERM; see the module docstring)."""
+        with contextlib.suppress(Exception):
+            host, pid = self.store.get(_WHERE_KEY.format(rank)).decode().rsplit(":", 1)
+            if host == socket.gethostname() and int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+
     def _watch(self, poll_s: float) -> None:
+        next_beat = 0.0
         while not self._stop.wait(poll_s):
             try:
                 failed = self.store.check([_ERROR_KEY])
                 message = self.store.get(_ERROR_KEY).decode() if failed else None
-            except Exception as err:  # the store's host is gone: its rank died
+                now = time.monotonic()
+                if message is None and now >= next_beat:
+                    next_beat = now + self.heartbeat_s
+                    stalled = self._stalled_rank(now)
+                    if stalled is not None and not self._stop.is_set():
+                        rank, silent = stalled
+                        message = (
+                            f"rank {rank} stopped responding: no heartbeat for {silent:.0f} s (timeout {self.timeout_s:g} s); "
+                            "it may be stopped, out of memory or stuck; the job is ended"
+                        )
+                        self.report_failure(message)
+                        self._kill_if_local(rank)
+            except Exception as err:  # the store's host is gone: its rank died or stopped
                 if self._stop.is_set():
                     return
-                message = f"lost the rendezvous store ({type(err).__name__}); another rank died"
+                message = (
+                    f"lost the rendezvous store ({type(err).__name__}): the process hosting it (rank 0, or "
+                    "torchrun's agent) died or stopped responding"
+                )
             if message is None or self._stop.is_set():
                 continue
             if message.startswith(f"rank {self.rank}:"):
@@ -138,6 +201,8 @@ class DistributedContext:
     def start_watchdog(self, poll_s: float = 0.2) -> None:
         if self.store is None or self._watchdog is not None:
             return
+        with contextlib.suppress(Exception):
+            self.store.set(_WHERE_KEY.format(self.rank), f"{socket.gethostname()}:{os.getpid()}")
         self._watchdog = threading.Thread(target=self._watch, args=(poll_s,), name="supergen-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -186,7 +251,8 @@ def init_distributed(config: ParallelConfig | None = None) -> DistributedContext
         device = torch.device("cpu")
     timeout = timedelta(seconds=config.timeout_s)
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout + timedelta(seconds=COLLECTIVE_MARGIN_S))
     ctx = DistributedContext(
         rank=rank,
         world_size=world_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -18,24 +19,49 @@ from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, 
 logger = logging.getLogger("supergen")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every flag's default, except where the help already says it (or there is none to show)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if "default" in help_text or action.default in (None, argparse.SUPPRESS) or action.required or flag:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="built-in name (tiny = tiny-wan, tiny-cogvideox, tiny-hunyuanvideo, tiny-ltx; toy: the shipped "
-                   "model trained on the toy world), a local "
-                   "pipeline folder, or a hub id")
+    from supergen.models import SHIPPED_MODELS, TINY_BUILDERS
+
+    p.add_argument("--model", default="tiny", help=(
+        f"built-in name ({', '.join(sorted(TINY_BUILDERS))}; tiny = tiny-wan; the -i2v ones are image-to-video and "
+        f"need --image; {', '.join(SHIPPED_MODELS)}: the shipped model trained on the toy world), a local pipeline "
+        "folder, or a hub id"))
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: the CPUs this process may use, divided by the processes "
+                        "torchrun starts on this host; 1 for the built-in tiny and toy models, whose operations "
+                        "are too small to split)")
+    p.add_argument("--max-memory", default=None,
+                   help="refuse requests whose estimated peak memory (weights included) is above this, e.g. 16G; "
+                        "requests over the device's free memory are refused anyway")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="DEBUG also prints tracebacks of refused requests")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="supergen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="supergen", description=__doc__.splitlines()[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate a video above the model's native resolution by tiled refinement")
+    g = sub.add_parser("generate", help="generate a video above the model's native resolution by tiled refinement",
+                       formatter_class=_HelpFormatter)
     _add_common(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--prompt", required=True, help="what the video shows")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance above 1)")
     g.add_argument("--image", default=None, help="first frame (picture file) for image-to-video models")
     g.add_argument("--height", type=int, default=None, help="pixels (default: 2x the model's native height)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: 2x the model's native width)")
@@ -45,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the model's, 5 unless its supergen.json says "
                    "otherwise; HunyuanVideo: its embedded, distilled guidance)")
     g.add_argument("--guidance-2", type=float, default=None, help="guidance of Wan2.2's low-noise expert")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the noise (same seed, same video, any world size)")
     g.add_argument("--strength", type=float, default=TilingConfig.strength,
                    help="fraction of the schedule refined at the target size")
     g.add_argument("--tile-height", type=int, default=None, help="tile height in pixels (default: native)")
     g.add_argument("--tile-width", type=int, default=None, help="tile width in pixels (default: native)")
     g.add_argument("--tile-overlap", type=int, default=0, help="overlap between tiles, pixels")
-    g.add_argument("--blend", choices=("cosine", "uniform"), default="cosine")
+    g.add_argument("--blend", choices=("cosine", "uniform"), default="cosine", help="weights where tiles overlap")
     g.add_argument("--shift", choices=("wrap", "none"), default="wrap", help="shift the tile grid every step")
     g.add_argument("--rope", choices=("local", "absolute"), default="local", help="tile RoPE positions")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="how the sketch is up-scaled")
@@ -87,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "head), its last output, or its last output-minus-input (auto: blocks where supported)")
     g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
-    g.add_argument("--fps", type=int, default=16)
+    g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     g.add_argument("--metrics-json", default=None, help="write run metrics to this JSON file")
 
-    st = sub.add_parser("stream", help="stream video block by block with a rolling KV cache (frames written as they come)")
+    st = sub.add_parser("stream", help="stream video block by block with a rolling KV cache (frames written as they come)",
+                        formatter_class=_HelpFormatter)
     _add_common(st)
-    st.add_argument("--prompt", required=True)
-    st.add_argument("--negative-prompt", default=None)
+    st.add_argument("--prompt", required=True, help="what the video shows")
+    st.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance above 1)")
     st.add_argument("--blocks", type=int, default=None, help="blocks to make (default: endless, stop with Ctrl-C)")
     st.add_argument("--block-frames", type=int, default=3, help="latent frames per block")
     st.add_argument("--window", type=int, default=9, help="recent clean latent frames kept in the KV cache")
@@ -108,19 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--guidance", type=float, default=None,
                     help="CFG scale (default: 1, no guidance, as causal few-step checkpoints run; or the scale the "
                     "checkpoint's supergen.json recommends)")
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--seed", type=int, default=0, help="seed of the noise")
     st.add_argument("--transformer-weights", default=None,
                     help="original-layout Wan checkpoint to load into the transformer (Self-Forcing, CausVid, Rolling Forcing)")
     st.add_argument("--output", required=True, help="mp4 path; frames are appended as blocks finish")
-    st.add_argument("--fps", type=int, default=16)
+    st.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     st.add_argument("--metrics-json", default=None, help="write run metrics (with per-block entries) to this JSON file")
 
-    d = sub.add_parser("demo", help="serve the Gradio demo (needs the [demo] extra)")
+    d = sub.add_parser("demo", help="serve the Gradio demo (needs the [demo] extra)", formatter_class=_HelpFormatter)
     _add_common(d)
     # The demo is for people: default to the model that draws something (tiny draws noise).
     d.set_defaults(model="toy")
     d.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
-    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--port", type=int, default=7860, help="TCP port to listen on")
     d.add_argument("--concurrency", type=int, default=1, help="generations run at once; other visitors queue")
     return parser
 
@@ -177,17 +204,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_output_path(args.metrics_json, suffixes=(".json",))
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
+    _check_run_args(args)
     cache.check_schedule(refinement_steps(args.steps, args.strength))
     # Unknown names and sizes the model cannot take fail before any weights load (a folder's
     # configs are enough); a hub id is checked after loading, by check_request below.
-    check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
-    image = None
-    if args.image is not None:
-        from diffusers.utils import load_image
-
-        if not os.path.isfile(args.image):
-            raise ValueError(f"--image {args.image!r} is not a file")
-        image = load_image(args.image)
+    planned = check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
+    image = None if args.image is None else _load_image(args.image)
 
     parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange)
 
@@ -197,11 +219,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ctx.ensure_same("command-line arguments", {k: v for k, v in vars(args).items() if k != "device"})
         started = time.perf_counter()
         device = args.device if args.device is not None or not ctx.enabled else ctx.device
+        if planned is not None:
+            _check_resources_before_loading(args, planned, tiling, device, ctx)
         pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=device)
         request = pipe.check_request(args.height, args.width, args.num_frames, tiling)
         logger.info("model %s loaded in %.1fs: %s", args.model, time.perf_counter() - started, pipe.adapter.describe())
         result = pipe(
             args.prompt,
+            max_memory=args.max_memory,
             height=request.height,
             width=request.width,
             num_frames=request.num_frames,
@@ -226,6 +251,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.metrics_json:
         write_json(args.metrics_json, metrics)
     tiles = metrics["tiles"]
+    refined = refinement_steps(args.steps, args.strength)
     ranks = ""
     if metrics["world_size"] > 1:
         ranks = (
@@ -234,7 +260,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     print(
         f"wrote {args.output}: {request.width}x{request.height}, {request.num_frames} frames; "
-        f"{tiles['count']} tiles x {args.steps} steps, {tiles['tile_steps_computed']}/{tiles['tile_steps_total']} "
+        f"{tiles['count']} tiles x {refined} refine steps (of {args.steps}), "
+        f"{tiles['tile_steps_computed']}/{tiles['tile_steps_total']} "
         f"tile-steps computed; denoise {metrics['denoise_s']:.1f}s, decode {metrics['decode_s']:.1f}s, "
         f"total {metrics['wall_s']:.1f}s{ranks}"
     )
@@ -248,6 +275,85 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_skip_map(args.skip_map, metrics["cache"]["region_skip_map"],
                        title=f"{args.prompt[:40]}: cache {cache.mode}, threshold {cache.threshold:g}")
     return 0
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
+    """Flags the model is not needed for, checked before anything loads (the API checks them again)."""
+    from supergen.resources import parse_memory
+    from supergen.validation import check_seed, resolve_device
+
+    if getattr(args, "fps", 1) < 1:
+        raise ValueError(f"--fps {args.fps} must be >= 1")
+    check_seed(getattr(args, "seed", 0))
+    if getattr(args, "guidance", None) is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance {args.guidance} must be a finite number >= 0")
+    if args.device is not None:
+        resolve_device(args.device)
+    if args.max_memory is not None:
+        parse_memory(args.max_memory)
+
+
+def _load_image(path: str):
+    """The first frame for image-to-video models, or a one-line ``ValueError`` saying why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--image {path!r} is not a file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--image {path!r} is not a picture this install can read (PNG, JPEG, ...): {err}") from None
+
+
+def _check_resources_before_loading(args: argparse.Namespace, request, tiling, device, ctx) -> None:
+    """Refuse a request too big for this device (or for --max-memory) from the folder's files, before loading."""
+    from supergen.resources import (
+        agreed_budget,
+        check_tiled_request,
+        dtype_bytes_for,
+        model_footprint_for,
+        parse_memory,
+        refused_together,
+    )
+    from supergen.pipeline import SuperGenPipeline
+    from supergen.validation import resolve_device
+
+    spec, footprint, hints = model_footprint_for(args.model)
+    device = resolve_device(device) if device is not None else ctx.device
+    guidance = args.guidance if args.guidance is not None else hints.get(
+        "guidance_scale", SuperGenPipeline.DEFAULT_GUIDANCE_SCALE)
+    budget = agreed_budget(device, ctx)
+    try:
+        check_tiled_request(
+            spec, request, tiling, footprint, device=device, dtype_bytes=dtype_bytes_for(_dtype(args.dtype), device),
+            max_memory=None if args.max_memory is None else parse_memory(args.max_memory), guidance=guidance > 1.0,
+            budget=budget,
+        )
+    except ValueError as err:
+        raise refused_together(ctx, err) from None
+
+
+def _check_stream_before_loading(args: argparse.Namespace, config) -> None:
+    """Frame size and memory of a stream from the model folder's files (a hub id is checked after loading)."""
+    from supergen.resources import check_stream_request, dtype_bytes_for, model_footprint_for, parse_memory
+    from supergen.validation import check_frame_size, resolve_device
+    from supergen.pipeline import _default_device
+
+    found = model_footprint_for(args.model)
+    if found is None:
+        return
+    spec, footprint, hints = found
+    native_h, native_w, _ = spec.native_size
+    height = native_h if args.height is None else args.height
+    width = native_w if args.width is None else args.width
+    check_frame_size(spec.geometry, height, width)
+    device = resolve_device(args.device) if args.device is not None else _default_device()
+    guidance = args.guidance if args.guidance is not None else hints.get("guidance_scale", 1.0)
+    check_stream_request(
+        spec, config, height, width, footprint, device=device, dtype_bytes=dtype_bytes_for(_dtype(args.dtype), device),
+        guidance=guidance > 1.0, max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
+    )
 
 
 def _log_per_rank(args: argparse.Namespace, ctx) -> None:
@@ -278,7 +384,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         check_output_path(args.metrics_json, suffixes=(".json",))
     if args.blocks is not None and args.blocks < 1:
         raise ValueError(f"--blocks {args.blocks} must be >= 1 (leave it out for an endless stream)")
+    _check_run_args(args)
     resolve_model(args.model)
+    _check_stream_before_loading(args, config)
 
     if args.transformer_weights:
         from supergen.backbones.wan_convert import read_checkpoint
@@ -299,6 +407,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
+        max_memory=args.max_memory,
     )
     logger.info("streaming %s to %s", "until Ctrl-C" if args.blocks is None else f"{args.blocks} blocks", args.output)
     interrupted = False
@@ -373,25 +482,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port} must be in 1..65535")
     if args.concurrency < 1:
         raise ValueError(f"--concurrency {args.concurrency} must be >= 1")
+    _check_run_args(args)
     resolve_model(args.model)
-    serve(args.model, host=args.host, port=args.port, device=args.device, concurrency=args.concurrency)
+    serve(args.model, host=args.host, port=args.port, device=args.device, concurrency=args.concurrency,
+          dtype=_dtype(args.dtype), max_memory=args.max_memory)
     return 0
 
 
 COMMANDS = {"generate": cmd_generate, "stream": cmd_stream, "demo": cmd_demo}
 
 
+def _version() -> str:
+    from supergen import __version__
+
+    return f"supergen {__version__}"
+
+
+# Built-in models whose operations take microseconds: extra intra-op threads only spin and wait
+# (a 3-block toy stream: 1.0 frames/s with default threads on a shared 2-core host, 29.5 with one).
+_SMALL_MODELS = ("tiny", "tiny-", "toy")
+
+
+def configure_threads(threads: int | None, model: str = "") -> int:
+    """Set torch's CPU threads: ``threads``, else this process's share of the CPUs it may use.
+
+    Under torchrun the share is the usable CPUs divided by the processes on this
+    host (``LOCAL_WORLD_SIZE``), so N processes do not start N x cores threads. An
+    explicit ``OMP_NUM_THREADS`` outside torchrun is respected (torchrun sets it
+    to 1 itself, which is too few on a large host).
+    """
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads} must be >= 1")
+    elif "OMP_NUM_THREADS" in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        return torch.get_num_threads()
+    elif str(model).startswith(_SMALL_MODELS):
+        threads = 1
+    else:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, usable // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and "allocate" in str(err) and "memory" in str(err).lower()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; user mistakes end with one ``error:`` line and exit status 2, Ctrl-C with 130.
+
+    Tracebacks are for bugs: a refused request prints one line unless
+    ``--log-level DEBUG`` is given, which prints its traceback as well.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     # Diffusers and transformers are chatty at INFO; keep their warnings only.
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    debug = args.log_level == "DEBUG"
+    prefix = f"supergen {args.command}"
     try:
+        logger.debug("torch threads: %d", configure_threads(args.threads, args.model))
         return COMMANDS[args.command](args)
     except ValueError as err:
-        print(f"supergen {args.command}: error: {err}", file=sys.stderr)
+        if debug:
+            logger.exception("refused")
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            logger.exception("interrupted")
+        print(f"{prefix}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _is_out_of_memory(err):
+            raise
+        if debug:
+            logger.exception("out of memory")
+        print(f"{prefix}: error: out of memory ({str(err).strip().splitlines()[0][:200]}); the estimate before the "
+              "run was too low for this device: use a smaller size, or pass --max-memory below what is free",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

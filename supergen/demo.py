@@ -6,13 +6,15 @@ Two modes share one page:
   block is encoded as a short H.264 chunk and pushed to a streaming ``gr.Video``,
   so frames appear while later blocks are still being denoised. The prompt box
   can be changed while a stream runs ("Apply to next block"). Stop ends the
-  generator between blocks and frees the worker.
+  stream at the next block boundary and still delivers the mp4 of what was made.
 - **ultra-high resolution**: the tiled pipeline, with a progress bar, then the video.
 
 The finished video is offered as a downloadable mp4 either way. The queue runs
 one generation at a time (``--concurrency``); other visitors see their position.
-Gradio's API is served too, so ``gradio_client`` can drive the app
-(endpoints ``/generate`` and ``/set_prompt``).
+A bad request (an impossible size, an empty field) is refused in one line before
+any model work and the server keeps serving. Gradio's API is served too, so
+``gradio_client`` can drive the app (endpoints ``/generate``, ``/set_prompt``
+and ``/stop``).
 """
 
 # No `from __future__ import annotations` here: Gradio finds the gr.Request
@@ -30,6 +32,24 @@ logger = logging.getLogger(__name__)
 MODES = ("stream", "ultra-high resolution")
 
 
+class Stopped(Exception):
+    """Raised inside a tiled run at the next model call once its visitor pressed Stop."""
+
+
+def whole_number(label: str, value) -> int:
+    """A number field's value as an int, or a ``ValueError`` a visitor can act on (fields can be cleared)."""
+    if value is None or value == "":
+        raise ValueError(f"{label} is empty: enter a whole number")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{label} {value!r} is not a number") from None
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{label} {value:g} is not a whole number")
+    return int(value)
+
+
 class DemoBackend:
     """Owns the loaded pipeline and the live prompts of running streams.
 
@@ -37,14 +57,17 @@ class DemoBackend:
     (``concurrency_limit``), so the model is never used by two requests at once.
     """
 
-    def __init__(self, model: str = "toy", device: str | None = None, workdir: str | None = None):
+    def __init__(self, model: str = "toy", device: str | None = None, workdir: str | None = None, dtype=None,
+                 max_memory: str | int | None = None):
         from supergen.pipeline import SuperGenPipeline
 
         self.model = model
-        self.pipe = SuperGenPipeline.from_pretrained(model, device=device)
+        self.max_memory = max_memory
+        self.pipe = SuperGenPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supergen-demo-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._live_prompts: dict[str, str] = {}
+        self._stop_requests: set[str] = set()
         self._lock = threading.Lock()
         # Held while the model computes. Gradio's Stop abandons a generator
         # between blocks without closing it, so the next generation closes the
@@ -73,30 +96,54 @@ class DemoBackend:
         with self._lock:
             return self._live_prompts.pop(session, None)
 
+    def request_stop(self, session: str) -> None:
+        """Ask the session's running generation to stop at its next block (stream) or model call (tiled)."""
+        with self._lock:
+            self._stop_requests.add(session)
+
+    def take_stop(self, session: str) -> bool:
+        with self._lock:
+            if session in self._stop_requests:
+                self._stop_requests.discard(session)
+                return True
+            return False
+
     def _run_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
 
     # --- the two modes ------------------------------------------------------
     def generate_tiled(self, prompt, height, width, num_frames, steps, seed, cache, overlap, shift, rope, fps=16,
                        strength=TilingConfig.strength, coherence_guide=CoherenceConfig.guide,
-                       global_views=CoherenceConfig.views):
-        """Run the tiled pipeline; returns (mp4 path, status line)."""
+                       global_views=CoherenceConfig.views, session: str = "api"):
+        """Run the tiled pipeline; returns (mp4 path, status line). Raises :class:`Stopped` after a Stop."""
         from supergen.io import write_video
 
-        tiling = TilingConfig(overlap=int(overlap), shift=shift, rope=rope, strength=float(strength))
+        tiling = TilingConfig(overlap=whole_number("Tile overlap", overlap), shift=shift, rope=rope,
+                              strength=float(strength))
         kwargs = dict(
             coherence=CoherenceConfig(guide=coherence_guide, views=global_views),
-            height=int(height),
-            width=int(width),
-            num_frames=int(num_frames),
-            num_inference_steps=int(steps),
-            seed=int(seed),
+            height=whole_number("Height", height),
+            width=whole_number("Width", width),
+            num_frames=whole_number("Frames", num_frames),
+            num_inference_steps=whole_number("Steps", steps),
+            seed=whole_number("Seed", seed),
             tiling=tiling,
+            max_memory=self.max_memory,
         )
         kwargs.update(self._cache_kwargs(cache))
+        self.take_stop(session)  # a Stop pressed before this run belongs to an earlier one
+
+        def stop_between_model_calls(*_):
+            if self.take_stop(session):
+                raise Stopped()
+
         with self._model_lock:
             self._release_abandoned_stream()
-            result = self.pipe(prompt, **kwargs)
+            hook = self.pipe.pipe.transformer.register_forward_pre_hook(stop_between_model_calls)
+            try:
+                result = self.pipe(prompt, **kwargs)
+            finally:
+                hook.remove()
         path = self._run_dir() / "supergen.mp4"
         write_video(path, result.frames, fps=fps)
         m = result.metrics
@@ -125,27 +172,29 @@ class DemoBackend:
         from supergen.config import StreamConfig
         from supergen.io import VideoWriter, write_video
 
+        blocks = whole_number("Blocks", blocks)
+        config = StreamConfig(steps=whole_number("Steps", steps))
+        size = dict(height=whole_number("Height", height), width=whole_number("Width", width))
         with self._model_lock:
             self._release_abandoned_stream()
-            stream = self.pipe.stream(
-                prompt,
-                num_blocks=int(blocks),
-                stream=StreamConfig(steps=int(steps)),
-                height=int(height),
-                width=int(width),
-                seed=int(seed),
-            )
+            stream = self.pipe.stream(prompt, num_blocks=blocks, stream=config, seed=whole_number("Seed", seed),
+                                      max_memory=self.max_memory, **size)
             run_dir = self._run_dir()
             final = run_dir / "supergen.mp4"
             writer = VideoWriter(final, fps=fps)
             self._active_stream, self._active_writer = stream, writer
         started = time.perf_counter()
         frames = 0
-        # A prompt sent before this stream started belongs to an earlier one.
+        # A prompt or a Stop sent before this stream started belongs to an earlier one.
         self.take_live_prompt(session)
+        self.take_stop(session)
         current = prompt
+        stopped = False
         try:
             while True:
+                if self.take_stop(session):
+                    stopped = True
+                    break
                 with self._model_lock:
                     if stream is not self._active_stream:
                         return  # closed by a later request after a Stop
@@ -162,7 +211,7 @@ class DemoBackend:
                 writer.append(block.frames)
                 frames += len(block.frames)
                 status = (
-                    f"block {block.index + 1}/{int(blocks)}: {frames} frames, "
+                    f"block {block.index + 1}/{blocks}: {frames} frames, "
                     f"{block.metrics.get('latency_s', 0.0):.2f} s for this block, "
                     f"{time.perf_counter() - started:.1f} s in all; next block: {current!r}"
                 )
@@ -173,7 +222,17 @@ class DemoBackend:
                     stream.close()
                     writer.close(keep=True)
                     self._active_stream = self._active_writer = None
-        yield None, str(final), f"done: {frames} frames in {time.perf_counter() - started:.1f} s"
+        word = "stopped" if stopped else "done"
+        yield None, str(final), f"{word}: {frames} frames in {time.perf_counter() - started:.1f} s"
+
+
+# Pixels: players keep the video's aspect ratio inside this height instead of stretching to the page width.
+VIDEO_HEIGHT = 360
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (the page shows it in a toast)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
@@ -193,19 +252,25 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
                 yield None, None, "refining tiles..."
                 path, status = backend.generate_tiled(
                     prompt, height, width, frames, steps, seed, cache, overlap, shift, rope, strength=strength,
-                    coherence_guide=coherence_guide, global_views=global_views,
+                    coherence_guide=coherence_guide, global_views=global_views, session=session,
                 )
                 yield None, path, status
-        except ValueError as err:
-            # Bad requests are the visitor's to fix: say what is wrong, keep serving.
-            raise gr.Error(str(err)) from None
+        except Stopped:
+            yield None, None, "stopped: a tiled run makes its video only at the end, so there is none to show"
+        except (ValueError, TypeError) as err:
+            # Bad requests are the visitor's to fix: say what is wrong in one line, keep serving.
+            raise gr.Error(one_line(err)) from None
         except Exception as err:  # noqa: BLE001 - the page shows a message, the log keeps the trace
             logger.exception("generation failed")
-            raise gr.Error(f"generation failed: {type(err).__name__}: {err}") from None
+            raise gr.Error(f"generation failed: {type(err).__name__}: {one_line(err)}") from None
 
     def set_prompt(prompt, request: gr.Request):
         backend.set_live_prompt(request.session_hash if request is not None else "api", prompt)
         return f"next block uses: {prompt!r}"
+
+    def stop_run(request: gr.Request):
+        backend.request_stop(request.session_hash if request is not None else "api")
+        return "stopping at the next block..."
 
     with gr.Blocks(title="SuperGen") as app:
         gr.Markdown(
@@ -240,9 +305,10 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     apply = gr.Button("Apply prompt to next block", elem_id="apply-prompt")
             with gr.Column(scale=2):
-                live = gr.Video(label="Live", streaming=True, autoplay=True, elem_id="live")
-                final = gr.Video(label="Result (mp4)", elem_id="final")
+                # Above the players and with their height capped, so it stays in view while frames arrive.
                 status = gr.Markdown(elem_id="status")
+                live = gr.Video(label="Live", streaming=True, autoplay=True, elem_id="live", height=VIDEO_HEIGHT)
+                final = gr.Video(label="Result (mp4)", elem_id="final", height=VIDEO_HEIGHT)
         event = go.click(
             run,
             [mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope, strength,
@@ -252,7 +318,8 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
             concurrency_limit=concurrency,
             concurrency_id="generation",
         )
-        stop.click(None, None, None, cancels=[event])
+        # Not a cancel: the run ends itself at the next block and still hands over the mp4 made so far.
+        stop.click(stop_run, None, [status], api_name="stop", queue=False)
         # Not queued behind the running generation: a prompt change must reach it mid-stream.
         apply.click(set_prompt, [prompt], [status], api_name="set_prompt", queue=False)
     app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
@@ -260,9 +327,9 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
 
 
 def serve(model: str = "toy", host: str = "127.0.0.1", port: int = 7860, device: str | None = None,
-          concurrency: int = 1, block: bool = True):
-    """Load the model, build the app and start serving; returns the Gradio app."""
-    backend = DemoBackend(model, device=device)
+          concurrency: int = 1, block: bool = True, dtype=None, max_memory: str | int | None = None):
+    """Load the model (``dtype``: weights dtype, default per device), build the app and start serving."""
+    backend = DemoBackend(model, device=device, dtype=dtype, max_memory=max_memory)
     app = build_app(backend, concurrency=concurrency)
     logger.info("serving SuperGen demo for model %s on http://%s:%d", model, host, port)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=False, ssr_mode=False)

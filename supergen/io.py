@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -13,13 +14,65 @@ import numpy as np
 
 
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = (".mp4",)) -> Path:
-    """Fail early (before any model work) on an output path that cannot be written."""
-    out = Path(path)
+    """Fail early (before any model work) on an output path that cannot be written.
+
+    Refused with a ``ValueError`` naming the path: a trailing slash (it names a
+    folder), an existing folder, a missing or unwritable parent folder (tried
+    by creating and removing a probe file there, so read-only mounts such as
+    ``/sys`` and pseudo file systems such as ``/proc`` are caught as well as
+    permissions), and a wrong suffix.
+    """
+    text = os.fspath(path)
+    if not text:
+        raise ValueError("output path is empty; give a file name such as out.mp4")
+    if text.endswith(("/", os.sep)):
+        raise ValueError(f"output {text!r} ends with a slash, so it names a folder; give a file name "
+                         f"(did you mean {text.rstrip('/' + os.sep)!r}?)")
+    out = Path(text)
+    if out.is_dir():
+        raise ValueError(f"output {text!r} is a folder; give a file name inside it, e.g. {str(out / 'out')}"
+                         f"{suffixes[0] if suffixes else ''}")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise ValueError(f"output {text!r} must end with {' or '.join(suffixes)}")
     if not out.parent.is_dir():
         raise ValueError(f"output directory {str(out.parent)!r} does not exist; create it or choose another path")
-    if suffixes and out.suffix.lower() not in suffixes:
-        raise ValueError(f"output {str(out)!r} must end with {' or '.join(suffixes)}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.stem}-probe-", dir=out.parent)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write to the output directory {str(out.parent)!r} ({err.strerror or err}); choose another path"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return out
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target`` with the mode a plain ``open(target, "w")`` would have left.
+
+    ``mkstemp`` creates files 0600 whatever the umask; a replaced file keeps its
+    old mode, as it would when rewritten in place.
+    """
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
+    try:
+        os.replace(tmp, target)
+    except IsADirectoryError:
+        raise ValueError(f"output {str(target)!r} is a folder (it appeared during the run); nothing was written") from None
 
 
 @contextlib.contextmanager
@@ -31,7 +84,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -41,22 +94,29 @@ class VideoWriter:
     """Append frames to an mp4 as they come (H.264 via imageio-ffmpeg), atomically.
 
     The file appears at ``path`` when the writer is closed normally, or when
-    :meth:`close` is called with ``keep_partial=True`` (a stream stopped by the
+    :meth:`close` is called with ``keep=True`` (a stream stopped by the
     user keeps what was made); a crash leaves no file behind.
     """
 
     def __init__(self, path: str | os.PathLike, fps: int = 16):
         import imageio.v2 as imageio
 
+        if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
+            raise ValueError(f"fps={fps!r} must be an integer >= 1")
         self.path = Path(path)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.stem}-", suffix=self.path.suffix, dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp_name)
-        # macro_block_size=1: sizes that are multiples of 16 are not required of tiny models.
-        self._writer = imageio.get_writer(
-            self.tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error"
-        )
+        try:
+            # macro_block_size=1: sizes that are multiples of 16 are not required of tiny models.
+            self._writer = imageio.get_writer(
+                self.tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error"
+            )
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         self.frames = 0
+        self._closed = False
 
     def append(self, frames_FHW3: np.ndarray) -> None:
         for frame in frames_FHW3:
@@ -64,11 +124,25 @@ class VideoWriter:
             self.frames += 1
 
     def close(self, keep: bool = True) -> None:
-        self._writer.close()
-        if keep and self.frames:
-            os.replace(self.tmp, self.path)
-        elif self.tmp.exists():
-            self.tmp.unlink()
+        """Finish the file; with ``keep`` (and at least one frame) rename it into place, else remove it.
+
+        The temporary file is gone afterwards whatever fails (the encoder, the
+        rename); idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            try:
+                self._writer.close()
+            except Exception:
+                if keep:
+                    raise
+                # Discarding anyway: an encoder that died with the run (Ctrl-C reaches ffmpeg too) is expected.
+            if keep and self.frames:
+                _publish(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "VideoWriter":
         return self
@@ -78,9 +152,14 @@ class VideoWriter:
 
 
 def write_video(path: str | os.PathLike, frames_FHW3: np.ndarray, fps: int = 16) -> Path:
-    """Write uint8 frames (F, H, W, 3) to an mp4 atomically."""
-    with VideoWriter(path, fps=fps) as writer:
+    """Write uint8 frames (F, H, W, 3) to an mp4 atomically: on any failure (Ctrl-C included) nothing is left."""
+    writer = VideoWriter(path, fps=fps)
+    try:
         writer.append(frames_FHW3)
+    except BaseException:
+        writer.close(keep=False)
+        raise
+    writer.close(keep=True)
     return Path(path)
 
 

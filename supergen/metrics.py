@@ -74,7 +74,25 @@ def seam_score(frames, rows=(), cols=()) -> float:
     step across boundary lines divided by the mean absolute step across all
     other lines of the same orientation: about 1 for a seamless image, above 1
     when tiles show edges. Positions on the frame border (0 or the size) are
-    ignored, since nothing is stitched there.
+    ignored, since nothing is stitched there. Compare scores between settings
+    of one canvas: the layout of the content moves it too.
+
+    Args:
+        frames: (F, H, W, 3) uint8 or float frames.
+        rows, cols: pixel rows/columns where tiles meet, e.g. multiples of the
+            tile size in pixels for a grid that does not shift.
+
+    Example: a smooth diagonal ramp is seamless (1.0); brightening its right
+    half, as a tile that came out differently would, makes a seam (16.0):
+
+    >>> import numpy as np
+    >>> y, x = np.mgrid[0:64, 0:64]
+    >>> frames = np.repeat((x + y).astype(np.uint8)[None, :, :, None], 3, axis=3).repeat(2, axis=0)
+    >>> round(seam_score(frames, rows=[32], cols=[32]), 2)
+    1.0
+    >>> frames[:, :, 32:] += 30
+    >>> round(seam_score(frames, rows=[32], cols=[32]), 2)
+    16.0
     """
     array = _as_float(frames)
     height, width = array.shape[1:3]

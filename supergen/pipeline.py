@@ -29,6 +29,13 @@ from supergen.samplers.schedule import refinement_steps, refinement_timesteps, r
 from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
 from supergen.tiling.coherence import DilatedViews
+from supergen.validation import (
+    check_call_arguments,
+    check_frame_size,
+    check_stream_arguments,
+    check_target_size,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,8 @@ def validate_request(
     tiling = tiling or TilingConfig()
     geo = spec.geometry
     nh, nw, nf = spec.native_size
+    t = geo.scale_temporal
+    check_target_size(height, width, num_frames, frames_hint=f" ({t}k+1 frames: 1, {t + 1}, {2 * t + 1}, ...)")
     height = 2 * nh if height is None else height
     width = 2 * nw if width is None else width
     num_frames = nf if num_frames is None else num_frames
@@ -222,10 +231,18 @@ class SuperGenPipeline:
         from diffusers import DiffusionPipeline
 
         source = resolve_model(name_or_path)
-        device = torch.device(device) if device is not None else _default_device()
+        device = resolve_device(device) if device is not None else _default_device()
         if torch_dtype is None:
             torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype)
+        except OSError as err:
+            # A hub id that is not cached while offline, a typo in an org/name, a folder with a missing file.
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = reason.replace(" Please check out the root cause in the stacktrace above.", "")
+            if not reason.lower().startswith("cannot load model"):
+                reason = f"cannot load model {str(name_or_path)!r}: {reason}"
+            raise ValueError(reason) from err
         pipe.to(device)
         hints = read_model_hints(source) if Path(source).is_dir() else {}
         if native_size is None and Path(source).is_dir():
@@ -255,6 +272,41 @@ class SuperGenPipeline:
         See :func:`validate_request`.
         """
         return validate_request(self.adapter.spec, height, width, num_frames, tiling)
+
+    def _preflight(self, prompt, request: TiledRequest, tiling: TilingConfig, guidance_scale, output_type,
+                   max_memory, max_sequence_length, context) -> None:
+        """Refuse a request that does not fit in memory (or has absurdly many tiles); warn about what it loses.
+
+        The weights are loaded, so the device's free memory already excludes
+        them; under a multi-process job every rank refuses together, against
+        the smallest free memory of any rank.
+        """
+        from supergen.resources import agreed_budget, check_tiled_request, parse_memory, refused_together
+        from supergen.validation import warn_long_prompt, warn_small_tiles
+
+        budget = agreed_budget(self.device, context)
+        try:
+            check_tiled_request(
+                self.adapter.spec, request, tiling, self.footprint, device=self.device,
+                dtype_bytes=self.adapter.dtype.itemsize,
+                max_memory=None if max_memory is None else parse_memory(max_memory),
+                guidance=guidance_scale > 1.0, decode=output_type != "latent", count_weights=False, budget=budget,
+            )
+        except ValueError as err:
+            raise refused_together(context, err) from None
+        geo = self.adapter.geometry
+        warn_small_tiles((request.tile[1] * geo.scale_spatial, request.tile[2] * geo.scale_spatial),
+                         (self.adapter.native_height, self.adapter.native_width))
+        warn_long_prompt(self.pipe, prompt, max_sequence_length or self.adapter.default_max_sequence_length)
+
+    @property
+    def footprint(self):
+        """Parameter count and transformer widths, for :mod:`supergen.resources` estimates."""
+        if getattr(self, "_footprint", None) is None:
+            from supergen.resources import footprint_of_pipeline
+
+            self._footprint = footprint_of_pipeline(self.pipe)
+        return self._footprint
 
     # --- generation -------------------------------------------------------
     def _planner(self, request: TiledRequest, tiling: TilingConfig) -> TilePlanner:
@@ -295,6 +347,7 @@ class SuperGenPipeline:
         parallel: ParallelConfig | None = None,
         context=None,
         coherence: CoherenceConfig | None = None,
+        max_memory: int | str | None = None,
     ) -> SuperGenOutput:
         """Generate a video larger than the backbone's native size.
 
@@ -319,7 +372,17 @@ class SuperGenPipeline:
                 multi-process job (``None``: this process alone). Every rank
                 calls with the same arguments; frames come back on rank 0
                 (``None`` on the others; latents on every rank).
+            max_memory: refuse (``ValueError``, before any model work) a request whose
+                estimated peak memory, weights included, is above this many bytes
+                (or a size such as ``"16G"``); a request over the device's free memory
+                is refused either way (:mod:`supergen.resources`).
         """
+        check_call_arguments(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, seed=seed, generator=generator,
+            tiling=tiling, cache=cache, parallel=parallel, max_sequence_length=max_sequence_length, progress=progress,
+            coherence=coherence,
+        )
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
         if self.adapter.image_to_video and image is None:
@@ -342,6 +405,7 @@ class SuperGenPipeline:
             logger.info("target %dx%d is the native size: one full-schedule pass, no sketch", request.height,
                         request.width)
             tiling = dataclasses.replace(tiling, strength=1.0)
+        self._preflight(prompt, request, tiling, guidance_scale, output_type, max_memory, max_sequence_length, context)
         cache.check_schedule(refinement_steps(num_inference_steps, tiling.strength))
         if cache.enabled and cache.reuse == "blocks" and not self.adapter.supports_block_reuse:
             raise ValueError(
@@ -490,13 +554,7 @@ class SuperGenPipeline:
         geo = adapter.geometry
         height = adapter.native_height if height is None else height
         width = adapter.native_width if width is None else width
-        mult_h, mult_w = geo.pixel_multiple
-        for name, value, mult in (("height", height, mult_h), ("width", width, mult_w)):
-            if not isinstance(value, int) or value < mult or value % mult:
-                raise ValueError(
-                    f"{name} {value} is not a positive multiple of {mult} (VAE {geo.scale_spatial} x patch "
-                    f"{mult // geo.scale_spatial})"
-                )
+        check_frame_size(geo, height, width)
         patch_t = geo.patch[0]
         for name in ("block_frames", "window", "sink"):
             value = getattr(stream, name)
@@ -506,6 +564,18 @@ class SuperGenPipeline:
                     "a token would straddle two blocks"
                 )
         return height, width
+
+    def _preflight_stream(self, prompt, stream: StreamConfig, height, width, guidance_scale, max_memory,
+                          max_sequence_length) -> None:
+        from supergen.resources import check_stream_request, parse_memory
+        from supergen.validation import warn_long_prompt
+
+        check_stream_request(
+            self.adapter.spec, stream, height, width, self.footprint, device=self.device,
+            dtype_bytes=self.adapter.dtype.itemsize, guidance=guidance_scale > 1.0,
+            max_memory=None if max_memory is None else parse_memory(max_memory), count_weights=False,
+        )
+        warn_long_prompt(self.pipe, prompt, max_sequence_length or self.adapter.default_max_sequence_length)
 
     def stream(
         self,
@@ -522,6 +592,7 @@ class SuperGenPipeline:
         output_type: str = "uint8",
         cached: bool = True,
         max_sequence_length: int | None = None,
+        max_memory: int | str | None = None,
     ):
         """Stream video block by block; returns a :class:`~supergen.stream.VideoStream` iterator.
 
@@ -541,9 +612,16 @@ class SuperGenPipeline:
                 stochastic_sampling=True)`` is Self-Forcing's few-step sampler.
             cached: ``False`` re-runs the whole history every forward (the
                 exactness reference and benchmark baseline; cost grows per block).
+            max_memory: refuse a stream whose estimated peak memory (weights, KV cache,
+                one block's work) is above this many bytes, or a size like ``"8G"``.
         """
         from supergen.stream import VideoStream
 
+        check_stream_arguments(
+            prompt=prompt, negative_prompt=negative_prompt, num_blocks=num_blocks, stream=stream, height=height,
+            width=width, guidance_scale=guidance_scale, seed=seed, generator=generator,
+            max_sequence_length=max_sequence_length,
+        )
         stream = stream or StreamConfig()
         if output_type not in ("uint8", "float"):
             raise ValueError(f"output_type={output_type!r} must be uint8 or float")
@@ -552,6 +630,7 @@ class SuperGenPipeline:
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
         height, width = self.check_stream(stream, height, width, num_blocks)
+        self._preflight_stream(prompt, stream, height, width, guidance_scale, max_memory, max_sequence_length)
         generator = generator or torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
             return VideoStream(

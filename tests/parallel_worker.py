@@ -4,6 +4,7 @@ Usage: python tests/parallel_worker.py SCENARIO OUTDIR
   equal     run the region and all-gather schemes; rank 0 saves frames and metrics
   mismatch  every rank asks for a different seed (must be refused on every rank)
   fault     rank 1 raises in its second refinement model call (every rank must exit non-zero fast)
+  stall     rank 1 stops itself (SIGSTOP) there instead; $SUPERGEN_TEST_TIMEOUT sets the job's timeout
   cache     the region cache on the all-gather scheme; rank 0 saves latents and metrics
   coherence sketch guidance and global views (all-gather scheme, views spread over ranks); rank 0 saves latents
   backbones every non-Wan backbone of tests/test_backbones.py at twice its native area; rank 0 saves latents
@@ -11,6 +12,7 @@ Usage: python tests/parallel_worker.py SCENARIO OUTDIR
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,7 +47,8 @@ CACHE = _cache_config()
 
 def main(scenario: str, out: Path) -> None:
     torch.set_num_threads(1)
-    with distributed_session(ParallelConfig(timeout_s=120)) as ctx:
+    timeout_s = float(os.environ.get("SUPERGEN_TEST_TIMEOUT", "120"))
+    with distributed_session(ParallelConfig(timeout_s=timeout_s)) as ctx:
         pipe = SuperGenPipeline.from_pretrained("tiny")
         if scenario == "equal":
             # Frames (through the distributed decode) for one scheme, latents for the other: decodes are slow on CPU.
@@ -63,14 +66,16 @@ def main(scenario: str, out: Path) -> None:
             except ValueError as err:
                 (out / f"refused-{ctx.rank}.txt").write_text(str(err))
                 raise
-        elif scenario == "fault":
+        elif scenario in ("fault", "stall"):
             calls = []
 
             def fail_in_refinement(*_):
                 calls.append(1)
                 # The 3-step sketch makes calls 1-3 on every rank; call 5 is mid-refinement.
                 if ctx.rank == 1 and len(calls) == 5:
-                    (out / "fault-time.txt").write_text(repr(time.time()))
+                    (out / f"{scenario}-time.txt").write_text(repr(time.time()))
+                    if scenario == "stall":
+                        os.kill(os.getpid(), signal.SIGSTOP)  # hangs without raising: only heartbeats can tell
                     raise RuntimeError("injected fault on rank 1")
 
             pipe.pipe.transformer.register_forward_hook(fail_in_refinement)
@@ -104,7 +109,7 @@ def main(scenario: str, out: Path) -> None:
                     np.save(out / f"{case.name}.npy", res.frames.numpy())
         else:
             raise SystemExit(f"unknown scenario {scenario}")
-    if scenario == "fault" and ctx.is_main:
+    if scenario in ("fault", "stall") and ctx.is_main:
         write_video(out / "fault.mp4", res.frames)
 
 

@@ -26,6 +26,8 @@ def test_generate_writes_video_and_metrics(tmp_path):
     res = run_cli("generate", "--prompt", PROMPT, "--steps", "3", "--output", str(out), "--metrics-json", str(metrics))
     assert res.returncode == 0, res.stderr
     assert "tile-steps computed" in res.stdout
+    assert "4 tiles x 3 refine steps (of 3)" in res.stdout
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # as open() would make it, not mkstemp's 0600
     frames = iio.imread(out)
     # Default size: twice the native 64x96, native 9 frames.
     assert frames.shape == (9, 128, 192, 3)
@@ -51,6 +53,51 @@ def test_generate_bad_input_exits_2_with_message(tmp_path, args, message):
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_summary_counts_the_refinement_steps_that_ran(tmp_path):
+    out = tmp_path / "toy.mp4"
+    res = run_cli("generate", "--model", "toy", "--strength", "0.5", "--steps", "4", "--prompt", PROMPT,
+                  "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "4 tiles x 2 refine steps (of 4), 8/8 tile-steps computed" in res.stdout
+
+
+def test_version_and_help_show_defaults():
+    from supergen import __version__
+
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"supergen {__version__}"
+    res = run_cli("generate", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for shown in ("(default: 30)", "(default: 0.9)", "(default: out.mp4)", "(default: cosine)", "(default: 16)"):
+        assert shown in text, shown
+    assert "tiny-wan-i2v" in text and "tiny-cogvideox-i2v" in text and "image-to-video" in text
+    assert "--threads" in text and "--max-memory" in text
+
+
+def test_threads_default_is_a_share_of_the_cpus(monkeypatch):
+    import torch
+
+    from supergen.cli import configure_threads
+
+    previous = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        usable = len(os.sched_getaffinity(0))
+        assert configure_threads(None, "/models/Wan2.1") == max(1, usable // 2) == torch.get_num_threads()
+        assert configure_threads(None, "toy") == 1  # the built-in models' ops are too small to split
+        assert configure_threads(3, "toy") == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_unknown_choice_is_rejected_by_argparse(tmp_path):

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-gradio_client = pytest.importorskip("gradio_client", reason="demo extra not installed")
+gradio_client = pytest.importorskip("gradio_client", reason="Gradio is missing: pip install -e '.[test]'")
+
+# Gradio encodes the streamed chunks with ffmpeg and probes them with ffprobe (system packages, not pip's).
+FFMPEG = shutil.which("ffmpeg") and shutil.which("ffprobe")
+needs_ffmpeg = pytest.mark.skipif(not FFMPEG, reason="ffmpeg/ffprobe not on PATH: apt-get install ffmpeg (.ci/run does)")
 
 ARTIFACTS = Path(os.environ.get("SUPERGEN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
@@ -69,6 +73,7 @@ def _args(**overrides):
     return args
 
 
+@needs_ffmpeg
 def test_stream_yields_partial_outputs_before_the_final_one(demo_url):
     client = gradio_client.Client(demo_url, verbose=False)
     job = client.submit(**_args(blocks=4), api_name="/generate")
@@ -104,6 +109,27 @@ def test_bad_request_returns_message_and_server_keeps_serving(demo_url):
     assert "4 tiles" in result[2]
 
 
+@needs_ffmpeg
+def test_stop_keeps_a_playable_video_and_says_stopped(demo_url):
+    import imageio.v3 as iio
+
+    client = gradio_client.Client(demo_url, verbose=False)
+    job = client.submit(**_args(blocks=200), api_name="/generate")
+    _wait_for(job, lambda out: out[2] and out[2].startswith("block 2/"))
+    client.predict(api_name="/stop")
+    deadline = time.monotonic() + 120
+    while not job.done():
+        assert time.monotonic() < deadline, "the stream did not stop"
+        time.sleep(0.2)
+    last = job.outputs()[-1]
+    assert last[2].startswith("stopped: "), last[2]
+    path = last[1]["video"] if isinstance(last[1], dict) else last[1]
+    frames = iio.imread(path)
+    assert 9 + 12 <= len(frames) < 9 + 199 * 12 and frames.shape[1:] == (64, 96, 3)
+    # The server goes on serving the same visitor.
+    assert client.predict(**_args(blocks=1), api_name="/generate")[2].startswith("done: ")
+
+
 def _wait_for(job, predicate, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -116,6 +142,7 @@ def _wait_for(job, predicate, timeout=180):
     raise AssertionError(f"condition not reached; last outputs: {job.outputs()[-3:]}")
 
 
+@needs_ffmpeg
 def test_prompt_change_stop_and_queue_position(demo_url):
     first = gradio_client.Client(demo_url, verbose=False)
     second = gradio_client.Client(demo_url, verbose=False)
@@ -156,6 +183,7 @@ BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(BROWSER is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@needs_ffmpeg
 def test_browser_sees_frames_before_generation_ends(demo_url):
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -182,7 +210,21 @@ def test_browser_sees_frames_before_generation_ends(demo_url):
             status = page.locator("#status").inner_text()
             assert status.startswith("block "), status
             assert not status.startswith("done"), status
+            # The status stays in view above the players, whose height is capped instead of following the page width.
+            from supergen.demo import VIDEO_HEIGHT
+
+            box = page.locator("#status").bounding_box()
+            assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= 900, box
+            assert page.locator("#live video").bounding_box()["height"] <= VIDEO_HEIGHT + 1
             page.screenshot(path=str(ARTIFACTS / "demo.png"))
+            # Stop ends the stream at the next block and still shows the result made so far.
             page.locator("#stop").click()
+            page.wait_for_function(
+                "() => document.querySelector('#status').innerText.startsWith('stopped')", timeout=120_000
+            )
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#final video'); return v && v.readyState >= 1; }",
+                timeout=60_000,
+            )
         finally:
             browser.close()

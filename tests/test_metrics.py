@@ -145,3 +145,14 @@ def test_object_counts_one_per_ground_truth_frame_and_counts_duplicates():
     specks = left.copy()
     specks[:, 0:2, 0:2] = COLOURS["yellow"]
     assert object_counts(specks).tolist() == object_counts(left).tolist()
+
+
+def test_seam_score_docstring_example_runs():
+    import doctest
+
+    from supergen import metrics
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(metrics.seam_score, "seam_score", globs={"seam_score": metrics.seam_score}):
+        runner.run(test)
+    assert runner.tries == 6 and runner.failures == 0

@@ -8,6 +8,7 @@ every process has a timeout so a hang fails the test.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -147,13 +148,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, world: int, out: Path, timeout: float = 240):
+def _launch(scenario: str, world: int, out: Path, timeout: float = 240, **extra_env):
     """Start ``world`` ranks of tests/parallel_worker.py; returns (exit codes, stderr per rank, end times)."""
     port = _free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   **extra_env)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + timeout
@@ -267,6 +269,39 @@ def test_a_failing_rank_fails_every_rank_fast(tmp_path):
     # The collective timeout is 120 s; the error board ends rank 0 within the watchdog's poll.
     assert ended[0] - fault_at < 15
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
+
+
+def test_a_stalled_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
+    """Rank 1 stops itself (SIGSTOP) mid-refinement: no error to post, only its silence tells."""
+    timeout_s = 6
+    codes, errs, ended = _launch("stall", 2, tmp_path, timeout=150, SUPERGEN_TEST_TIMEOUT=str(timeout_s))
+    stalled_at = float((tmp_path / "stall-time.txt").read_text())
+    assert codes[0] == 1, errs[0]
+    assert "stopping because rank 1 stopped responding: no heartbeat for" in errs[0], errs[0]
+    assert "Traceback" not in errs[0]
+    # The timeout plus a heartbeat interval (0.3 s here) and a poll; slack for a loaded 2-core machine.
+    assert timeout_s <= ended[0] - stalled_at < timeout_s + 5
+    # The stopped rank, on this host, was killed rather than left for the launcher to wait on.
+    assert codes[1] == -signal.SIGKILL
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
+
+
+def test_a_request_too_big_is_refused_by_every_rank_together(tmp_path):
+    """Ranks agree on the smallest free memory, so each refuses alike: exit 2 and one line, no rank kills another."""
+    port, procs = _free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "supergen", "generate", "--prompt", PROMPT, "--height", "100000", "--width",
+             "100000", "--timeout", "60", "--output", str(tmp_path / "o.mp4")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for err in errs:
+        assert "supergen generate: error: needs about" in err and "smallest of all ranks" in err, err
+        assert "stopping because" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torchrun_cli_three_ranks_writes_what_one_process_writes(tmp_path, tiny):

@@ -140,6 +140,9 @@ class BackboneAdapter(ABC):
     #: Config fields the sizes are derived from: a checkpoint without them fails naming the field.
     required_transformer_config: tuple[str, ...] = ()
     required_vae_config: tuple[str, ...] = ()
+    #: Text tokens the prompt is cut to when the caller gives no ``max_sequence_length``
+    #: (the Diffusers pipeline's own default).
+    default_max_sequence_length: int = 512
 
     def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
         self.pipeline = pipeline

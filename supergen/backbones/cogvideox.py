@@ -58,6 +58,7 @@ class CogVideoXStepper(PipelineScheduler):
 
 class CogVideoXAdapter(BackboneAdapter):
     transformer_classes = ("CogVideoXTransformer3DModel",)
+    default_max_sequence_length = 226
     pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
     required_transformer_config = (
         "in_channels", "patch_size", "patch_size_t", "sample_height", "sample_width", "sample_frames",
@@ -104,7 +105,7 @@ class CogVideoXAdapter(BackboneAdapter):
             negative_prompt=negative_prompt,
             do_classifier_free_guidance=guidance_scale > 1.0,
             num_videos_per_prompt=1,
-            max_sequence_length=max_sequence_length or 226,
+            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
             device=self.device,
         )
         return Conditioning(prompt=prompt, positive=positive, negative=negative)

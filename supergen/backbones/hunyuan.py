@@ -67,6 +67,7 @@ class HunyuanRopePositions:
 
 class HunyuanVideoAdapter(BackboneAdapter):
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
+    default_max_sequence_length = 256
     pipeline_classes = ("HunyuanVideoPipeline",)
     supports_absolute_rope = True
     required_transformer_config = ("in_channels", "patch_size", "patch_size_t")
@@ -111,7 +112,8 @@ class HunyuanVideoAdapter(BackboneAdapter):
                 guidance_scale,
             )
         embeds, pooled, mask = self.pipeline.encode_prompt(
-            prompt=prompt, num_videos_per_prompt=1, device=self.device, max_sequence_length=max_sequence_length or 256
+            prompt=prompt, num_videos_per_prompt=1, device=self.device,
+            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
         )
         dtype = self.dtype
         return Conditioning(

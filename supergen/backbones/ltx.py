@@ -31,6 +31,7 @@ def _ltx_sigmas(num_inference_steps: int) -> np.ndarray:
 
 class LTXAdapter(BackboneAdapter):
     transformer_classes = ("LTXVideoTransformer3DModel",)
+    default_max_sequence_length = 128
     pipeline_classes = ("LTXPipeline",)
     supports_absolute_rope = True
     required_transformer_config = ("in_channels", "patch_size", "patch_size_t")
@@ -80,7 +81,7 @@ class LTXAdapter(BackboneAdapter):
             negative_prompt=negative_prompt,
             do_classifier_free_guidance=guidance_scale > 1.0,
             num_videos_per_prompt=1,
-            max_sequence_length=max_sequence_length or 128,
+            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
             device=self.device,
         )
         return Conditioning(

@@ -179,7 +179,7 @@ class WanAdapter(BackboneAdapter):
             negative_prompt=negative_prompt,
             do_classifier_free_guidance=do_cfg,
             num_videos_per_prompt=1,
-            max_sequence_length=max_sequence_length or 512,
+            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
             device=self.device,
         )
         positive = positive.to(self.dtype)

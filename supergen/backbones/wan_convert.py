@@ -14,6 +14,7 @@ module only unwraps the training containers and prefixes around it.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -80,8 +81,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError on a damaged header
+            raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file: {err}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as err:
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never pass that on.
+        if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+            reason = "it holds Python objects besides tensors"
+        else:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a plain tensor file ({reason[:160]}); SuperGen reads checkpoints "
+            "without running code from them: convert it to .safetensors where it came from, or use one that "
+            "holds only tensors"
+        ) from None
 
 
 def load_original_wan_checkpoint(transformer: torch.nn.Module, checkpoint: dict | str | os.PathLike) -> None:
