@@ -51,7 +51,7 @@ OFF = CoherenceConfig(guide="none")
 @dataclass(frozen=True)
 class Setting:
     tiling: dict = field(default_factory=dict)
-    coherence: CoherenceConfig = field(default_factory=lambda: OFF)
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)  # the defaults; rows that differ say so
     upscale_only: bool = False
 
 
