@@ -132,10 +132,16 @@ class RegionExecutor(_Executor):
             )
 
     def exchange_for(self, step: int, skips: list[bool] | None = None) -> StepExchange:
-        """The step's plan, owners and halo masks (cached: the shifted grid repeats)."""
+        """The step's plan, owners and halo masks (cached: the shifted grid repeats).
+
+        A tile the cache reuses (``skips``) runs nowhere: its owner is -1, and
+        the owners of its cells serve its reused prediction themselves.
+        """
         plan = self.planner.plan(step)
         affinity = self.layout.affinity(plan)
         owners = self.owners(step, plan, affinity, skips)
+        if skips is not None:
+            owners = [-1 if skip else r for r, skip in zip(owners, skips)]
         key = (plan.shift, tuple(owners))
         if key not in self._exchanges:
             self._exchanges[key] = StepExchange(self.layout, plan, owners)
@@ -168,7 +174,16 @@ class RegionExecutor(_Executor):
         moved = sum(_nbytes(t) for t in bufs.values()) + sum(_nbytes(t) for t in payloads.values())
         return bufs, works, moved
 
-    def predict(self, step: int, local: torch.Tensor, run_tiles: RunTiles, skips: list[bool] | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        step: int,
+        local: torch.Tensor,
+        run_tiles: RunTiles,
+        skips: list[bool] | None = None,
+        reused: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This rank's part of the step's blended prediction; tiles in ``skips`` take ``reused`` (the cache's
+        prediction on this rank's box) on their cells, added here by the cells' owner."""
         ex = self.exchange_for(step, skips)
         rank, layout = self.ctx.rank, self.layout
         need, give = self._device_masks(ex)
@@ -209,6 +224,13 @@ class RegionExecutor(_Executor):
             work.wait()
         for q in sorted(bufs):
             prediction[:, :, give[q]] += bufs[q]
+        if skips is not None and any(skips):
+            weight_FHW = torch.zeros(layout.canvas, dtype=torch.float32, device=local.device)
+            for tile, skip in zip(ex.plan.tiles, skips):
+                if skip:
+                    weight = ex.plan.weights[tile.index].to(device=local.device, dtype=torch.float32)
+                    tile.add_into(weight_FHW[None, None], weight[None, None])
+            prediction += weight_FHW[self.box[2:]] * reused.float()
         self.step_bytes.append(moved + moved_out)
         return prediction
 
@@ -240,7 +262,15 @@ class AllGatherExecutor(_Executor):
     def scatter(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
-    def predict(self, step: int, latents: torch.Tensor, run_tiles: RunTiles, skips: list[bool] | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        step: int,
+        latents: torch.Tensor,
+        run_tiles: RunTiles,
+        skips: list[bool] | None = None,
+        reused: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The whole canvas's prediction (every rank blends every tile; ``run_tiles`` serves reused tiles)."""
         plan = self.planner.plan(step)
         world = self.ctx.world_size
         owners = self.owners(step, plan, [[0] * world for _ in plan.tiles], skips)

@@ -21,7 +21,7 @@ SHIFT_MODES = ("wrap", "none")
 ROPE_MODES = ("local", "absolute")
 UPSCALE_MODES = ("pixel", "latent")
 CACHE_MODES = ("off", "region", "canvas")
-CACHE_REUSE = ("auto", "blocks", "output", "residual")
+CACHE_REUSE = ("auto", "output", "taylor", "residual", "blocks")
 EXCHANGE_MODES = ("region", "allgather")
 STREAM_SCHEDULES = ("block", "rolling")
 
@@ -150,6 +150,7 @@ class CacheConfig:
     adaptive: bool = True
     regions_per_tile: int = 4
     reuse: str = "auto"
+    sketch: bool = False
 
     def __post_init__(self) -> None:
         _choice("cache mode", self.mode, CACHE_MODES)
@@ -166,8 +167,9 @@ class CacheConfig:
         _positive_int("cache max_skips", self.max_skips)
         _positive_int("cache regions_per_tile", self.regions_per_tile)
         _choice("cache reuse", self.reuse, CACHE_REUSE)
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"cache adaptive={self.adaptive!r} must be True or False")
+        for name in ("adaptive", "sketch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"cache {name}={getattr(self, name)!r} must be True or False")
 
     @property
     def enabled(self) -> bool:
