@@ -142,6 +142,8 @@ class RegionCache:
         reduce: ``reduce(int64 tensor, "sum" | "max")`` totals a tensor over
             every rank's box (an all-reduce); default: this process holds the
             whole canvas.
+        taylor_damping: fraction of the first-order term that ``reuse='taylor'``
+            applies (1 is plain linear extrapolation in the timestep).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class RegionCache:
         patch: tuple[int, int, int] = (1, 1, 1),
         box: Box | None = None,
         reduce=None,
+        taylor_damping: float = 1.0,
     ):
         if reuse not in REUSE_MODES:
             raise ValueError(f"cache reuse={reuse!r} is not one of {', '.join(REUSE_MODES)}")
@@ -181,6 +184,7 @@ class RegionCache:
         self.adaptive = adaptive
         self.scope = scope
         self.reuse_mode = reuse
+        self.taylor_damping = float(taylor_damping)
         self.patch = tuple(patch)
         self._blocks = None  # per token: the blocks' residual (branches, dim, Ft, Ht, Wt), for reuse='blocks'
         self.adapt_exponent = ADAPT_EXPONENT if adapt_exponent is None else adapt_exponent
@@ -313,7 +317,8 @@ class RegionCache:
             # First order in the timestep where a cell has two computed steps, else its last output.
             known = (self._computed >= 2) & (span != 0)
             slope = torch.where(known, (float(timestep) - self._t1) / torch.where(known, span, 1.0), 0.0)
-            return (self._o1 + (self._o1 - self._o2) * slope.to(self._o1.dtype)).to(latents.dtype)
+            slope = (self.taylor_damping * slope).to(self._o1.dtype)
+            return (self._o1 + (self._o1 - self._o2) * slope).to(latents.dtype)
         raise ValueError("reuse='blocks' is served through the adapter (block_residual), not from the canvas")
 
     def reuse(self, tile: Tile, latents: torch.Tensor, timestep: torch.Tensor | float = 0.0) -> torch.Tensor:

@@ -150,6 +150,7 @@ class CacheConfig:
     adaptive: bool = True
     regions_per_tile: int = 4
     reuse: str = "auto"
+    taylor_damping: float = 0.5
     sketch: bool = False
 
     def __post_init__(self) -> None:
@@ -167,6 +168,8 @@ class CacheConfig:
         _positive_int("cache max_skips", self.max_skips)
         _positive_int("cache regions_per_tile", self.regions_per_tile)
         _choice("cache reuse", self.reuse, CACHE_REUSE)
+        if not isinstance(self.taylor_damping, (int, float)) or not 0.0 <= self.taylor_damping <= 1.0:
+            raise ValueError(f"cache taylor_damping={self.taylor_damping!r} must be in [0, 1]")
         for name in ("adaptive", "sketch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"cache {name}={getattr(self, name)!r} must be True or False")

@@ -652,6 +652,7 @@ class SuperGenPipeline:
             patch=self.adapter.geometry.patch,
             box=box,
             reduce=reduce,
+            taylor_damping=cache.taylor_damping,
         )
 
     def _cache_metrics(self, cache: CacheConfig, region_cache: RegionCache | None) -> dict:
