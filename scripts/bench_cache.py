@@ -68,6 +68,8 @@ class Row:
     base_blocks: int = 0
     attn: int = 0
     base_attn: int = 0
+    sketch_blocks: int = 0
+    base_sketch_blocks: int = 0
     reused: float = 0.0
     psnr: list[float] = field(default_factory=list)
     objects: float = 0.0
@@ -315,6 +317,7 @@ def tiled(sg: SuperGenPipeline, prompts: list[str], steps: int, size: int, stren
             tiles = out.metrics["tiles"]
             # Refinement only: the sketch is the same uncached run in every row. CFG batched: 2 per tile-step.
             row.blocks += tiles["tile_steps_computed"] * 2 * layers
+            row.sketch_blocks += out.metrics["sketch"]["steps_computed"] * 2 * layers
             reused.append(tiles["tile_steps_skipped"] / tiles["tile_steps_total"])
             if cache is None:
                 refs[prompt] = out.frames
@@ -335,7 +338,7 @@ def tiled(sg: SuperGenPipeline, prompts: list[str], steps: int, size: int, stren
     base = measure("none", "-", None)
     rows = [base] + [measure(method, setting, cache) for method, setting, cache in settings]
     for row in rows:
-        row.base_blocks = base.blocks
+        row.base_blocks, row.base_sketch_blocks = base.blocks, base.sketch_blocks
     return rows
 
 
@@ -360,19 +363,22 @@ def _fmt_psnr(value: float) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| part | method | setting | block compute run | saved | self-attn saved | reused | PSNR mean (dB) | PSNR min "
-        "| objects/frame | adherence | subject / background reused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| part | method | setting | block compute run | saved | self-attn saved | saved with sketch | reused "
+        "| PSNR mean (dB) | PSNR min | objects/frame | adherence | subject / background reused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.part} | {r.method} | {r.setting} | failed: {r.error} | | | | | | | | |")
+            lines.append(f"| {r.part} | {r.method} | {r.setting} | failed: {r.error} | | | | | | | | | |")
             continue
         split = ("" if r.subject_reuse is None else f"{r.subject_reuse:.0%} / {r.background_reuse:.0%}")
         reused = "" if math.isnan(r.reused) else f"{r.reused:.1%}"
         attn = f"{1 - r.attn / r.base_attn:.1%}" if r.base_attn else f"{r.saved:.1%}"
+        total = r.base_blocks + r.base_sketch_blocks
+        with_sketch = f"{1 - (r.blocks + r.sketch_blocks) / total:.1%}" if r.base_sketch_blocks else ""
         lines.append(
-            f"| {r.part} | {r.method} | {r.setting} | {r.blocks}/{r.base_blocks} | {r.saved:.1%} | {attn} | {reused} | "
+            f"| {r.part} | {r.method} | {r.setting} | {r.blocks}/{r.base_blocks} | {r.saved:.1%} | {attn} | "
+            f"{with_sketch} | {reused} | "
             f"{_fmt_psnr(r.psnr_mean)} | {_fmt_psnr(min(r.psnr))} | {r.objects:.2f} | {r.adherence:.2f} | {split} |"
         )
     return "\n".join(lines)
@@ -421,6 +427,8 @@ def main() -> int:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.6, 1.2])
     parser.add_argument("--reuse", nargs="+", default=["output"])
     parser.add_argument("--max-skips", type=int, default=3)
+    parser.add_argument("--sketch-rows", action="store_true",
+                        help="add rows with the cache at its defaults on the sketch too (CacheConfig.sketch)")
     parser.add_argument("--out", help="write this part's rows (JSON)")
     parser.add_argument("--render", nargs="+", help="print the tables of saved parts")
     args = parser.parse_args()
@@ -444,6 +452,8 @@ def main() -> int:
         rows = untiled(sg, prompts, spare, args.steps)
     else:
         settings = tiled_settings(args.thresholds, args.reuse, args.max_skips)
+        if args.sketch_rows:
+            settings += [("region cache + sketch cache", "defaults", CacheConfig(mode="region", sketch=True))]
         rows = tiled(sg, prompts, args.steps, args.size, args.strength, args.shift, settings)
     print(table(rows))
     if args.out:

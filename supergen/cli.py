@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", choices=("off", "region", "canvas"), default="off",
                    help="step cache of the refinement: region (per-tile decisions), canvas (one decision), off")
     # Literals (this parser loads no torch); tests/test_cache.py checks they match CacheConfig's defaults.
-    g.add_argument("--cache-threshold", type=float, default=0.05,
+    g.add_argument("--cache-threshold", type=float, default=0.3,
                    help="accumulated predicted relative change at which a tile is recomputed (0: never skip)")
     g.add_argument("--cache-warmup", type=int, default=3,
                    help="first refinement steps always computed")

@@ -7,7 +7,6 @@ tiled decode. The README's "How a run works" describes each stage and its option
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
