@@ -427,6 +427,7 @@ def main() -> int:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.6, 1.2])
     parser.add_argument("--reuse", nargs="+", default=["output"])
     parser.add_argument("--max-skips", type=int, default=3)
+    parser.add_argument("--no-sweep", action="store_true", help="tiled: no threshold sweep rows (with --sketch-rows)")
     parser.add_argument("--sketch-rows", action="store_true",
                         help="add rows with the cache at its defaults on the sketch too (CacheConfig.sketch)")
     parser.add_argument("--out", help="write this part's rows (JSON)")
@@ -451,9 +452,10 @@ def main() -> int:
     if args.part == "untiled":
         rows = untiled(sg, prompts, spare, args.steps)
     else:
-        settings = tiled_settings(args.thresholds, args.reuse, args.max_skips)
+        settings = [] if args.no_sweep else tiled_settings(args.thresholds, args.reuse, args.max_skips)
         if args.sketch_rows:
-            settings += [("region cache + sketch cache", "defaults", CacheConfig(mode="region", sketch=True))]
+            defaults = CacheConfig(mode="region", sketch=True)
+            settings += [("region cache + sketch cache", f"defaults (thr {defaults.threshold:g})", defaults)]
         rows = tiled(sg, prompts, args.steps, args.size, args.strength, args.shift, settings)
     print(table(rows))
     if args.out:

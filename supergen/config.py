@@ -147,7 +147,9 @@ class CacheConfig:
             applies; 0.5 measured best on the toy model (0.3-1.0 tried).
         sketch: also cache the native-size sketch (one whole-canvas decision
             per step, the same settings), as a whole-model cache accelerates a
-            plain run at the native size.
+            plain run at the native size. On by default: at the tiling defaults
+            it is where the cache saves most (64x64 toy: 13.9% of all block
+            compute at 44.4 dB, objects and adherence unchanged).
     """
 
     mode: str = "off"
@@ -159,7 +161,7 @@ class CacheConfig:
     regions_per_tile: int = 4
     reuse: str = "auto"
     taylor_damping: float = 0.5
-    sketch: bool = False
+    sketch: bool = True
 
     def __post_init__(self) -> None:
         _choice("cache mode", self.mode, CACHE_MODES)
