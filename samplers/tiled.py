@@ -7,8 +7,10 @@ pipeline's own scheduler on the whole canvas. The loop knows nothing about a
 particular model: it talks to the backbone through ``adapter.predict``.
 
 An optional step cache (a :class:`supergen.cache.RegionCache`, or anything with
-its ``predict_skips`` / ``reuse`` / ``update`` methods) decides before each step
-which tiles reuse their last output instead of running the model.
+its ``predict_skips`` / ``reused_prediction`` / ``update`` methods) decides before
+each step which tiles reuse its canvas-coordinate prediction instead of running
+the model; it lives entirely inside :meth:`TiledSampler.predict` and sees the
+raw blended prediction of the tiles.
 """
 
 from __future__ import annotations
