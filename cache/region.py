@@ -321,10 +321,6 @@ class RegionCache:
             return (self._o1 + (self._o1 - self._o2) * slope).to(latents.dtype)
         raise ValueError("reuse='blocks' is served through the adapter (block_residual), not from the canvas")
 
-    def reuse(self, tile: Tile, latents: torch.Tensor, timestep: torch.Tensor | float = 0.0) -> torch.Tensor:
-        """The tile's approximate output at this step: :meth:`reused_prediction` on its cells (whole canvas only)."""
-        return tile.gather(self.reused_prediction(latents, timestep))
-
     def _token_tile(self, tile: Tile) -> Tile:
         p = self.patch
         return Tile(tile.index, *(tuple(v // q for v, q in zip(vals, p)) for vals in (tile.start, tile.size, tile.canvas)))
