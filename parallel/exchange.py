@@ -111,6 +111,21 @@ class _Executor:
             )
         return owners
 
+    def canvas_part(self):
+        """``(box, reduce)`` for canvas-wide filters: the slices of the canvas this rank holds (``None``:
+        all of it) and a sum over ranks of a tensor every rank holds whole."""
+        return None, None
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every rank (a ring all-reduce: each rank sends and receives about twice its size)."""
+        dist.all_reduce(tensor)
+        moved = 4 * (self.ctx.world_size - 1) * _nbytes(tensor) // self.ctx.world_size
+        if self.step_bytes:
+            self.step_bytes[-1] += moved
+        else:
+            self.other_bytes += moved
+        return tensor
+
     def comm_summary(self) -> dict:
         steps = self.step_bytes
         return {
@@ -139,10 +154,16 @@ class RegionExecutor(_Executor):
             )
 
     def exchange_for(self, step: int, skips: list[bool] | None = None) -> StepExchange:
-        """The step's plan, owners and halo masks (cached: the shifted grid repeats)."""
+        """The step's plan, owners and halo masks (cached: the shifted grid repeats).
+
+        A tile the cache reuses (``skips``) runs nowhere: its owner is -1, and
+        the owners of its cells serve its reused prediction themselves.
+        """
         plan = self.planner.plan(step)
         affinity = self.layout.affinity(plan)
         owners = self.owners(step, plan, affinity, skips)
+        if skips is not None:
+            owners = [-1 if skip else r for r, skip in zip(owners, skips)]
         key = (plan.shift, tuple(owners))
         if key not in self._exchanges:
             self._exchanges[key] = StepExchange(self.layout, plan, owners)
@@ -161,6 +182,9 @@ class RegionExecutor(_Executor):
     def scatter(self, latents: torch.Tensor) -> torch.Tensor:
         return latents[self.box].clone()
 
+    def canvas_part(self):
+        return self.box, self.all_reduce_sum
+
     def _swap(self, recv_shapes: dict[int, int], payloads: dict[int, torch.Tensor], like: torch.Tensor):
         """Post receives of ``recv_shapes[q]`` cells from each q and sends ``payloads[q]``; returns (buffers, works, bytes).
 
@@ -175,7 +199,16 @@ class RegionExecutor(_Executor):
         moved = sum(_nbytes(t) for t in bufs.values()) + sum(_nbytes(t) for t in payloads.values())
         return bufs, works, moved
 
-    def predict(self, step: int, local: torch.Tensor, run_tiles: RunTiles, skips: list[bool] | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        step: int,
+        local: torch.Tensor,
+        run_tiles: RunTiles,
+        skips: list[bool] | None = None,
+        reused: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This rank's part of the step's blended prediction; tiles in ``skips`` take ``reused`` (the cache's
+        prediction on this rank's box) on their cells, added here by the cells' owner."""
         ex = self.exchange_for(step, skips)
         rank, layout = self.ctx.rank, self.layout
         need, give = self._device_masks(ex)
@@ -216,6 +249,13 @@ class RegionExecutor(_Executor):
             work.wait()
         for q in sorted(bufs):
             prediction[:, :, give[q]] += bufs[q]
+        if skips is not None and any(skips):
+            weight_FHW = torch.zeros(layout.canvas, dtype=torch.float32, device=local.device)
+            for tile, skip in zip(ex.plan.tiles, skips):
+                if skip:
+                    weight = ex.plan.weights[tile.index].to(device=local.device, dtype=torch.float32)
+                    tile.add_into(weight_FHW[None, None], weight[None, None])
+            prediction += weight_FHW[self.box[2:]] * reused.float()
         self.step_bytes.append(moved + moved_out)
         return prediction
 
@@ -247,7 +287,15 @@ class AllGatherExecutor(_Executor):
     def scatter(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
-    def predict(self, step: int, latents: torch.Tensor, run_tiles: RunTiles, skips: list[bool] | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        step: int,
+        latents: torch.Tensor,
+        run_tiles: RunTiles,
+        skips: list[bool] | None = None,
+        reused: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The whole canvas's prediction (every rank blends every tile; ``run_tiles`` serves reused tiles)."""
         plan = self.planner.plan(step)
         world = self.ctx.world_size
         owners = self.owners(step, plan, [[0] * world for _ in plan.tiles], skips)

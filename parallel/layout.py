@@ -186,6 +186,8 @@ class StepExchange:
     def needs(self) -> list[dict[int, torch.Tensor]]:
         needs: list[dict[int, torch.Tensor]] = [{} for _ in range(self.layout.world_size)]
         for tile, r in zip(self.plan.tiles, self.owners):
+            if r < 0:  # reused from the cache: runs nowhere, moves nothing
+                continue
             for q in range(self.layout.world_size):
                 if q == r or self.layout.tile_cells_in(tile, q) == 0:
                     continue

@@ -126,6 +126,19 @@ class DistributedContext:
         dist.all_gather(parts, mine)
         return [[int(v) for v in part.tolist()] for part in parts]
 
+    def reduce_ints(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``values`` (int64) summed (``op='sum'``) or maxed (``'max'``) over all ranks, on every rank.
+
+        Integer sums do not depend on the order their terms arrive in, so a
+        statistic totalled this way is bit-identical for any world size (the
+        region cache's decisions rely on it).
+        """
+        if not self.enabled:
+            return values
+        total = values.to(self.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return total.to(values.device)
+
     # --- failure propagation ---------------------------------------------------
     def report_failure(self, message: str) -> None:
         """Post this rank's failure so that every other rank exits at once (see the module docstring)."""

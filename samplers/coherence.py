@@ -26,7 +26,7 @@ import logging
 import torch
 
 from supergen.samplers.schedule import renoise
-from supergen.tiling.coherence import DilatedViews, cosine_decay, lowpass
+from supergen.tiling.coherence import DilatedViews, Lowpass, cosine_decay
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class CoherenceGuide:
         self.views = views
         self.view_exponent = view_exponent
         self.view_until = view_until
+        self.lowpass = None
+        if guide in ("lowpass", "x0"):
+            self.lowpass = Lowpass(tuple(sketch.shape[-2:]), self.lowpass_HW)
 
     @property
     def active(self) -> bool:
@@ -115,9 +118,29 @@ class CoherenceGuide:
             return alpha_bar**0.5, -((1.0 - alpha_bar) ** 0.5)
         raise ValueError(f"guide='x0' does not know prediction_type={kind!r}; use guide='lowpass'")
 
+    def _band(self, x_part: torch.Tensor, box, reduce) -> torch.Tensor:
+        """``lowpass`` of a canvas of which this process holds the part ``box`` (``None``: all of it).
+
+        ``reduce`` sums a tensor over the processes that hold the other parts.
+        """
+        if box is None:
+            return self.lowpass.expand(self.lowpass.pooled(x_part)).to(x_part.dtype)
+        frames, rows, cols = box[2:]
+        pooled = self.lowpass.pooled(x_part, rows, cols)
+        # Every part adds its sums into the whole down-sampled canvas (zeros on frames it does not hold).
+        whole = torch.zeros((*pooled.shape[:2], self.sketch.shape[2], *pooled.shape[3:]), dtype=pooled.dtype,
+                            device=pooled.device)
+        whole[:, :, frames] = pooled
+        whole = reduce(whole)
+        return self.lowpass.expand(whole[:, :, frames], rows, cols).to(x_part.dtype)
+
     def guide_prediction(self, step: int, timestep: torch.Tensor, latents: torch.Tensor,
-                         prediction: torch.Tensor) -> torch.Tensor:
-        """``prediction`` rewritten so that its clean canvas takes the sketch's low band (``x0`` guide only)."""
+                         prediction: torch.Tensor, box=None, reduce=None) -> torch.Tensor:
+        """``prediction`` rewritten so that its clean canvas takes the sketch's low band (``x0`` guide only).
+
+        ``box`` (slices of the canvas) and ``reduce`` (a sum over processes): this process holds only
+        that part of the latents and prediction; the others hold the rest.
+        """
         weight = self.guide_weight(step) if self.guide == "x0" else 0.0
         if weight == 0.0:
             return prediction
@@ -125,19 +148,25 @@ class CoherenceGuide:
         if b == 0.0:
             return prediction
         x0 = a * latents.float() + b * prediction.float()
-        correction = weight * lowpass(self.sketch.float() - x0, self.lowpass_HW)
+        sketch = self.sketch if box is None else self.sketch[box]
+        correction = weight * self._band(sketch.float() - x0, box, reduce)
         return (prediction.float() + correction / b).to(prediction.dtype)
 
-    def guide_latents(self, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """The canvas to denoise at ``step``: ``latents`` pulled towards the noised sketch (``skip``, ``lowpass``)."""
+    def guide_latents(self, step: int, timestep: torch.Tensor, latents: torch.Tensor, box=None,
+                      reduce=None) -> torch.Tensor:
+        """The canvas to denoise at ``step``: ``latents`` pulled towards the noised sketch (``skip``, ``lowpass``).
+
+        ``box`` and ``reduce`` as in :meth:`guide_prediction`.
+        """
         weight = self.guide_weight(step) if self.guide in ("skip", "lowpass") else 0.0
         if weight == 0.0:
             return latents
-        target = renoise(self.noiser, self.sketch, self.noise, timestep).to(latents.dtype)
+        sketch, noise = (self.sketch, self.noise) if box is None else (self.sketch[box], self.noise[box])
+        target = renoise(self.noiser, sketch, noise, timestep).to(latents.dtype)
         if self.guide == "skip":
             return latents + weight * (target - latents)
-        # lowpass: move only the band the sketch resolves (lowpass is linear, so one filter of the difference).
-        return latents + weight * lowpass(target - latents, self.lowpass_HW)
+        # lowpass: move only the band the sketch resolves (linear, so one filter of the difference).
+        return latents + weight * self._band(target - latents, box, reduce)
 
     def describe(self) -> str:
         parts = []

@@ -7,8 +7,10 @@ pipeline's own scheduler on the whole canvas. The loop knows nothing about a
 particular model: it talks to the backbone through ``adapter.predict``.
 
 An optional step cache (a :class:`supergen.cache.RegionCache`, or anything with
-its ``predict_skips`` / ``reuse`` / ``update`` methods) decides before each step
-which tiles reuse their last output instead of running the model.
+its ``predict_skips`` / ``reused_prediction`` / ``update`` methods) decides before
+each step which tiles reuse its canvas-coordinate prediction instead of running
+the model; it lives entirely inside :meth:`TiledSampler.predict` and sees the
+raw blended prediction of the tiles.
 """
 
 from __future__ import annotations
@@ -189,8 +191,11 @@ class TiledSampler:
         computed, block_residuals = self.run_tiles(latents, timestep, run, blocks="record" if by_blocks else None)
         if by_blocks:
             reused = iter(self.run_tiles(latents, timestep, [t for t, skip in zip(plan.tiles, skips) if skip], "reuse")[0])
+        elif any(skips):
+            canvas = self.cache.reused_prediction(latents, timestep)
+            reused = (t.gather(canvas) for t, skip in zip(plan.tiles, skips) if skip)
         else:
-            reused = (self.cache.reuse(t, latents) for t, skip in zip(plan.tiles, skips) if skip)
+            reused = iter(())
         computed = iter(computed)
         outputs = [next(reused) if skip else next(computed) for skip in skips]
         skipped = sum(skips)
@@ -206,7 +211,7 @@ class TiledSampler:
         else:
             prediction = plan.blend(outputs)
         if self.cache is not None:
-            self.cache.update(plan, skips, latents, prediction, block_residuals)
+            self.cache.update(plan, skips, latents, prediction, block_residuals, timestep=timestep)
         return prediction
 
     def __call__(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor) -> torch.Tensor:

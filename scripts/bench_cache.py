@@ -1,38 +1,48 @@
-"""Benchmark the region-aware step cache against Diffusers' own caches.
+"""Benchmark the region-aware step cache on the trained toy model against Diffusers' caches.
 
-Two parts, each measured side by side in one process with the same seed:
+Parts (each one a separate ``--part`` so that one process runs at a time and
+every part's rows are saved as soon as they are measured):
 
-* untiled (native size, one tile): SuperGen's region cache on a one-tile plan
-  against Diffusers' hooks on the plain ``WanPipeline`` (FirstBlockCache,
-  MagCache calibrated on an uncached run of the same request, TaylorSeer,
-  PyramidAttentionBroadcast). Both run the CFG branches as two calls, as the
-  plain pipeline does, so model calls and times compare like for like.
-* tiled (2x2 tiles, wrap-shifted grid): the region cache (per-tile decisions)
-  against the same predictor with one whole-canvas decision; adaptive
-  thresholds off / stricter (default) / looser where the region varies more;
-  and what a skip reuses (blocks residual by default, output, residual).
+* ``untiled``: the native size (one tile). SuperGen's cache on the plain run
+  (``strength=1``, one tile: the same video as the plain ``WanPipeline``)
+  against Diffusers 0.42's hooks on the plain ``WanPipeline``:
+  FirstBlockCache, TaylorSeer, MagCache (calibrated on a prompt outside the
+  benchmark set), SeaCache, FasterCache, PyramidAttentionBroadcast. Both
+  sides run the CFG branches as two calls, as the plain pipeline does.
+* ``tiled``: 2x2 (64x64) or 3x3 (96x96) tiles, native-size sketch, up-scale,
+  re-noise to ``--strength``, grid shifted every step (``--shift``); the
+  region cache (per-tile decisions) against the same predictor with one
+  whole-canvas decision, over thresholds and reuse modes.
 
-Every row reports full model passes (executions of the last transformer block;
-a cond and an uncond pass count as two), self-attention computations (the
-unit PyramidAttentionBroadcast and TaylorSeer save), wall-clock speed-up over
-the uncached run of the same part, and PSNR / SSIM of the final latents
-against the uncached latents (latent space: the tiny model's VAE has random
-weights, so decoded pixels add nothing but decode time). ``--model`` takes any
-Wan checkpoint for a real run on a GPU.
+Every row reports transformer-block compute actually run (hooks on leaf
+modules inside every block count each executed block per batch item, so a
+cache that skips inside a block is counted as what it runs; tiled rows count
+the refinement, the sketch is the same uncached run in every row), the
+fraction of tile-steps (untiled: steps) reused, the PSNR of the decoded
+uint8 frames against the same method's uncached run of the same prompt and
+seed (mean and minimum over the prompts), and the fidelity measures of the
+tiled-path benchmark: objects per frame (:func:`supergen.metrics.object_counts`)
+and prompt adherence (:func:`supergen.metrics.mean_adherence`). For the
+region rows it also reports how much of the subject's regions and of the
+background's regions was reused (subject: regions where the uncached video
+shows the prompt's colour in any frame).
 
-    python scripts/bench_cache.py [--steps 20] [--tiled-steps 8] [--plot docs/bench_cache.png]
+    python scripts/bench_cache.py --part untiled --out bench/untiled.json
+    python scripts/bench_cache.py --part tiled --size 96 --strength 0.9 --out bench/t96.json
+    python scripts/bench_cache.py --render bench/*.json        # markdown tables
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +51,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from supergen import CacheConfig, SuperGenPipeline, TilingConfig  # noqa: E402
-from supergen.cache import region as region_module  # noqa: E402
+from supergen.io import to_uint8  # noqa: E402
+from supergen.metrics import COLOUR_TOLERANCE, mean_adherence, object_counts, psnr  # noqa: E402
+from supergen.toyworld import COLOURS, all_prompts, parse_prompt  # noqa: E402
 
-PROMPT = "a red circle moving left over a blue sky"
+DIFFUSERS = ["FirstBlockCache", "TaylorSeer", "MagCache (calibrated)", "SeaCache", "FasterCache",
+             "PyramidAttentionBroadcast"]
 
 
 @dataclass
@@ -51,77 +64,97 @@ class Row:
     part: str
     method: str
     setting: str
-    passes: int
-    blocks: int
-    attn: int
-    seconds: float
-    psnr: float = math.inf
-    ssim: float = 1.0
-    base_passes: int = 0
+    blocks: int = 0
     base_blocks: int = 0
+    attn: int = 0
     base_attn: int = 0
-    base_seconds: float = 0.0
+    sketch_blocks: int = 0
+    base_sketch_blocks: int = 0
+    reused: float = 0.0
+    psnr: list[float] = field(default_factory=list)
+    objects: float = 0.0
+    adherence: float = 0.0
+    subject_reuse: float | None = None
+    background_reuse: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
 
     @property
-    def calls_saved(self) -> float:
-        """Model-call reduction factor (uncached passes / passes)."""
-        return self.base_passes / max(self.passes, 1)
+    def saved(self) -> float:
+        """Fraction of the uncached run's block compute not run."""
+        return 1.0 - self.blocks / max(self.base_blocks, 1)
 
     @property
-    def compute_saved(self) -> float:
-        """Transformer-block work reduction (a cache that always runs the first block saves less than its calls)."""
-        return self.base_blocks / max(self.blocks, 1)
-
-    @property
-    def attn_saved(self) -> float:
-        return self.base_attn / max(self.attn, 1)
-
-    @property
-    def speedup(self) -> float:
-        return self.base_seconds / self.seconds
+    def psnr_mean(self) -> float:
+        finite = [p for p in self.psnr if math.isfinite(p)]
+        if not self.psnr:
+            return math.nan
+        # A prompt whose cached run is bit-identical adds no error: average the MSEs, not the dBs.
+        if len(finite) < len(self.psnr) and not finite:
+            return math.inf
+        mse = np.mean([10 ** (-p / 10) if math.isfinite(p) else 0.0 for p in self.psnr])
+        return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 class Counter:
-    """Counts real computations inside the transformer, whatever cache hooks sit on top of it."""
+    """Counts transformer blocks really executed (per batch item), whatever cache hooks sit on top."""
 
     def __init__(self, transformer):
-        self.passes = self.blocks = self.attn = 0
-        self._last = transformer.blocks[-1].ffn.net[-1]
-        # Caches replace a block's (attention's, feed-forward's) forward without calling
-        # it, so hooks on leaf modules inside them only fire when the work is really done.
+        self.blocks = self.attn = 0
+        # Caches replace a block's (or its attention's / feed-forward's) forward without calling it, so a
+        # hook on the block's last leaf module fires only when the block's work is really done; the same
+        # holds for self-attention (what PyramidAttentionBroadcast and FasterCache skip inside a block).
         self._handles = [b.ffn.net[-1].register_forward_hook(self._block) for b in transformer.blocks]
         self._handles += [b.attn1.to_q.register_forward_hook(self._attn) for b in transformer.blocks]
 
     def _block(self, module, args, output):
         self.blocks += args[0].shape[0]
-        if module is self._last:
-            self.passes += args[0].shape[0]
 
     def _attn(self, module, args, output):
         self.attn += args[0].shape[0]
-
-    def reset(self):
-        self.passes = self.blocks = self.attn = 0
 
     def remove(self):
         for handle in self._handles:
             handle.remove()
 
 
-def psnr_ssim(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """PSNR (peak = the reference's value range) and mean SSIM over every (channel, frame) slice."""
-    from skimage.metrics import structural_similarity
+def bench_prompts(count: int) -> tuple[list[str], str]:
+    """``count`` toy-world prompts spread over the world (every colour, shape, direction), and one more
+    (for calibration) that is not among them."""
+    everything = all_prompts()
+    stride = max(1, len(everything) // (count + 1))
+    chosen = everything[::stride][: count + 1]
+    return chosen[:count], chosen[count]
 
-    x = x.float().cpu().numpy()[0]
-    ref = ref.float().cpu().numpy()[0]
-    peak = float(ref.max() - ref.min())
-    mse = float(np.mean((x - ref) ** 2))
-    psnr = math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-    scores = [
-        structural_similarity(x[c, f], ref[c, f], data_range=peak) for c in range(x.shape[0]) for f in range(x.shape[1])
-    ]
-    return psnr, float(np.mean(scores))
 
+def subject_mask(frames: np.ndarray, prompt: str) -> np.ndarray:
+    """Pixels (H, W) that show the prompt's colour in any frame."""
+    rgb = np.asarray(COLOURS[parse_prompt(prompt).colour], dtype=np.float64)
+    near = np.linalg.norm(frames.astype(np.float64) - rgb, axis=-1) < COLOUR_TOLERANCE
+    return near.any(axis=0)
+
+
+def region_split(metrics: dict, mask: np.ndarray) -> tuple[float, float]:
+    """Mean reused fraction of the regions the subject covers and of the others (over all steps)."""
+    maps = np.asarray(metrics["cache"]["region_skip_map"], dtype=np.float64)  # steps, Fr, Hr, Wr
+    if maps.size == 0:
+        return 0.0, 0.0
+    _, _, hr, wr = maps.shape
+    h, w = mask.shape
+    cover = mask.reshape(hr, h // hr, wr, w // wr).mean(axis=(1, 3))
+    subject = cover > 0.05
+    per_region = maps.mean(axis=(0, 1))
+    sub = float(per_region[subject].mean()) if subject.any() else math.nan
+    back = float(per_region[~subject].mean()) if (~subject).any() else math.nan
+    return sub, back
+
+
+def fidelity(row: Row, videos: list[np.ndarray], prompts: list[str]) -> None:
+    row.objects = float(np.mean([object_counts(v).mean() for v in videos]))
+    row.adherence = mean_adherence(videos, prompts)["score"]
+
+
+# --- untiled -------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def diffusers_cache(transformer, config):
@@ -133,7 +166,7 @@ def diffusers_cache(transformer, config):
 
 
 def calibrate_magcache(pipe, run, steps: int) -> list[float]:
-    """MagCache's own calibration run (no skipping); returns the cond branch's magnitude ratios."""
+    """MagCache's own calibration run (no skipping) on ``run``; returns the ratios averaged over the CFG branches."""
     from diffusers import MagCacheConfig
 
     records: list[str] = []
@@ -155,282 +188,279 @@ def calibrate_magcache(pipe, run, steps: int) -> list[float]:
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    # One list per CFG branch (cond first, as WanPipeline runs it); average them.
-    ratios = [eval(r.split(":", 1)[1]) for r in records]  # noqa: S307 - a printed list of floats from Diffusers
+    ratios = [json.loads(r.split(":", 1)[1].strip()) for r in records]
     return [float(np.mean(vals)) for vals in zip(*ratios)]
 
 
-def untiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[Row]:
+def untiled(sg: SuperGenPipeline, prompts: list[str], spare: str, steps: int) -> list[Row]:
     from diffusers import (
+        FasterCacheConfig,
         FirstBlockCacheConfig,
         MagCacheConfig,
         PyramidAttentionBroadcastConfig,
+        SeaCacheConfig,
         TaylorSeerCacheConfig,
     )
 
     pipe = sg.pipe
     h, w, f = sg.adapter.native_height, sg.adapter.native_width, sg.adapter.native_num_frames
-    counter = Counter(pipe.transformer)
+    guidance = sg.default_guidance_scale
     sg.adapter.batch_cfg = False  # two calls per step, like the plain pipeline
+    pipe.set_progress_bar_config(disable=True)
 
-    def plain():
-        return pipe(PROMPT, height=h, width=w, num_frames=f, num_inference_steps=steps, guidance_scale=5.0,
-                    generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    def plain(prompt):
+        frames = pipe(prompt, height=h, width=w, num_frames=f, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+        return to_uint8(frames), None
 
     def ours(cache):
-        return sg(PROMPT, height=h, width=w, num_frames=f, num_inference_steps=steps, guidance_scale=5.0, seed=0,
-                  tiling=TilingConfig(strength=1.0), cache=cache, output_type="latent", progress=False).frames
+        def run(prompt):
+            out = sg(prompt, height=h, width=w, num_frames=f, num_inference_steps=steps, guidance_scale=guidance,
+                     seed=0, tiling=TilingConfig(strength=1.0), cache=cache, progress=False)
+            return out.frames, out.metrics
+        return run
+
+    def hooked(config):
+        def run(prompt):
+            with diffusers_cache(pipe.transformer, config() if callable(config) else config):
+                return plain(prompt)
+        return run
+
+    counter = Counter(pipe.transformer)
+    refs = {p: plain(p)[0] for p in prompts}
 
     def measure(method, setting, fn):
-        counter.reset()
+        row = Row("untiled 32x32", method, setting)
+        videos, reused = [], []
         start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start
-        return Row("untiled", method, setting, counter.passes, counter.blocks, counter.attn, seconds), out
+        try:
+            for prompt in prompts:
+                before, before_attn = counter.blocks, counter.attn
+                frames, metrics = fn(prompt)
+                row.blocks += counter.blocks - before
+                row.attn += counter.attn - before_attn
+                row.psnr.append(psnr(frames, refs[prompt]))
+                videos.append(frames)
+                if metrics is not None:
+                    tiles = metrics["tiles"]
+                    reused.append(tiles["tile_steps_skipped"] / tiles["tile_steps_total"])
+        except Exception as err:  # a Diffusers cache that does not run on Wan: reported, not hidden
+            row.error = f"{type(err).__name__}: {err}"[:160]
+            print(f"  untiled {method} {setting}: FAILED {row.error}", file=sys.stderr, flush=True)
+            return row
+        row.seconds = time.perf_counter() - start
+        row.reused = float(np.mean(reused)) if reused else math.nan
+        fidelity(row, videos, prompts)
+        print(f"  untiled {method} {setting}: blocks {row.blocks}, PSNR {row.psnr_mean:.2f}", file=sys.stderr, flush=True)
+        return row
 
-    pipe.set_progress_bar_config(disable=True)
-    plain()  # warm-up: first-call allocations are not part of any method's time
-    base_row, ref = measure("none (Diffusers)", "-", plain)
-    ours_base, ours_ref = measure("none (SuperGen)", "-", lambda: ours(None))
-    assert torch.equal(ours_ref, ref), "uncached SuperGen at native size must equal the plain pipeline"
-    mag_ratios = calibrate_magcache(pipe, plain, steps)
-
-    runs = [("region cache", f"thr {t:g}", lambda t=t: ours(CacheConfig(mode="region", threshold=t))) for t in thresholds]
-    # The default cap of 3 reuses in a row bounds the saving at 4x; a looser cap shows the rest of the curve.
-    runs += [
-        ("region cache", f"thr {t:g}, max skips 8",
-         lambda t=t: ours(CacheConfig(mode="region", threshold=t, max_skips=8)))
-        for t in (1.0, 2.0)
-    ]
-    for t in (0.1, 0.2, 0.4):
-        runs.append(("FirstBlockCache", f"thr {t:g}", lambda t=t: _with(pipe, FirstBlockCacheConfig(threshold=t), plain)))
-    for t in (0.06, 0.24):
-        cfg = lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=mag_ratios)  # noqa: E731
-        runs.append(("MagCache (calibrated)", f"thr {t:g}", lambda cfg=cfg: _with(pipe, cfg(), plain)))
-    for interval in (3, 5):
-        # Its default module patterns ("^blocks.*attn", full match) miss Wan's attn1/attn2,
-        # so name Wan's attention and feed-forward modules explicitly.
-        cfg = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3,
-                                    taylor_factors_dtype=torch.float32,
-                                    cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"])
-        runs.append(("TaylorSeer", f"interval {interval}", lambda cfg=cfg: _with(pipe, cfg, plain)))
+    base = measure("none (Diffusers)", "-", plain)
+    rows = [base, measure("none (SuperGen)", "-", ours(None))]
+    mag_ratios = calibrate_magcache(pipe, lambda: plain(spare), steps)
+    runs = [("SuperGen cache (defaults)", "output, thr 0.3", ours(CacheConfig(mode="region", threshold=0.3)))]
+    for t, ms, wu in ((0.1, 3, 3), (0.2, 3, 3), (0.5, 4, 3), (0.6, 6, 2), (1.0, 8, 2)):
+        runs.append(("SuperGen cache", f"output, thr {t:g}, max skips {ms}, warm-up {wu}",
+                     ours(CacheConfig(mode="region", threshold=t, max_skips=ms, warmup=wu))))
+    for t, ms, wu in ((0.1, 3, 3), (0.2, 5, 3), (0.25, 4, 3), (0.4, 5, 2), (0.6, 6, 2)):
+        runs.append(("SuperGen cache", f"taylor, thr {t:g}, max skips {ms}, warm-up {wu}",
+                     ours(CacheConfig(mode="region", reuse="taylor", threshold=t, max_skips=ms, warmup=wu))))
+    for t in (0.05, 0.1, 0.2):
+        runs.append(("FirstBlockCache", f"thr {t:g}", hooked(FirstBlockCacheConfig(threshold=t))))
+    for interval in (2, 3, 4, 5):
+        # Its default module patterns miss Wan's attn1/attn2, so name Wan's attention and feed-forward modules.
+        runs.append(("TaylorSeer", f"interval {interval}", hooked(TaylorSeerCacheConfig(
+            cache_interval=interval, disable_cache_before_step=3, taylor_factors_dtype=torch.float32,
+            cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"]))))
+    for t in (0.06, 0.12, 0.24, 0.5):
+        runs.append(("MagCache (calibrated)", f"thr {t:g}", hooked(
+            lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=mag_ratios))))
+    for t, mc in ((0.1, 2), (0.25, 2), (0.5, 2), (0.5, 4), (1.0, 4)):
+        runs.append(("SeaCache", f"thr {t:g}, max consecutive {mc}", hooked(
+            SeaCacheConfig(threshold=t, max_consecutive_cached=mc))))
     for skip in (2, 3):
-        cfg = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=skip,
-                                              spatial_attention_timestep_skip_range=(100, 800),
-                                              current_timestep_callback=lambda: pipe.current_timestep)
-        runs.append(("PyramidAttentionBroadcast", f"spatial skip {skip}", lambda cfg=cfg: _with(pipe, cfg, plain)))
-
-    rows = [base_row, ours_base]
-    for method, setting, fn in runs:
-        row, out = measure(method, setting, fn)
-        row.psnr, row.ssim = psnr_ssim(out, ref)
-        rows.append(row)
-        print(f"  untiled {method} {setting}: {row.passes} passes, PSNR {row.psnr:.2f}", file=sys.stderr)
+        runs.append(("FasterCache", f"spatial skip {skip}", hooked(lambda skip=skip: FasterCacheConfig(
+            spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(-1, 681),
+            current_timestep_callback=lambda: pipe.current_timestep, attention_weight_callback=lambda _: 0.5,
+            is_guidance_distilled=True))))
+    for skip in (2, 3):
+        runs.append(("PyramidAttentionBroadcast", f"spatial skip {skip}", hooked(PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: pipe.current_timestep))))
+    rows += [measure(method, setting, fn) for method, setting, fn in runs]
     for row in rows:
-        row.base_passes, row.base_blocks, row.base_attn = base_row.passes, base_row.blocks, base_row.attn
-        row.base_seconds = base_row.seconds
+        row.base_blocks, row.base_attn = base.blocks, base.attn
     counter.remove()
     sg.adapter.batch_cfg = True
     return rows
 
 
-def _with(pipe, config, fn):
-    with diffusers_cache(pipe.transformer, config):
-        return fn()
+# --- tiled ---------------------------------------------------------------------------------------
 
+def tiled(sg: SuperGenPipeline, prompts: list[str], steps: int, size: int, strength: float, shift: str,
+          settings: list[tuple[str, str, CacheConfig]]) -> list[Row]:
+    part = f"tiled {size}x{size}, strength {strength:g}, shift {shift}"
+    layers = len(sg.pipe.transformer.blocks)
+    tiling = TilingConfig(strength=strength, shift=shift)
 
-def tiled(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[Row]:
-    h, w = 2 * sg.adapter.native_height, 2 * sg.adapter.native_width
+    def run(prompt, cache):
+        return sg(prompt, height=size, width=size, num_inference_steps=steps, seed=0, tiling=tiling, cache=cache,
+                  progress=False)
 
-    def run(cache):
-        return sg(PROMPT, height=h, width=w, num_inference_steps=steps, seed=0, cache=cache,
-                  output_type="latent", progress=False)
+    refs = {}
 
     def measure(method, setting, cache):
-        out = run(cache)
-        # The native-size sketch is the same in every run (never cached): count and time refinement only.
-        # Batched CFG runs both branches of a tile in one call: two passes per computed tile-step.
-        passes = out.metrics["tiles"]["tile_steps_computed"] * 2
-        blocks = passes * len(sg.pipe.transformer.blocks)
-        return Row("tiled 2x2", method, setting, passes, blocks, blocks, out.metrics["denoise_s"]), out.frames
+        row = Row(part, method, setting)
+        videos, reused, split = [], [], []
+        start = time.perf_counter()
+        for prompt in prompts:
+            out = run(prompt, cache)
+            tiles = out.metrics["tiles"]
+            # Refinement only: the sketch is the same uncached run in every row. CFG batched: 2 per tile-step.
+            row.blocks += tiles["tile_steps_computed"] * 2 * layers
+            row.sketch_blocks += out.metrics["sketch"]["steps_computed"] * 2 * layers
+            reused.append(tiles["tile_steps_skipped"] / tiles["tile_steps_total"])
+            if cache is None:
+                refs[prompt] = out.frames
+            row.psnr.append(psnr(out.frames, refs[prompt]))
+            videos.append(out.frames)
+            if cache is not None:
+                split.append(region_split(out.metrics, subject_mask(refs[prompt], prompt)))
+        row.seconds = time.perf_counter() - start
+        row.reused = float(np.mean(reused))
+        if split:
+            row.subject_reuse = float(np.nanmean([s for s, _ in split]))
+            row.background_reuse = float(np.nanmean([b for _, b in split]))
+        fidelity(row, videos, prompts)
+        print(f"  {part} {method} {setting}: reused {row.reused:.1%}, PSNR {row.psnr_mean:.2f}", file=sys.stderr,
+              flush=True)
+        return row
 
-    base, ref = measure("none", "-", None)
-    rows = [base]
-    variants = [("region cache", f"thr {t:g}", CacheConfig(mode="region", threshold=t), None) for t in thresholds]
-    variants += [("canvas decision", f"thr {t:g}", CacheConfig(mode="canvas", threshold=t), None) for t in thresholds]
-    mid = thresholds[1]
-    variants += [
-        ("region, adaptive off", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid, adaptive=False), None),
-        ("region, looser where variable", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid), 0.5),
-        ("region, output reuse", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid, reuse="output"), None),
-        ("region, residual reuse", f"thr {mid:g}", CacheConfig(mode="region", threshold=mid, reuse="residual"), None),
-    ]
-    for method, setting, cache, exponent in variants:
-        saved = region_module.ADAPT_EXPONENT
-        if exponent is not None:
-            region_module.ADAPT_EXPONENT = exponent
-        try:
-            row, out = measure(method, setting, cache)
-        finally:
-            region_module.ADAPT_EXPONENT = saved
-        row.psnr, row.ssim = psnr_ssim(out, ref)
-        rows.append(row)
-        print(f"  tiled {method} {setting}: {row.passes} passes, PSNR {row.psnr:.2f}", file=sys.stderr)
+    base = measure("none", "-", None)
+    rows = [base] + [measure(method, setting, cache) for method, setting, cache in settings]
     for row in rows:
-        row.base_passes, row.base_blocks, row.base_attn, row.base_seconds = base.passes, base.blocks, base.attn, base.seconds
+        row.base_blocks, row.base_sketch_blocks = base.blocks, base.sketch_blocks
     return rows
 
 
-class StaticLeftHalf:
-    """Wraps an adapter so that its output on the left half of the canvas is a constant.
-
-    A canvas with a static region by construction (like sky over a moving
-    subject, taken to the limit): the right half is the real model. Needs
-    canvas-absolute positions (``rope='absolute'``) to know where a tile sits.
-    """
-
-    def __init__(self, adapter, canvas_width: int):
-        self._adapter = adapter
-        self._half = canvas_width // 2
-
-    def __getattr__(self, name):
-        return getattr(self._adapter, name)
-
-    def predict(self, latents, timestep, cond, guidance_scale, positions=None, **kwargs):
-        result = self._adapter.predict(latents, timestep, cond, guidance_scale, positions=positions, **kwargs)
-        out, residual = result if isinstance(result, tuple) else (result, None)
-        pw = self._adapter.geometry.patch[2]
-        cols = (positions.cols[:, :, None] * pw + torch.arange(pw)).reshape(len(out), -1)
-        out = torch.where((cols < self._half)[:, None, None, None, :], torch.full_like(out, 0.25), out)
-        return out if residual is None else (out, residual)
-
-
-def half_static(sg: SuperGenPipeline, steps: int, thresholds: list[float]) -> list[Row]:
-    h, w = 2 * sg.adapter.native_height, 2 * sg.adapter.native_width
-    real = sg.adapter
-    sg.adapter = StaticLeftHalf(real, canvas_width=sg.adapter.geometry.latent_shape(h, w, 1)[2])
-    tiling = TilingConfig(strength=1.0, rope="absolute")
-
-    def measure(method, setting, cache):
-        out = sg(PROMPT, height=h, width=w, num_inference_steps=steps, seed=0, cache=cache, tiling=tiling,
-                 output_type="latent", progress=False)
-        passes = out.metrics["tiles"]["tile_steps_computed"] * 2
-        blocks = passes * len(sg.pipe.transformer.blocks)
-        return Row("tiled 2x2, left half static", method, setting, passes, blocks, blocks,
-                   out.metrics["denoise_s"]), out.frames
-
-    try:
-        base, ref = measure("none", "-", None)
-        rows = [base]
-        for mode, method in (("region", "region cache"), ("canvas", "canvas decision")):
+def tiled_settings(thresholds: list[float], reuse: list[str], max_skips: int) -> list[tuple[str, str, CacheConfig]]:
+    out = []
+    for mode, method in (("region", "region cache"), ("canvas", "canvas decision")):
+        for r in reuse:
             for t in thresholds:
-                row, out = measure(method, f"thr {t:g}", CacheConfig(mode=mode, threshold=t))
-                row.psnr, row.ssim = psnr_ssim(out, ref)
-                rows.append(row)
-                print(f"  half-static {method} {t:g}: {row.passes} passes, PSNR {row.psnr:.2f}", file=sys.stderr)
-    finally:
-        sg.adapter = real
-    for row in rows:
-        row.base_passes, row.base_blocks, row.base_attn, row.base_seconds = base.passes, base.blocks, base.attn, base.seconds
-    return rows
+                out.append((method, f"{r}, thr {t:g}", CacheConfig(mode=mode, threshold=t, reuse=r, max_skips=max_skips)))
+    # No predictor: every other step after the warm-up reused everywhere. What any predictor's skips at
+    # that budget would cost, whatever it predicted.
+    out.append(("forced schedule", "output, every other step",
+                CacheConfig(mode="canvas", threshold=1e6, max_skips=1, adaptive=False)))
+    return out
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+def _fmt_psnr(value: float) -> str:
+    return "exact" if math.isinf(value) else f"{value:.2f}"
 
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| part | method | setting | model passes | calls saved | block compute saved | self-attn saved | speed-up "
-        "| PSNR (dB) | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| part | method | setting | block compute run | saved | self-attn saved | saved with sketch | reused "
+        "| PSNR mean (dB) | PSNR min | objects/frame | adherence | subject / background reused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        psnr = "exact" if math.isinf(r.psnr) else f"{r.psnr:.2f}"
+        if r.error:
+            lines.append(f"| {r.part} | {r.method} | {r.setting} | failed: {r.error} | | | | | | | | | |")
+            continue
+        split = ("" if r.subject_reuse is None else f"{r.subject_reuse:.0%} / {r.background_reuse:.0%}")
+        reused = "" if math.isnan(r.reused) else f"{r.reused:.1%}"
+        attn = f"{1 - r.attn / r.base_attn:.1%}" if r.base_attn else f"{r.saved:.1%}"
+        total = r.base_blocks + r.base_sketch_blocks
+        with_sketch = f"{1 - (r.blocks + r.sketch_blocks) / total:.1%}" if r.base_sketch_blocks else ""
         lines.append(
-            f"| {r.part} | {r.method} | {r.setting} | {r.passes}/{r.base_passes} | {r.calls_saved:.2f}x | "
-            f"{r.compute_saved:.2f}x | {r.attn_saved:.2f}x | {r.speedup:.2f}x | {psnr} | {r.ssim:.4f} |"
+            f"| {r.part} | {r.method} | {r.setting} | {r.blocks}/{r.base_blocks} | {r.saved:.1%} | {attn} | "
+            f"{with_sketch} | {reused} | "
+            f"{_fmt_psnr(r.psnr_mean)} | {_fmt_psnr(min(r.psnr))} | {r.objects:.2f} | {r.adherence:.2f} | {split} |"
         )
     return "\n".join(lines)
 
 
-def best_at(rows: list[Row], methods: list[str], floor: float, key: str) -> tuple[float, str]:
-    """Largest saving (``key``: calls_saved or compute_saved) among rows of ``methods`` with PSNR >= ``floor``."""
-    ok = [r for r in rows if r.method in methods and r.psnr >= floor]
-    if not ok:
-        return 1.0, "none"
-    best = max(ok, key=lambda r: getattr(r, key))
-    return getattr(best, key), f"{best.method} {best.setting}"
+def best_at(rows: list[Row], methods: list[str], floor: float) -> Row | None:
+    ok = [r for r in rows if not r.error and any(r.method.startswith(m) for m in methods) and r.psnr_mean >= floor]
+    return max(ok, key=lambda r: r.saved) if ok else None
 
 
-def comparisons(untiled_rows: list[Row], tiled_rows: list[Row], static_rows: list[Row]) -> str:
-    """At every PSNR level one of our settings reached: our best saving against the best competitor's."""
-    lines = [
-        "| part | PSNR floor (dB) | saving | ours (best) | competitors (best) | ratio |",
-        "|---|---|---|---|---|---|",
-    ]
-    diffusers = ["FirstBlockCache", "MagCache (calibrated)", "TaylorSeer", "PyramidAttentionBroadcast"]
-    for part, rows, ours, theirs in (
-        ("untiled", untiled_rows, ["region cache"], diffusers),
-        ("tiled 2x2", tiled_rows, ["region cache"], ["canvas decision"]),
-        ("tiled, half static", static_rows, ["region cache"], ["canvas decision"]),
-    ):
-        floors = sorted({math.floor(r.psnr * 100) / 100 for r in rows if r.method in ours and math.isfinite(r.psnr)},
-                        reverse=True)
+def comparisons(rows: list[Row], floors=(30.0, 35.0, 40.0)) -> str:
+    """At each PSNR floor (mean over prompts): our best saving against the best competitor's."""
+    lines = ["| part | PSNR floor (dB) | ours (best) | competitor (best) | ratio of compute saved |",
+             "|---|---|---|---|---|"]
+    for part in dict.fromkeys(r.part for r in rows):
+        group = [r for r in rows if r.part == part]
+        ours, theirs = (["SuperGen cache"], DIFFUSERS) if part.startswith("untiled") else (["region cache"], ["canvas decision"])
         for floor in floors:
-            for key, label in (("calls_saved", "model calls"), ("compute_saved", "block compute")):
-                a, a_name = best_at(rows, ours, floor, key)
-                b, b_name = best_at(rows, theirs, floor, key)
-                lines.append(f"| {part} | {floor:.2f} | {label} | {a:.2f}x ({a_name}) | {b:.2f}x ({b_name}) | {a / b:.2f} |")
+            a, b = best_at(group, ours, floor), best_at(group, theirs, floor)
+            name = lambda r: "none" if r is None else f"{r.saved:.1%} ({r.method}, {r.setting})"  # noqa: E731
+            if a is None and b is None:
+                continue
+            ratio = (a.saved if a else 0.0) / b.saved if b and b.saved > 0 else math.inf
+            lines.append(f"| {part} | {floor:g} | {name(a)} | {name(b)} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    parts = list(dict.fromkeys(r.part for r in rows))
-    metrics = (("speedup", "wall-clock speed-up (x)"), ("compute_saved", "block compute saved (x)"))
-    fig, axes = plt.subplots(len(metrics), len(parts), figsize=(6 * len(parts), 4 * len(metrics)), squeeze=False)
-    for row_axes, (key, label) in zip(axes, metrics):
-        for ax, part in zip(row_axes, parts):
-            for method in dict.fromkeys(r.method for r in rows if r.part == part):
-                pts = [(r.psnr, getattr(r, key)) for r in rows
-                       if r.part == part and r.method == method and math.isfinite(r.psnr)]
-                if pts:
-                    ax.plot(*zip(*sorted(pts)), marker="o", label=method)
-            ax.set_xlabel("PSNR vs uncached latents (dB)")
-            ax.set_ylabel(label)
-            ax.set_title(f"{part}: {label.split(' (')[0]} vs PSNR", fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"saved {path}", file=sys.stderr)
+def load(paths: list[str]) -> tuple[list[Row], list[str]]:
+    rows, headers = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        headers.append(data["header"])
+        rows += [Row(**r) for r in data["rows"]]
+    return rows, headers
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=20, help="steps of the untiled head-to-head")
-    parser.add_argument("--tiled-steps", type=int, default=8, help="steps of the tiled comparison")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 1.0],
-                        help="region cache thresholds (untiled and tiled); the tiled variants use the second")
-    parser.add_argument("--plot", default="docs/bench_cache.png")
+    parser.add_argument("--model", default="toy")
+    parser.add_argument("--part", choices=("untiled", "tiled"))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--strength", type=float, default=0.9)
+    parser.add_argument("--shift", default="wrap", choices=("wrap", "none"))
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.6, 1.2])
+    parser.add_argument("--reuse", nargs="+", default=["output"])
+    parser.add_argument("--max-skips", type=int, default=3)
+    parser.add_argument("--no-sweep", action="store_true", help="tiled: no threshold sweep rows (with --sketch-rows)")
+    parser.add_argument("--sketch-rows", action="store_true",
+                        help="add rows with the cache at its defaults on the sketch too (CacheConfig.sketch)")
+    parser.add_argument("--out", help="write this part's rows (JSON)")
+    parser.add_argument("--render", nargs="+", help="print the tables of saved parts")
     args = parser.parse_args()
+    if args.render:
+        rows, headers = load(args.render)
+        print("\n".join(headers) + "\n")
+        for part in dict.fromkeys(r.part for r in rows):
+            print(table([r for r in rows if r.part == part]) + "\n")
+        print(comparisons(rows))
+        return 0
     torch.manual_seed(0)
     sg = SuperGenPipeline.from_pretrained(args.model)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    print(f"model {args.model} ({sg.adapter.describe()}); device {sg.device}; {cpu}, {torch.get_num_threads()} threads; "
-          f"untiled {args.steps} steps, tiled {args.tiled_steps} steps (strength 0.9), guidance 5, seed 0\n")
-    # Each part's table is printed as soon as it is measured.
-    u = untiled(sg, args.steps, args.thresholds)
-    print(table(u) + "\n", flush=True)
-    t = tiled(sg, args.tiled_steps, args.thresholds)
-    print(table(t) + "\n", flush=True)
-    hs = half_static(sg, args.tiled_steps, args.thresholds[:2])
-    print(table(hs) + "\n", flush=True)
-    print(comparisons(u, t, hs))
-    plot(u + t + hs, args.plot)
+    prompts, spare = bench_prompts(args.prompts)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    header = (f"model {args.model} ({sg.adapter.describe()}); {cpu}, {torch.get_num_threads()} torch thread(s); "
+              f"{args.steps} steps, guidance {sg.default_guidance_scale:g}, seed 0, {len(prompts)} prompts: "
+              + "; ".join(prompts))
+    print(header, file=sys.stderr)
+    if args.part == "untiled":
+        rows = untiled(sg, prompts, spare, args.steps)
+    else:
+        settings = [] if args.no_sweep else tiled_settings(args.thresholds, args.reuse, args.max_skips)
+        if args.sketch_rows:
+            defaults = CacheConfig(mode="region", sketch=True)
+            settings += [("region cache + sketch cache", f"defaults (thr {defaults.threshold:g})", defaults)]
+        rows = tiled(sg, prompts, args.steps, args.size, args.strength, args.shift, settings)
+    print(table(rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}))
     return 0
 
 

@@ -101,16 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a collective may wait under torchrun before a hung rank fails the job")
     g.add_argument("--cache", choices=("off", "region", "canvas"), default="off",
                    help="step cache of the refinement: region (per-tile decisions), canvas (one decision), off")
-    g.add_argument("--cache-threshold", type=float, default=0.05,
+    # Literals (this parser loads no torch); tests/test_cache.py checks they match CacheConfig's defaults.
+    g.add_argument("--cache-threshold", type=float, default=0.3,
                    help="accumulated predicted relative change at which a tile is recomputed (0: never skip)")
-    g.add_argument("--cache-warmup", type=int, default=3, help="first refinement steps always computed")
-    g.add_argument("--cache-cooldown", type=int, default=1, help="last refinement steps always computed (>= 1)")
-    g.add_argument("--cache-max-skips", type=int, default=3, help="most consecutive reuses of one region")
+    g.add_argument("--cache-warmup", type=int, default=3,
+                   help="first refinement steps always computed")
+    g.add_argument("--cache-cooldown", type=int, default=1,
+                   help="last refinement steps always computed (>= 1)")
+    g.add_argument("--cache-max-skips", type=int, default=3,
+                   help="most consecutive reuses of one region")
     g.add_argument("--no-cache-adaptive", dest="cache_adaptive", action="store_false",
                    help="one threshold everywhere instead of per-region adaptive thresholds")
-    g.add_argument("--cache-reuse", choices=("auto", "blocks", "output", "residual"), default="auto",
-                   help="what a skipped tile reuses: its transformer blocks' residual (run through the current output "
-                        "head), its last output, or its last output-minus-input (auto: blocks where supported)")
+    g.add_argument("--cache-reuse", choices=("auto", "output", "taylor", "residual", "blocks"), default="auto",
+                   help="what a skipped tile reuses: its cells' last prediction (output, what auto picks), that "
+                        "prediction extrapolated to this step (taylor), its last output-minus-input (residual), or its "
+                        "transformer blocks' residual run through the current output head (blocks, one process only)")
+    g.add_argument("--no-cache-sketch", dest="cache_sketch", action="store_false",
+                   help="run every step of the native-size sketch (by default the cache covers it too, with one "
+                        "whole-canvas decision per step)")
     g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
     g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
@@ -190,6 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_skips=args.cache_max_skips,
         adaptive=args.cache_adaptive,
         reuse=args.cache_reuse,
+        sketch=args.cache_sketch,
     )
     check_output_path(args.output)
     if args.skip_map:

@@ -7,7 +7,6 @@ tiled decode. The README's "How a run works" describes each stage and its option
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -414,16 +413,13 @@ class SuperGenPipeline:
             )
         parallel = parallel or ParallelConfig()
         distributed = context is not None and context.enabled
-        if distributed and cache.enabled:
-            # The cache's state covers the whole canvas and its decisions must be identical on every rank:
-            # the all-gather scheme gives every rank the whole canvas and prediction each step. Block
-            # residuals would exist only on the rank that computed a tile, so skips reuse outputs instead.
-            if parallel.exchange != "allgather":
-                logger.warning("the region cache runs on the all-gather exchange under torchrun; using it")
-                parallel = dataclasses.replace(parallel, exchange="allgather")
-            if self._reuse_mode(cache) == "blocks":
-                logger.warning("cache reuse='blocks' is single-process only; reusing tile outputs across ranks")
-                cache = dataclasses.replace(cache, reuse="output")
+        if distributed and cache.enabled and self._reuse_mode(cache) == "blocks":
+            # Each rank keeps the cache state of its own cells; a tile's blocks residual would have to travel
+            # to every owner of its tokens (dim values per token), more than the region exchange moves.
+            raise ValueError(
+                "cache reuse='blocks' runs in one process only: under torchrun use reuse='output' (the default), "
+                "'taylor' or 'residual', which every rank serves from its own part of the canvas"
+            )
         if distributed:
             context.ensure_same(
                 "generation requests",
@@ -465,10 +461,11 @@ class SuperGenPipeline:
             tile_batch_size=tiling.tile_batch_size,
             progress=progress,
         )
-        sketch_s = 0.0
+        sketch_s, sketch_stats = 0.0, None
         if tiling.strength < 1.0:
             t0 = time.perf_counter()
-            clean = self._sketch(request, tiling, num_inference_steps, generator, sampler_args, image)
+            clean, sketch_stats = self._sketch(request, tiling, num_inference_steps, generator, sampler_args, image,
+                                               cache=cache)
             sketch_s = time.perf_counter() - t0
         scheduler = adapter.make_scheduler(request.tile, generator)
         timesteps, _ = refinement_timesteps(scheduler, num_inference_steps, tiling.strength, device=device)
@@ -480,8 +477,8 @@ class SuperGenPipeline:
                                       None if tiling.strength >= 1.0 else clean, noise)
 
         t0 = time.perf_counter()
-        region_cache = self._region_cache(cache, planner, len(timesteps))
         executor = None
+        region_cache = None
         if distributed:
             from supergen.parallel import make_executor
             from supergen.samplers.distributed import DistributedTiledSampler
@@ -492,17 +489,24 @@ class SuperGenPipeline:
                 # process would; stepping the whole canvas on every rank keeps the output identical.
                 logger.warning("%s draws noise in its step: using exchange='allgather'", type(adapter).__name__)
                 exchange = "allgather"
-            if guide is not None and exchange != "allgather":
-                # Sketch guidance filters the whole canvas and global views read all of it.
+            if guide is not None and guide.views is not None and exchange != "allgather":
+                # Global views read the whole canvas (sketch guidance alone works on regions).
                 logger.warning("global coherence (%s) runs on the all-gather exchange under torchrun; using it",
                                guide.describe())
                 exchange = "allgather"
             executor = make_executor(context, planner, exchange, len(timesteps), adapter.dtype)
+            if exchange == "region":
+                # Each rank caches its own region; decisions come from sums totalled over the ranks.
+                region_cache = self._region_cache(cache, planner, len(timesteps), box=executor.layout.boxes[context.rank],
+                                                  reduce=context.reduce_ints)
+            else:
+                region_cache = self._region_cache(cache, planner, len(timesteps))
             sampler = DistributedTiledSampler(
                 executor, planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
                 coherence=guide, **sampler_args
             )
         else:
+            region_cache = self._region_cache(cache, planner, len(timesteps))
             sampler = TiledSampler(
                 planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
                 coherence=guide, **sampler_args
@@ -528,6 +532,10 @@ class SuperGenPipeline:
         decode_s = time.perf_counter() - t0
         metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
         metrics["cache"] = self._cache_metrics(cache, region_cache)
+        if sketch_stats is not None:
+            metrics["sketch"] = {"steps_total": sketch_stats.tile_steps_total,
+                                 "steps_computed": sketch_stats.tile_steps_computed,
+                                 "model_calls": sketch_stats.model_calls}
         if distributed:
             metrics.update(self._parallel_metrics(context, executor, sampler.stats))
         metrics.update(
@@ -656,8 +664,9 @@ class SuperGenPipeline:
         return self.adapter.encode_image(image, height, width, num_frames, generator)
 
     def _sketch(self, request: TiledRequest, tiling: TilingConfig, steps: int, generator, sampler_args,
-                image=None) -> torch.Tensor:
-        """Native-area sketch of the whole video, up-scaled to the target canvas (clean latents)."""
+                image=None, cache: CacheConfig | None = None) -> tuple[torch.Tensor, TileStats]:
+        """Native-area sketch of the whole video, up-scaled to the target canvas (clean latents), and its
+        loop's counts. With ``cache.sketch`` the cache makes one whole-canvas decision per sketch step."""
         adapter = self.adapter
         geo = adapter.geometry
         sketch_canvas = geo.latent_shape(request.sketch_height, request.sketch_width, request.num_frames)
@@ -673,16 +682,20 @@ class SuperGenPipeline:
         timesteps, _ = refinement_timesteps(scheduler, tiling.sketch_steps or steps, 1.0, device=self.device)
         condition = self._condition(image, request.sketch_height, request.sketch_width, request.num_frames, generator)
         noise = adapter.prepare_noise(sketch_canvas, generator)
-        sampler = TiledSampler(planner=planner, rope="local", desc="sketch", condition=condition, **sampler_args)
+        sketch_cache = None
+        if cache is not None and cache.sketch:
+            sketch_cache = self._region_cache(cache, planner, len(timesteps), scope="canvas")
+        sampler = TiledSampler(planner=planner, rope="local", desc="sketch", condition=condition, cache=sketch_cache,
+                               **sampler_args)
         sketch = sampler(noise, scheduler, timesteps)
         if sketch_canvas == request.canvas:
-            return sketch
+            return sketch, sampler.stats
         if tiling.upscale == "latent":
-            return resize_latents(sketch, request.canvas)
+            return resize_latents(sketch, request.canvas), sampler.stats
         video = adapter.decode(sketch)
         video = resize_video(video.float(), (request.num_frames, request.height, request.width))
         tiled = request.canvas[1:] != adapter.native_latent_shape[1:]
-        return adapter.encode(video.to(adapter.pipeline.vae.dtype), tiled=tiled).to(sketch.dtype)
+        return adapter.encode(video.to(adapter.pipeline.vae.dtype), tiled=tiled).to(sketch.dtype), sampler.stats
 
     @staticmethod
     def _parallel_metrics(context, executor, stats: TileStats) -> dict:
@@ -704,6 +717,7 @@ class SuperGenPipeline:
                 "model_calls": sum(t[2] for t in totals),
                 "view_forwards": sum(t[3] for t in totals),
                 "tile_steps_per_rank": [t[1] for t in totals],
+                "skip_map": stats.skip_map,
                 "grid": list(executor.planner.grid),
                 "tile_latent": list(executor.planner.tile),
             },
@@ -734,13 +748,16 @@ class SuperGenPipeline:
             view_exponent=coherence.view_exponent, view_until=coherence.view_until,
         )
 
-    def _reuse_mode(self, cache: CacheConfig) -> str:
-        if cache.reuse != "auto":
-            return cache.reuse
-        return "blocks" if self.adapter.supports_block_reuse else "output"
+    @staticmethod
+    def _reuse_mode(cache: CacheConfig) -> str:
+        # Measured on the toy model: output reuse matches or beats blocks reuse at the same decisions
+        # (docs/benchmarks.md), costs no model call and is served by each rank from its own cells.
+        return "output" if cache.reuse == "auto" else cache.reuse
 
-    def _region_cache(self, cache: CacheConfig, planner: TilePlanner, num_steps: int) -> RegionCache | None:
-        """The step cache of the refinement loop (``None`` when off or at threshold 0)."""
+    def _region_cache(self, cache: CacheConfig, planner: TilePlanner, num_steps: int, scope: str | None = None,
+                      box=None, reduce=None) -> RegionCache | None:
+        """The step cache of a loop over ``planner`` (``None`` when off or at threshold 0); ``box`` and
+        ``reduce`` restrict its state to one rank's region (see :class:`~supergen.cache.RegionCache`)."""
         if not cache.enabled:
             return None
         tile_f, tile_h, tile_w = planner.tile
@@ -752,9 +769,12 @@ class SuperGenPipeline:
             schedule=CacheSchedule(num_steps=num_steps, warmup=cache.warmup, cooldown=cache.cooldown),
             max_skips=cache.max_skips,
             adaptive=cache.adaptive,
-            scope=cache.mode,
+            scope=scope or cache.mode,
             reuse=self._reuse_mode(cache),
             patch=self.adapter.geometry.patch,
+            box=box,
+            reduce=reduce,
+            taylor_damping=cache.taylor_damping,
         )
 
     def _cache_metrics(self, cache: CacheConfig, region_cache: RegionCache | None) -> dict:
@@ -772,7 +792,7 @@ class SuperGenPipeline:
         if region_cache is not None:
             metrics.update(
                 region_grid=list(region_cache.grid),
-                region_skip_map=[region_cache.region_fractions(m).tolist() for m in region_cache.reuse_maps],
+                region_skip_map=[m.tolist() for m in region_cache.region_reuse],
                 region_thresholds=region_cache.thresholds().tolist(),
             )
         return metrics

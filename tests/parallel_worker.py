@@ -5,7 +5,7 @@ Usage: python tests/parallel_worker.py SCENARIO OUTDIR
   mismatch  every rank asks for a different seed (must be refused on every rank)
   fault     rank 1 raises in its second refinement model call (every rank must exit non-zero fast)
   stall     rank 1 stops itself (SIGSTOP) there instead; $SUPERGEN_TEST_TIMEOUT sets the job's timeout
-  cache     the region cache on the all-gather scheme; rank 0 saves latents and metrics
+  cache     the region cache on the region and all-gather schemes; rank 0 saves latents and metrics
   coherence sketch guidance and global views (all-gather scheme, views spread over ranks); rank 0 saves latents
   backbones every non-Wan backbone of tests/test_backbones.py at twice its native area; rank 0 saves latents
 """
@@ -37,12 +37,13 @@ COHERENCE = CoherenceConfig(guide="lowpass", views="dilated", view_until=1.0)
 def _cache_config():
     from supergen import CacheConfig
 
-    # Loose enough that the tiny random model reuses tiles within 8 steps; outputs are reused, since
-    # block residuals stay on the rank that computed them (the pipeline switches to this under torchrun).
-    return CacheConfig(mode="region", threshold=1.0, warmup=2, max_skips=2, reuse="output")
+    # The default reuse (output) and exchange (region); a threshold loose enough that the tiny random
+    # model reuses tiles within 8 steps, on the default tiling (no overlap, wrap-shifted grid).
+    return CacheConfig(mode="region", threshold=1.0, warmup=2, max_skips=2)
 
 
 CACHE = _cache_config()
+CACHE_TILING = TilingConfig()
 
 
 def main(scenario: str, out: Path) -> None:
@@ -83,16 +84,21 @@ def main(scenario: str, out: Path) -> None:
         elif scenario == "cache":
             from supergen import CacheConfig
 
-            res = pipe(PROMPT, tiling=TILING, output_type="latent", cache=CACHE, context=ctx,
-                       **dict(KW, num_inference_steps=8))
-            if ctx.is_main:
-                np.save(out / "cache.npy", res.frames.numpy())
-                (out / "cache.json").write_text(json.dumps(res.metrics))
+            for exchange in ("region", "allgather"):
+                res = pipe(PROMPT, tiling=CACHE_TILING, output_type="latent", cache=CACHE, context=ctx,
+                           parallel=ParallelConfig(exchange=exchange), **dict(KW, num_inference_steps=8))
+                if ctx.is_main:
+                    np.save(out / f"cache-{exchange}.npy", res.frames.numpy())
+                    (out / f"cache-{exchange}.json").write_text(json.dumps(res.metrics))
         elif scenario == "coherence":
-            res = pipe(PROMPT, tiling=TILING, output_type="latent", coherence=COHERENCE, context=ctx, **KW)
-            if ctx.is_main:
-                np.save(out / "coherence.npy", res.frames.numpy())
-                (out / "coherence.json").write_text(json.dumps(res.metrics))
+            # Global views on the all-gather scheme; the default sketch guidance on the region scheme.
+            for name, coherence, exchange in (("coherence", COHERENCE, "allgather"),
+                                              ("guide-region", CoherenceConfig(), "region")):
+                res = pipe(PROMPT, tiling=TILING, output_type="latent", coherence=coherence, context=ctx,
+                           parallel=ParallelConfig(exchange=exchange), **KW)
+                if ctx.is_main:
+                    np.save(out / f"{name}.npy", res.frames.numpy())
+                    (out / f"{name}.json").write_text(json.dumps(res.metrics))
         elif scenario == "backbones":
             from test_backbones import BACKBONES
 

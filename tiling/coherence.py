@@ -37,19 +37,54 @@ def cosine_decay(progress: float, exponent: float) -> float:
     return ((1.0 + math.cos(math.pi * progress)) / 2.0) ** exponent
 
 
-def lowpass(x_BCFHW: torch.Tensor, size_HW: tuple[int, int]) -> torch.Tensor:
-    """The band of ``x`` a ``size_HW`` canvas can hold: area down-sampling there, bilinear back up.
+class Lowpass:
+    """The band of a canvas that a ``size_HW`` canvas can hold, as separable linear maps.
 
-    Time is left alone. Idempotent up to the interpolation's smoothing, and the
-    identity when ``size_HW`` is the canvas's own size.
+    Area down-sampling to ``size_HW`` (``adaptive_avg_pool2d``'s windows) then
+    bilinear up-sampling back (``interpolate(mode='bilinear',
+    align_corners=False)``), each written as one matrix per axis. Being
+    linear and separable, the filter of a whole canvas can be assembled from
+    parts: :meth:`pooled` of each part (rows and columns of the canvas it
+    holds) summed over the parts, then :meth:`expand` on any part, which is
+    how ranks that each hold a region of the canvas filter it together.
     """
-    b, c, f, h, w = x_BCFHW.shape
-    if tuple(size_HW) == (h, w):
-        return x_BCFHW
-    frames = x_BCFHW.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).float()
-    low = F.adaptive_avg_pool2d(frames, size_HW)
-    low = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
-    return low.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4).to(x_BCFHW.dtype)
+
+    def __init__(self, canvas_HW: tuple[int, int], size_HW: tuple[int, int]):
+        self.canvas_HW = tuple(canvas_HW)
+        self.size_HW = tuple(size_HW)
+        eye = [torch.eye(n, dtype=torch.float64)[None] for n in canvas_HW]
+        # (n, L): row k averages canvas cells of window k; (L, n): canvas cell i from the small canvas.
+        self.pool = [F.adaptive_avg_pool1d(e, n)[0].T.contiguous() for e, n in zip(eye, size_HW)]
+        self.up = [
+            F.interpolate(torch.eye(n, dtype=torch.float64)[None], size=length, mode="linear", align_corners=False)[0]
+            .T.contiguous()
+            for length, n in zip(canvas_HW, size_HW)
+        ]
+
+    def pooled(self, x_BCFhw: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """This part's contribution to the down-sampled canvas ``(B, C, F, *size_HW)``."""
+        ph = self.pool[0][:, rows].to(x_BCFhw.device)
+        pw = self.pool[1][:, cols].to(x_BCFhw.device)
+        return torch.einsum("nh,bcfhw,mw->bcfnm", ph, x_BCFhw.double(), pw)
+
+    def expand(self, pooled_BCFnm: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """The filtered canvas on ``rows`` x ``cols``, from the whole down-sampled canvas."""
+        uh = self.up[0][rows].to(pooled_BCFnm.device)
+        uw = self.up[1][cols].to(pooled_BCFnm.device)
+        return torch.einsum("hn,bcfnm,wm->bcfhw", uh, pooled_BCFnm.double(), uw)
+
+    def __call__(self, x_BCFHW: torch.Tensor) -> torch.Tensor:
+        if self.size_HW == self.canvas_HW:
+            return x_BCFHW
+        return self.expand(self.pooled(x_BCFHW)).to(x_BCFHW.dtype)
+
+
+def lowpass(x_BCFHW: torch.Tensor, size_HW: tuple[int, int]) -> torch.Tensor:
+    """The band of ``x`` a ``size_HW`` canvas can hold (see :class:`Lowpass`); time is left alone.
+
+    The identity when ``size_HW`` is the canvas's own size.
+    """
+    return Lowpass(x_BCFHW.shape[-2:], size_HW)(x_BCFHW)
 
 
 class DilatedViews:
