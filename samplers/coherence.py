@@ -131,7 +131,8 @@ class CoherenceGuide:
         whole = torch.zeros((*pooled.shape[:2], self.sketch.shape[2], *pooled.shape[3:]), dtype=pooled.dtype,
                             device=pooled.device)
         whole[:, :, frames] = pooled
-        whole = reduce(whole)
+        # Summed in float32 on the wire (half the bytes of the float64 sums; the filter's own error is larger).
+        whole = reduce(whole.float()).double()
         return self.lowpass.expand(whole[:, :, frames], rows, cols).to(x_part.dtype)
 
     def guide_prediction(self, step: int, timestep: torch.Tensor, latents: torch.Tensor,

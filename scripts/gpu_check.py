@@ -669,8 +669,9 @@ def part_cache(check: Check, budget: Budget) -> dict:
                     entry["step_s_per_stage"] = [c.step_seconds() for c in clocks]
                     result["cut_for_time"] = f"{name}: {err}"
                     break
-            # The last scheduler made is the refinement's (the sketch, when there is one, comes first).
-            step_s = clocks[-1].step_seconds()
+            # The last scheduler that stepped is the refinement's (the sketch's comes first; the coherence
+            # guide's noiser, made after it, never steps).
+            step_s = next((c.step_seconds() for c in reversed(clocks) if c.step_seconds()), [])
             tiles = out.metrics["tiles"]
             skips = [sum(row) for row in tiles["skip_map"]]
             # Step 0 also draws the canvas noise and sets up the cache: listed, not averaged (unless alone).

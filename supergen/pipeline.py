@@ -7,6 +7,7 @@ tiled decode. The README's "How a run works" describes each stage and its option
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os

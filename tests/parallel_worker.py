@@ -86,7 +86,8 @@ def main(scenario: str, out: Path) -> None:
 
             for exchange in ("region", "allgather"):
                 res = pipe(PROMPT, tiling=CACHE_TILING, output_type="latent", cache=CACHE, context=ctx,
-                           parallel=ParallelConfig(exchange=exchange), **dict(KW, num_inference_steps=8))
+                           coherence=NO_COHERENCE, parallel=ParallelConfig(exchange=exchange),
+                           **dict(KW, num_inference_steps=8))
                 if ctx.is_main:
                     np.save(out / f"cache-{exchange}.npy", res.frames.numpy())
                     (out / f"cache-{exchange}.json").write_text(json.dumps(res.metrics))
