@@ -33,17 +33,28 @@ logger = logging.getLogger(__name__)
 GUIDES = ("none", "skip", "lowpass", "x0")
 
 
+def _parameterisation(config) -> str:
+    """What a scheduler's model predicts: ``flow_prediction``, ``epsilon`` or ``v_prediction``."""
+    if getattr(config, "use_flow_sigmas", False) or not hasattr(config, "prediction_type"):
+        return "flow_prediction"  # flow-matching schedulers have no prediction_type
+    kind = config.prediction_type
+    if kind not in ("flow_prediction", "epsilon", "v_prediction"):
+        raise ValueError(f"guide='x0' does not know prediction_type={kind!r}; use guide='lowpass'")
+    return kind
+
+
 class CoherenceGuide:
     """Per-step coherence decisions of one refinement run.
 
     Args:
         num_steps: refinement steps (the schedule's progress is ``step / num_steps``).
-        guide: ``none``, ``skip`` or ``lowpass`` (see the module docstring).
+        guide: ``none``, ``skip``, ``lowpass`` or ``x0`` (see the module docstring).
         sketch: the up-scaled clean sketch latents on the refinement canvas
-            (needed by ``skip`` and ``lowpass``).
+            (needed by every guide).
         noise: the noise the refinement canvas was re-noised with.
         noiser: a scheduler with ``set_timesteps`` called and no begin index,
-            used only to noise the sketch to a timestep.
+            used only to noise the sketch to a timestep (``skip``, ``lowpass``)
+            and to read the schedule's parameterisation (``x0``).
         guide_exponent: exponent of the guide's cosine decay.
         lowpass_HW: the sketch's latent size: the band ``lowpass`` keeps.
         views: dilated global views (``None``: none).
@@ -84,6 +95,7 @@ class CoherenceGuide:
         self.lowpass = None
         if guide in ("lowpass", "x0"):
             self.lowpass = Lowpass(tuple(sketch.shape[-2:]), self.lowpass_HW)
+        self.parameterisation = _parameterisation(noiser.config) if guide == "x0" else None
 
     @property
     def active(self) -> bool:
@@ -103,10 +115,7 @@ class CoherenceGuide:
 
     def _x0_coefficients(self, timestep: torch.Tensor) -> tuple[float, float]:
         """``(a, b)`` with ``x0 = a * x_t + b * prediction`` at ``timestep`` for the noiser's parameterisation."""
-        config = self.noiser.config
-        kind = getattr(config, "prediction_type", "flow_prediction")
-        if getattr(config, "use_flow_sigmas", False) or not hasattr(config, "prediction_type"):
-            kind = "flow_prediction"
+        kind = self.parameterisation
         timesteps = self.noiser.timesteps
         index = int(torch.argmin((timesteps.to(torch.float64) - float(timestep)).abs()))
         if kind == "flow_prediction":
@@ -114,9 +123,7 @@ class CoherenceGuide:
         alpha_bar = float(self.noiser.alphas_cumprod[int(timesteps[index])])
         if kind == "epsilon":
             return 1.0 / alpha_bar**0.5, -((1.0 - alpha_bar) / alpha_bar) ** 0.5
-        if kind == "v_prediction":
-            return alpha_bar**0.5, -((1.0 - alpha_bar) ** 0.5)
-        raise ValueError(f"guide='x0' does not know prediction_type={kind!r}; use guide='lowpass'")
+        return alpha_bar**0.5, -((1.0 - alpha_bar) ** 0.5)  # v_prediction
 
     def _band(self, x_part: torch.Tensor, box, reduce) -> torch.Tensor:
         """``lowpass`` of a canvas of which this process holds the part ``box`` (``None``: all of it).

@@ -196,3 +196,13 @@ def test_x0_guide_moves_the_implied_clean_canvas_by_the_sketch_low_band(kind):
     torch.testing.assert_close(clean(guided), expected, atol=1e-4, rtol=1e-4)
     # The latent-space guides leave the prediction alone, and this one leaves the latents alone.
     assert torch.equal(guide.guide_latents(step, t, x_t), x_t)
+
+
+def test_x0_guide_refuses_an_unknown_parameterisation_up_front():
+    from diffusers import DDIMScheduler
+
+    noiser = DDIMScheduler(prediction_type="sample")
+    noiser.set_timesteps(4)
+    x = torch.zeros(1, 4, 1, 8, 8)
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        CoherenceGuide(4, guide="x0", sketch=x, noise=x, noiser=noiser, lowpass_HW=(4, 4))
