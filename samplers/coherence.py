@@ -138,8 +138,9 @@ class CoherenceGuide:
         whole = torch.zeros((*pooled.shape[:2], self.sketch.shape[2], *pooled.shape[3:]), dtype=pooled.dtype,
                             device=pooled.device)
         whole[:, :, frames] = pooled
-        # Summed in float32 on the wire (half the bytes of the float64 sums; the filter's own error is larger).
-        whole = reduce(whole.float()).double()
+        # Summed in float64: the sums then agree with one process's to the last float32 bit in practice, so
+        # N ranks make the same video as one (a float32 sum did not: frames differed by one grey level).
+        whole = reduce(whole)
         return self.lowpass.expand(whole[:, :, frames], rows, cols).to(x_part.dtype)
 
     def guide_prediction(self, step: int, timestep: torch.Tensor, latents: torch.Tensor,
