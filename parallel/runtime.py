@@ -51,6 +51,7 @@ from supergen.config import ParallelConfig
 logger = logging.getLogger(__name__)
 
 _ERROR_KEY = "supergen/error"
+_LEFT_KEY = "supergen/left"
 _ALIVE_KEY = "supergen/alive/{}"
 _WHERE_KEY = "supergen/where/{}"
 # Collectives wait this much longer than the heartbeat limit, so a stalled rank is reported by name first.
@@ -230,6 +231,23 @@ class DistributedContext:
             self._watchdog.join(timeout=5)
         if ok:
             dist.destroy_process_group()
+            self._leave_together()
+
+    def _leave_together(self, timeout_s: float = 10.0) -> None:
+        """Stay until every rank has left its process group (bounded by ``timeout_s``).
+
+        A rank that exits while a peer is still tearing down gloo's connections
+        can abort that peer after a successful run (seen once in CI: rank 1 of
+        3 died with SIGABRT after the job had finished); counting departures in
+        the rendezvous store keeps every process alive until all have left.
+        """
+        if self.store is None:
+            return
+        with contextlib.suppress(Exception):
+            self.store.add(_LEFT_KEY, 1)
+            deadline = time.monotonic() + timeout_s
+            while self.store.add(_LEFT_KEY, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.02)
 
 
 def _pick_backend(config: ParallelConfig) -> str:
