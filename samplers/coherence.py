@@ -70,7 +70,7 @@ class CoherenceGuide:
         sketch: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         noiser=None,
-        guide_exponent: float = 3.0,
+        guide_exponent: float = 0.25,
         lowpass_HW: tuple[int, int] | None = None,
         views: DilatedViews | None = None,
         view_exponent: float = 1.0,
@@ -94,7 +94,7 @@ class CoherenceGuide:
         self.view_until = view_until
         self.lowpass = None
         if guide in ("lowpass", "x0"):
-            self.lowpass = Lowpass(tuple(sketch.shape[-2:]), self.lowpass_HW)
+            self.lowpass = Lowpass(tuple(sketch.shape[-2:]), self.lowpass_HW).to(sketch.device)
         self.parameterisation = _parameterisation(noiser.config) if guide == "x0" else None
 
     @property
@@ -131,7 +131,7 @@ class CoherenceGuide:
         ``reduce`` sums a tensor over the processes that hold the other parts.
         """
         if box is None:
-            return self.lowpass.expand(self.lowpass.pooled(x_part)).to(x_part.dtype)
+            return self.lowpass(x_part)
         frames, rows, cols = box[2:]
         pooled = self.lowpass.pooled(x_part, rows, cols)
         # Every part adds its sums into the whole down-sampled canvas (zeros on frames it does not hold).

@@ -14,13 +14,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from supergen.samplers.coherence import GUIDES as COHERENCE_GUIDES
 from supergen.samplers.stream import KV_WRITE_MODES
 
 BLEND_MODES = ("cosine", "uniform")
 SHIFT_MODES = ("wrap", "none")
 ROPE_MODES = ("local", "absolute")
 UPSCALE_MODES = ("pixel", "latent")
-COHERENCE_GUIDES = ("none", "skip", "lowpass", "x0")
 COHERENCE_VIEWS = ("none", "dilated")
 CACHE_MODES = ("off", "region", "canvas")
 CACHE_REUSE = ("auto", "output", "taylor", "residual", "blocks")

@@ -739,7 +739,7 @@ class SuperGenPipeline:
             noiser = self.adapter.make_scheduler(request.tile)
             noiser.set_timesteps(num_inference_steps, device=self.device)
         geo = self.adapter.geometry
-        sketch_hw = (request.sketch_height // geo.scale_spatial, request.sketch_width // geo.scale_spatial)
+        sketch_hw = geo.latent_shape(request.sketch_height, request.sketch_width, request.num_frames)[1:]
         views = None
         if coherence.views == "dilated":
             views = DilatedViews(request.canvas, request.tile[1:], geo.patch[1:])

@@ -9,7 +9,7 @@ import torch
 from supergen import CoherenceConfig, SuperGenPipeline, TilingConfig
 from supergen.samplers.coherence import CoherenceGuide
 from supergen.samplers.schedule import renoise
-from supergen.tiling.coherence import DilatedViews, cosine_decay, lowpass
+from supergen.tiling.coherence import DilatedViews, Lowpass, cosine_decay
 
 PROMPT = "a red circle moving left over a blue sky"
 
@@ -22,6 +22,27 @@ def test_cosine_decay_runs_from_one_to_zero_and_falls_faster_with_the_exponent()
     assert cosine_decay(0.5, 3.0) == pytest.approx(0.125)
     with pytest.raises(ValueError, match="progress"):
         cosine_decay(1.5, 1.0)
+
+
+def lowpass(x, size_HW):
+    return Lowpass(x.shape[-2:], size_HW)(x)
+
+
+@pytest.mark.parametrize("canvas, size", [((48, 48), (16, 16)), ((30, 46), (12, 20))])
+def test_lowpass_is_torch_area_pooling_then_bilinear_and_assembles_from_parts(canvas, size):
+    import torch.nn.functional as F
+
+    x = torch.randn(1, 4, 3, *canvas, generator=torch.Generator().manual_seed(6))
+    frames = x.permute(0, 2, 1, 3, 4).reshape(3, 4, *canvas)
+    ref = F.interpolate(F.adaptive_avg_pool2d(frames, size), size=canvas, mode="bilinear", align_corners=False)
+    ref = ref.reshape(1, 3, 4, *canvas).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(lowpass(x, size), ref, atol=1e-5, rtol=0)
+    # Three parts' pooled sums add up to the whole canvas's, and any part expands from them.
+    op = Lowpass(canvas, size)
+    h, w = canvas[0] // 2, canvas[1] // 3
+    parts = [(slice(0, h), slice(0, w)), (slice(0, h), slice(w, None)), (slice(h, None), slice(None))]
+    pooled = sum(op.pooled(x[..., r, c], r, c) for r, c in parts)
+    torch.testing.assert_close(op.expand(pooled, slice(h, None), slice(None)).float(), ref[..., h:, :], atol=1e-5, rtol=0)
 
 
 def test_lowpass_keeps_the_sketch_band_and_drops_what_it_cannot_hold():

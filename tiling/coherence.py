@@ -2,18 +2,18 @@
 
 Native-size tiles see only their own part of an up-scaled canvas, so each one
 is free to draw the whole prompt again: at 4x the area a tiled run draws one
-subject per tile. Two training-free remedies keep the sketch's layout while
-the tiles add detail, both scheduled by :func:`cosine_decay` over the
-refinement (strong early, when layout forms; gone late, when detail forms):
+subject per tile. The training-free remedies keep the sketch's layout while
+the tiles add detail, scheduled by :func:`cosine_decay` over the refinement
+(strong early, when layout forms; fading late, when detail forms):
 
-* guidance from the up-scaled sketch: the canvas is pulled towards the sketch
-  noised to the current step, either in every frequency (DemoFusion's *skip
-  residual*) or only in the band the sketch actually resolves
-  (:func:`lowpass`, FreeScale / HiFlow style), leaving the high frequencies to
-  the tiles;
+* guidance from the up-scaled sketch, in the band the sketch resolves
+  (:class:`Lowpass`, FreeScale / HiFlow style) or in every band (DemoFusion's
+  *skip residual*), leaving the finer band to the tiles;
 * global views (:class:`DilatedViews`, DemoFusion's *dilated sampling*):
   strided sub-canvases of about native size, each covering the whole picture
   at a coarser grid, whose model outputs are blended with the tiles'.
+
+:mod:`supergen.samplers.coherence` applies them in the loop.
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ class Lowpass:
             for length, n in zip(canvas_HW, size_HW)
         ]
 
+    def to(self, device) -> "Lowpass":
+        """Move the matrices to ``device`` once, so the per-step filter copies nothing."""
+        self.pool = [m.to(device) for m in self.pool]
+        self.up = [m.to(device) for m in self.up]
+        return self
+
     def pooled(self, x_BCFhw: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
         """This part's contribution to the down-sampled canvas ``(B, C, F, *size_HW)``."""
         ph = self.pool[0][:, rows].to(x_BCFhw.device)
@@ -77,14 +83,6 @@ class Lowpass:
         if self.size_HW == self.canvas_HW:
             return x_BCFHW
         return self.expand(self.pooled(x_BCFHW)).to(x_BCFHW.dtype)
-
-
-def lowpass(x_BCFHW: torch.Tensor, size_HW: tuple[int, int]) -> torch.Tensor:
-    """The band of ``x`` a ``size_HW`` canvas can hold (see :class:`Lowpass`); time is left alone.
-
-    The identity when ``size_HW`` is the canvas's own size.
-    """
-    return Lowpass(x_BCFHW.shape[-2:], size_HW)(x_BCFHW)
 
 
 class DilatedViews:
