@@ -195,20 +195,24 @@ class DemoBackend:
                 if self.take_stop(session):
                     stopped = True
                     break
+                # The stream and its writer are touched only under the model lock: a later
+                # request may close both after Gradio abandoned this generator, and closing
+                # the encoder while this thread appends to it fails ("generator already executing").
                 with self._model_lock:
                     if stream is not self._active_stream:
                         return  # closed by a later request after a Stop
                     block = next(stream, None)
-                if block is None:
-                    break
-                new_prompt = self.take_live_prompt(session)
-                if new_prompt:
-                    stream.set_prompt(new_prompt)
-                    current = new_prompt
-                    logger.info("session %s: prompt changed to %r from block %d", session, new_prompt, block.index + 2)
+                    if block is None:
+                        break
+                    new_prompt = self.take_live_prompt(session)
+                    if new_prompt:
+                        stream.set_prompt(new_prompt)
+                        current = new_prompt
+                        logger.info("session %s: prompt changed to %r from block %d", session, new_prompt,
+                                    block.index + 2)
+                    writer.append(block.frames)
                 chunk = run_dir / f"block-{block.index:05d}.mp4"
                 write_video(chunk, block.frames, fps=fps)
-                writer.append(block.frames)
                 frames += len(block.frames)
                 status = (
                     f"block {block.index + 1}/{blocks}: {frames} frames, "

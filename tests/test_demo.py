@@ -228,3 +228,53 @@ def test_browser_sees_frames_before_generation_ends(demo_url):
             )
         finally:
             browser.close()
+
+
+@needs_ffmpeg
+def test_abandoned_stream_is_closed_only_between_its_blocks(tmp_path):
+    """A later request closes a stream Gradio abandoned; never while that stream's thread still writes a block.
+
+    Gradio's cancel leaves the generator's thread running to the end of its
+    block. The later request must wait for it: closing the encoder mid-append
+    fails the later request with "generator already executing" (seen in CI).
+    """
+    import threading
+
+    from supergen.demo import DemoBackend
+
+    backend = DemoBackend("tiny", workdir=str(tmp_path))
+    first = backend.generate_stream(session="a", prompt="a red circle moving left", height=64, width=96, blocks=4,
+                                    steps=1, seed=0)
+    next(first)
+    writer = backend._active_writer
+    appending, release = threading.Event(), threading.Event()
+    original = writer.append
+
+    def slow_append(frames):
+        appending.set()
+        assert release.wait(60)
+        original(frames)
+
+    writer.append = slow_append
+    errors = []
+
+    def run(fn):
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    abandoned = threading.Thread(target=run, args=(lambda: next(first),))
+    abandoned.start()
+    assert appending.wait(120), "the abandoned stream never reached its second block's append"
+    later = threading.Thread(target=run, args=(lambda: list(backend.generate_stream(
+        session="b", prompt="a blue square moving up", height=64, width=96, blocks=1, steps=1, seed=0)),))
+    later.start()
+    later.join(1.0)
+    assert later.is_alive() and not writer._closed, "the later request closed the writer during an append"
+    release.set()
+    abandoned.join(120)
+    later.join(120)
+    assert not abandoned.is_alive() and not later.is_alive()
+    assert errors == []
+    assert writer._closed  # the later request closed the abandoned stream's writer, after its block
