@@ -41,12 +41,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 
-from supergen.config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +55,8 @@ _ALIVE_KEY = "supergen/alive/{}"
 _WHERE_KEY = "supergen/where/{}"
 # Collectives wait this much longer than the heartbeat limit, so a stalled rank is reported by name first.
 COLLECTIVE_MARGIN_S = 10.0
+#: Seconds a collective (or a silent rank) may take before the job fails (``ParallelConfig.timeout_s``).
+DEFAULT_TIMEOUT_S = 300.0
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -250,7 +251,20 @@ class DistributedContext:
                 time.sleep(0.02)
 
 
-def _pick_backend(config: ParallelConfig) -> str:
+class RuntimeSettings(Protocol):
+    """What joining a job reads from its config (``supergen.ParallelConfig`` has both)."""
+
+    backend: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    backend: str = "auto"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+def _pick_backend(config: RuntimeSettings) -> str:
     if config.backend != "auto":
         if config.backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("backend='nccl' needs CUDA, which this process does not see; use --backend gloo")
@@ -258,13 +272,13 @@ def _pick_backend(config: ParallelConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(config: ParallelConfig | None = None) -> DistributedContext:
+def init_distributed(config: RuntimeSettings | None = None) -> DistributedContext:
     """Join the job described by the launcher's environment, or return a single-process context.
 
     NCCL binds one GPU per ``LOCAL_RANK``; gloo runs on CPU. Collectives time
-    out after ``config.timeout_s`` seconds.
+    out after ``config.timeout_s`` seconds (``backend``: auto, nccl or gloo).
     """
-    config = config or ParallelConfig()
+    config = config or _Defaults()
     if not launched_distributed():
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return DistributedContext(device=device, timeout_s=config.timeout_s)
@@ -299,7 +313,7 @@ def init_distributed(config: ParallelConfig | None = None) -> DistributedContext
 
 
 @contextlib.contextmanager
-def distributed_session(config: ParallelConfig | None = None) -> Iterator[DistributedContext]:
+def distributed_session(config: RuntimeSettings | None = None) -> Iterator[DistributedContext]:
     """``with distributed_session(cfg) as ctx:`` joins the job and leaves it cleanly, or fails every rank fast."""
     ctx = init_distributed(config)
     try:

@@ -4,7 +4,8 @@ Every step: plan the tiles of this step, run the model on each tile (tiles
 batched ``tile_batch_size`` at a time, classifier-free guidance batched inside
 the adapter), blend the tile outputs into one canvas prediction, and step the
 pipeline's own scheduler on the whole canvas. The loop knows nothing about a
-particular model: it talks to the backbone through ``adapter.predict``.
+particular model: it talks to the backbone through ``adapter.predict``
+(:mod:`supergen.samplers.protocol`).
 
 An optional step cache (a :class:`supergen.cache.RegionCache`, or anything with
 its ``predict_skips`` / ``reused_prediction`` / ``update`` methods) decides before
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, TokenPositions
+from supergen.samplers.protocol import Denoiser, TokenPositions
 from supergen.tiling.plan import Tile, TilePlan, TilePlanner
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,8 @@ class TiledSampler:
     """Denoise a latent canvas tile by tile.
 
     Args:
-        adapter: the backbone adapter.
-        cond: prompt conditioning from ``adapter.encode_prompt``.
+        adapter: the model (a :class:`~supergen.samplers.protocol.Denoiser`: the pipeline's backbone adapter).
+        cond: prompt conditioning from the adapter's ``encode_prompt``, passed back to its ``predict``.
         planner: tile geometry of this run.
         guidance_scale, guidance_scale_2: CFG scales (the second for Wan2.2's
             low-noise expert).
@@ -74,8 +76,8 @@ class TiledSampler:
 
     def __init__(
         self,
-        adapter: BackboneAdapter,
-        cond: Conditioning,
+        adapter: Denoiser,
+        cond: Any,
         planner: TilePlanner,
         guidance_scale: float,
         guidance_scale_2: float | None = None,

@@ -9,18 +9,32 @@ _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "tiling").is_dir() and (_checkout / "tiling" / "plan.py").is_file():
     __path__.append(str(_checkout))
 
-from supergen.config import CacheConfig, CoherenceConfig, GenerationConfig, ParallelConfig, StreamConfig, TilingConfig
-from supergen.pipeline import SuperGenOutput, SuperGenPipeline
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "CacheConfig",
-    "CoherenceConfig",
-    "GenerationConfig",
-    "ParallelConfig",
-    "StreamConfig",
-    "SuperGenOutput",
-    "SuperGenPipeline",
-    "TilingConfig",
-]
+# Imported on first use, so ``import supergen.tiling`` (or any lower layer) does not load the pipeline.
+_EXPORTS = {
+    "CacheConfig": "supergen.config",
+    "CoherenceConfig": "supergen.config",
+    "GenerationConfig": "supergen.config",
+    "ParallelConfig": "supergen.config",
+    "StreamConfig": "supergen.config",
+    "TilingConfig": "supergen.config",
+    "SuperGenOutput": "supergen.pipeline",
+    "SuperGenPipeline": "supergen.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'supergen' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from supergen.parallel.runtime import DEFAULT_TIMEOUT_S
 from supergen.samplers.coherence import GUIDES as COHERENCE_GUIDES
 from supergen.samplers.stream import KV_WRITE_MODES
 
@@ -274,7 +275,7 @@ class ParallelConfig:
     """
 
     backend: str = "auto"
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     exchange: str = "region"
 
     def __post_init__(self) -> None:

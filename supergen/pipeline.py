@@ -8,6 +8,7 @@ tiled decode. The README's "How a run works" describes each stage and its option
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -189,6 +190,17 @@ def check_request_for(
     return validate_request(spec, height, width, num_frames, tiling)
 
 
+def _hooks_attached(method):
+    """Run a pipeline method with the adapter's model hooks attached, and detached after (however it ends)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.adapter.attached():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class SuperGenPipeline:
     """Wraps a Diffusers video pipeline for tiled ultra-high-resolution generation.
 
@@ -326,6 +338,7 @@ class SuperGenPipeline:
         return self._planner(self.check_request(height, width, num_frames, tiling), tiling)
 
     @torch.no_grad()
+    @_hooks_attached
     def __call__(
         self,
         prompt: str,

@@ -405,3 +405,49 @@ def test_random_pipeline_overrides_and_released_vae():
     assert sum(p.numel() for p in build_random_pipeline("wan2.1-1.3b", device="meta").vae.parameters()) < 1e6
     with pytest.raises(ValueError, match="released_vae is only available for the Wan configurations"):
         build_random_pipeline("cogvideox-5b", device="meta", released_vae=True)
+
+
+def _pipeline_state(pipe) -> dict:
+    """Every component's modules, their hooks (torch and Diffusers), wrapped forwards and attention processors."""
+    from supergen.backbones.hooks import state_of
+
+    return {name: state_of(module) for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def test_a_pipeline_is_left_as_it_was_after_every_call(backbone):
+    from supergen import CacheConfig
+
+    case, sg = backbone
+    pipe = sg.pipe
+    # Transformers puts its own output-capture hooks on an encoder's layers at its first use, for good.
+    with torch.no_grad():
+        sg.adapter.encode_prompt(PROMPT, None, 5.0)
+        if getattr(pipe, "image_encoder", None) is not None:
+            pipe.encode_image(_first_frame())
+    before = _pipeline_state(pipe)
+    # Wrapped twice: the two adapters' hooks must neither pile up nor outlive a call.
+    native = TINY_NATIVE_SIZES[case.name]
+    first, second = (SuperGenPipeline.from_pipe(pipe, native_size=native) for _ in range(2))
+    assert _pipeline_state(pipe) == before
+    height, width, _ = TINY_NATIVE_SIZES[case.name]
+    kw = dict(height=height, width=2 * width, num_inference_steps=3, progress=False, output_type="latent",
+              tiling=TilingConfig(upscale="latent"), **case.inputs())
+    seen = []
+    for sg_ in (first, second):
+        names = sg_.adapter.hooks.names
+        probe = pipe.transformer.register_forward_pre_hook(
+            lambda module, args: seen.append(tuple(getattr(module, "_diffusers_hook", None) and
+                                                   module._diffusers_hook._hook_order or ())))
+        try:
+            sg_(PROMPT, cache=CacheConfig(mode="region", threshold=1.0, warmup=1, max_skips=1), **kw)
+        finally:
+            probe.remove()
+        assert _pipeline_state(pipe) == before
+        assert all(name.startswith("supergen.") for name in names)
+    if case.name == "tiny-wan":
+        # Attached during the call (named), gone after; a stream's processors and hooks are put back too.
+        assert first.adapter.hooks.names and not first.adapter.hooks.is_attached
+        with first.stream(PROMPT, num_blocks=2, height=height, width=width) as stream:
+            list(stream)
+        assert _pipeline_state(pipe) == before
+    assert seen  # the probe ran: the transformer was called with the hooks attached

@@ -148,7 +148,8 @@ def test_one_decision_for_both_cfg_branches(tiny, reuse):
 
     handles = [
         tiny.pipe.transformer.register_forward_hook(on_call, with_kwargs=True),
-        tiny.pipe.transformer.blocks[0].register_forward_hook(lambda *a: blocks_ran.append(1)),
+        # The first block's self-attention: a reused block is called but hands its input through.
+        tiny.pipe.transformer.blocks[0].attn1.register_forward_hook(lambda *a: blocks_ran.append(1)),
     ]
     tiny.adapter.batch_cfg = False
     try:

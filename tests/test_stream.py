@@ -192,7 +192,7 @@ def test_memory_and_rope_positions_stay_bounded_beyond_the_rope_table(tiny):
     adapter = tiny.adapter
     table = tiny.pipe.transformer.rope.max_seq_len
     model = adapter.install_streaming(LATENT_HW, sink=1, window=3, max_segment_frames=2)
-    hook = adapter._rope_hooks[id(tiny.pipe.transformer)]
+    hook = adapter.rope_positions(tiny.pipe.transformer)
     seen = []
     handle = tiny.pipe.transformer.rope.register_forward_hook(lambda m, a, o: seen.append(int(hook.positions.frames.max())))
     try:

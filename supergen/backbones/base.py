@@ -18,6 +18,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from supergen.samplers.protocol import TokenPositions  # noqa: F401 - re-exported: the adapters' positions type
+
 
 @dataclass(frozen=True)
 class LatentGeometry:
@@ -111,20 +113,6 @@ class Conditioning:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class TokenPositions:
-    """Per-axis RoPE positions (in tokens) for each tile of a batch.
-
-    Each tensor has shape (N, n_axis): tile ``k`` of the batch has frames
-    ``frames[k]``, rows ``rows[k]`` and columns ``cols[k]``. Positions may be
-    non-contiguous (a tile that wraps around the canvas edge).
-    """
-
-    frames: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
-
-
 class BackboneAdapter(ABC):
     """Wraps one loaded Diffusers pipeline; see the module docstring."""
 
@@ -150,6 +138,10 @@ class BackboneAdapter(ABC):
         #: False runs them one after the other, exactly as WanPipeline does. The
         #: CogVideoX and LTX pipelines batch them themselves, so their adapters always do.
         self.batch_cfg = True
+        #: Named model hooks, declared by the subclass and attached only while a call or a stream runs.
+        from supergen.backbones.hooks import HookSet  # Diffusers' hooks: imported once a pipeline exists
+
+        self.hooks = HookSet()
         spec = type(self).spec_from_configs(ModelConfigs.of(pipeline), native_size)
         self.geometry = spec.geometry
         self.native_height, self.native_width, self.native_num_frames = spec.native_size
@@ -384,6 +376,14 @@ class BackboneAdapter(ABC):
     def inference_context(self) -> Iterator[None]:
         with torch.no_grad():
             yield
+
+    def attached(self):
+        """Context manager: this adapter's hooks on the pipeline's modules while the block runs (re-entrant)."""
+        return self.hooks.attached()
+
+    def remove_hooks(self) -> None:
+        """Detach every hook now, however many calls or streams still hold them (a stream left open)."""
+        self.hooks.detach(all_levels=True)
 
 
 class PipelineScheduler:

@@ -32,39 +32,6 @@ def _hunyuan_sigmas(num_inference_steps: int) -> np.ndarray:
     return np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
 
 
-class HunyuanRopePositions:
-    """A removable forward hook on ``HunyuanVideoRotaryPosEmbed`` that can set the token positions.
-
-    The module builds its grid from ``arange`` over the tile; while
-    :attr:`positions` (one tile's per-axis positions) is set, the hook builds
-    the same tables with Diffusers' ``get_1d_rotary_pos_embed`` at those
-    positions instead, so 0..n-1 reproduces the module exactly.
-    """
-
-    def __init__(self, rope: torch.nn.Module):
-        self.positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.handle = rope.register_forward_hook(self._hook)
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-    def _hook(self, module, args, output):
-        if self.positions is None:
-            return output
-        from diffusers.models.embeddings import get_1d_rotary_pos_embed
-
-        device = output[0].device
-        axes = [axis.to(device=device, dtype=torch.float32) for axis in self.positions]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-        freqs = [get_1d_rotary_pos_embed(module.rope_dim[i], grid[i].reshape(-1), module.theta, use_real=True)
-                 for i in range(3)]
-        tables = torch.cat([f[0] for f in freqs], dim=1), torch.cat([f[1] for f in freqs], dim=1)
-        if tables[0].shape != output[0].shape:
-            raise RuntimeError(f"RoPE override shape {tuple(tables[0].shape)} does not match the model's "
-                               f"{tuple(output[0].shape)}")
-        return tables
-
-
 class HunyuanVideoAdapter(BackboneAdapter):
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     default_max_sequence_length = 256
@@ -75,10 +42,9 @@ class HunyuanVideoAdapter(BackboneAdapter):
 
     def __init__(self, pipeline, native_size=None):
         super().__init__(pipeline, native_size)
-        self._rope_hook = HunyuanRopePositions(pipeline.transformer.rope)
+        from supergen.backbones.hooks import HunyuanRopePositions
 
-    def remove_hooks(self) -> None:
-        self._rope_hook.remove()
+        self._rope_hook = self.hooks.add(pipeline.transformer.rope, "rope_positions", HunyuanRopePositions())
 
     @classmethod
     def geometry_from_config(cls, configs: ModelConfigs) -> LatentGeometry:
@@ -141,15 +107,16 @@ class HunyuanVideoAdapter(BackboneAdapter):
         guidance = torch.tensor([guidance_scale] * n, dtype=model.dtype, device=latents.device) * 1000.0
         self._rope_hook.positions = positions
         try:
-            out = model(
-                hidden_states=latents.to(model.dtype),
-                timestep=timestep.expand(n).to(latents.dtype),
-                encoder_hidden_states=cond.positive.expand(n, -1, -1),
-                encoder_attention_mask=cond.extra["attention_mask"].expand(n, -1),
-                pooled_projections=cond.extra["pooled"].expand(n, -1),
-                guidance=guidance,
-                return_dict=False,
-            )[0]
+            with self.hooks.attached():
+                out = model(
+                    hidden_states=latents.to(model.dtype),
+                    timestep=timestep.expand(n).to(latents.dtype),
+                    encoder_hidden_states=cond.positive.expand(n, -1, -1),
+                    encoder_attention_mask=cond.extra["attention_mask"].expand(n, -1),
+                    pooled_projections=cond.extra["pooled"].expand(n, -1),
+                    guidance=guidance,
+                    return_dict=False,
+                )[0]
         finally:
             self._rope_hook.positions = None
         return out.float()

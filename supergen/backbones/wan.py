@@ -11,113 +11,9 @@ for Wan2.1 I2V, CLIP image tokens shared by every tile.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, ModelConfigs, TokenPositions
-
-
-class WanRopePositions:
-    """A removable forward hook on ``transformer.rope`` that can replace token positions.
-
-    ``WanRotaryPosEmbed`` always returns positions 0..n-1 on each axis. While
-    :attr:`positions` is set, the hook returns cos/sin tables for the given
-    per-tile positions instead (batch dimension = tiles), read from the
-    module's own frequency table, so nothing is recomputed or copied from
-    Diffusers.
-    """
-
-    def __init__(self, rope: torch.nn.Module):
-        self.rope = rope
-        self.positions: TokenPositions | None = None
-        self.repeat = 1
-        self.handle = rope.register_forward_hook(self._hook)
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-    def _hook(self, module, args, output):
-        if self.positions is None:
-            return output
-        limit = module.max_seq_len
-        pos = self.positions
-        for axis, tensor in (("frame", pos.frames), ("row", pos.rows), ("column", pos.cols)):
-            if int(tensor.max()) >= limit or int(tensor.min()) < 0:
-                raise ValueError(
-                    f"RoPE {axis} position {int(tensor.max())} is outside the model's table of {limit} positions; "
-                    "use rope='local' or a smaller canvas"
-                )
-        sizes = [module.t_dim, module.h_dim, module.w_dim]
-        tables = []
-        for table in (module.freqs_cos, module.freqs_sin):
-            t_tab, h_tab, w_tab = table.split(sizes, dim=1)
-            device = table.device
-            f = t_tab[pos.frames.to(device)]  # N, nf, dt
-            h = h_tab[pos.rows.to(device)]  # N, nh, dh
-            w = w_tab[pos.cols.to(device)]  # N, nw, dw
-            n, nf, nh, nw = f.shape[0], f.shape[1], h.shape[1], w.shape[1]
-            grid = torch.cat(
-                [
-                    f[:, :, None, None, :].expand(n, nf, nh, nw, -1),
-                    h[:, None, :, None, :].expand(n, nf, nh, nw, -1),
-                    w[:, None, None, :, :].expand(n, nf, nh, nw, -1),
-                ],
-                dim=-1,
-            ).reshape(n, nf * nh * nw, 1, -1)
-            tables.append(grid.repeat(self.repeat, 1, 1, 1))
-        expected = output[0].shape
-        if tables[0].shape[1:] != expected[1:]:
-            raise RuntimeError(f"RoPE override shape {tuple(tables[0].shape)} does not match the model's {tuple(expected)}")
-        return tables[0], tables[1]
-
-
-class WanBlockResidual:
-    """Pre-hooks on the first block and on ``norm_out`` of a Wan transformer.
-
-    While :attr:`mode` is ``record`` they keep the residual the blocks added to
-    the hidden states (:attr:`value`); while it is ``inject`` (inside
-    :meth:`skipping_blocks`) the blocks are left out and :attr:`value` is added
-    in their place, so only the embeddings and the timestep-modulated output
-    head run. A step cache uses this to reuse a region's blocks at the current
-    timestep, as Diffusers' MagCache does for the whole model.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.mode: str | None = None
-        self.value: torch.Tensor | None = None
-        self._first_input: torch.Tensor | None = None
-        self._handles = [
-            model.blocks[0].register_forward_pre_hook(self._first),
-            model.norm_out.register_forward_pre_hook(self._head),
-        ]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _first(self, module, args):
-        if self.mode == "record":
-            self._first_input = args[0]
-
-    def _head(self, module, args):
-        if self.mode == "record":
-            # Kept in the model's dtype: the residual of a 4K canvas is large.
-            self.value = (args[0] - self._first_input.float()).to(self._first_input.dtype)
-            self._first_input = None
-        elif self.mode == "inject":
-            return (args[0] + self.value.to(args[0].dtype),)
-        return None
-
-    @contextlib.contextmanager
-    def skipping_blocks(self):
-        blocks = self.model.blocks
-        self.model.blocks = torch.nn.ModuleList()
-        try:
-            yield
-        finally:
-            self.model.blocks = blocks
+from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, ModelConfigs
 
 
 class WanAdapter(BackboneAdapter):
@@ -132,10 +28,13 @@ class WanAdapter(BackboneAdapter):
         if pipeline.transformer is None:
             raise ValueError("this Wan pipeline has no `transformer`; the engine needs the high-noise expert")
         super().__init__(pipeline, native_size)
+        from supergen.backbones.hooks import WanBlockResidual, WanRopePositions
+
         self._rope_hooks = {
-            id(model): WanRopePositions(model.rope) for model in self._experts() if hasattr(model, "rope")
+            id(model): self.hooks.add(model.rope, "rope_positions", WanRopePositions())
+            for model in self._experts() if hasattr(model, "rope")
         }
-        self._block_hooks = {id(model): WanBlockResidual(model) for model in self._experts()}
+        self._block_hooks = {id(model): WanBlockResidual(model, self.hooks) for model in self._experts()}
 
     def _experts(self):
         return [m for m in (self.pipeline.transformer, getattr(self.pipeline, "transformer_2", None)) if m is not None]
@@ -165,11 +64,9 @@ class WanAdapter(BackboneAdapter):
     def dtype(self) -> torch.dtype:
         return self.pipeline.transformer.dtype
 
-    def remove_hooks(self) -> None:
-        for hooks in (self._rope_hooks, self._block_hooks):
-            for hook in hooks.values():
-                hook.remove()
-            hooks.clear()
+    def rope_positions(self, model):
+        """The :class:`~supergen.backbones.hooks.WanRopePositions` of ``model`` (an expert); None without ``rope``."""
+        return self._rope_hooks.get(id(model))
 
     # --- conditioning -------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt, guidance_scale, max_sequence_length=None, image=None):
@@ -275,9 +172,8 @@ class WanAdapter(BackboneAdapter):
                 hook.repeat = part_x.shape[0] // n
             blocks.mode = "inject" if part_residual is not None else "record" if return_block_residual else None
             blocks.value = part_residual
-            skipping = blocks.skipping_blocks() if part_residual is not None else contextlib.nullcontext()
             try:
-                with skipping:
+                with self.hooks.attached():
                     outs.append(
                         model(
                             hidden_states=part_x,

@@ -5,7 +5,7 @@ self-attention (``attn1``) for one that attends to [sink | rolling window |
 current segment] through a :class:`~supergen.cache.kv.RollingKVCache`, and the
 cross-attention (``attn2``) processor for one that computes text keys/values
 once per prompt. RoPE frame positions of the current segment come from the
-adapter's :class:`~supergen.backbones.wan.WanRopePositions` hook. ``remove()``
+adapter's :class:`~supergen.backbones.wan.WanRopePositions` hook (attached for each forward). ``remove()``
 puts the original processors back.
 
 :class:`WanUncachedStreamModel` is the same stream without a cache: every
@@ -214,13 +214,14 @@ class _StreamModelBase:
         if getattr(model.config, "inject_sample_info", False):
             kwargs["fps"] = [1] * n  # SkyReels-V2's fps embedding: 0 = 16 fps, 1 = 24 fps (its pipelines' default)
         gh, gw = self.grid_hw
-        hook = self.adapter._rope_hooks[id(model)]
+        hook = self.adapter.rope_positions(model)
         hook.positions = TokenPositions(
             frames=frame_positions[None], rows=torch.arange(gh)[None], cols=torch.arange(gw)[None]
         )
         hook.repeat = n
         try:
-            out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
+            with self.adapter.attached():
+                out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
         finally:
             hook.positions = None
         if self.cfg:
