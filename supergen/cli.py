@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, TilingConfig
+from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, PARALLEL_MODES, CoherenceConfig, TilingConfig
 
 logger = logging.getLogger("supergen")
 
@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exchange", choices=("region", "allgather"), default="region",
                    help="under torchrun: each rank owns a canvas region and swaps halos (region), or every rank "
                         "receives every tile output (allgather)")
+    g.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
+                   help="under torchrun: factorise the ranks into tile x CFG x sequence (Ulysses/Ring) degrees with "
+                        "the lowest modelled step time (auto), or spread tiles only (tile)")
+    g.add_argument("--cfg-parallel", type=int, default=None, metavar="N",
+                   help="1 or 2: run a tile's conditional and unconditional branch on two ranks (overrides auto)")
+    g.add_argument("--ulysses", type=int, default=None, metavar="N",
+                   help="Ulysses degree inside a tile (Diffusers context parallelism; overrides auto)")
+    g.add_argument("--ring", type=int, default=None, metavar="N",
+                   help="ring-attention degree inside a tile (needs a flash/cuDNN attention backend; overrides auto)")
     g.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="torch.distributed backend under torchrun (auto: NCCL with CUDA, else gloo)")
     g.add_argument("--timeout", type=float, default=300.0,
@@ -220,7 +229,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     planned = check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
     image = None if args.image is None else _load_image(args.image)
 
-    parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange)
+    parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange,
+                              parallel=args.parallel, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses,
+                              ring=args.ring)
 
     with distributed_session(parallel) as ctx:
         if ctx.enabled:
@@ -264,7 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ranks = ""
     if metrics["world_size"] > 1:
         ranks = (
-            f"; {metrics['world_size']} ranks ({metrics['comm_scheme']}), "
+            f"; {metrics['world_size']} ranks ({metrics['parallel_plan']['describe']}, {metrics['comm_scheme']}), "
             f"{max(metrics['comm_bytes_per_step']) / 1e6:.2f} MB/step/rank exchanged"
         )
     print(
