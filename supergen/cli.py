@@ -8,6 +8,7 @@ before any denoising.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -175,9 +176,19 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
+@contextlib.contextmanager
+def _discarded_on_failure(writer):
+    """Remove the writer's partial file when the block fails (a success is published by the caller)."""
+    try:
+        yield writer
+    except BaseException:
+        writer.close(keep=False)
+        raise
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from supergen.config import CacheConfig, ParallelConfig
-    from supergen.io import check_output_path, write_json, write_skip_map, write_video
+    from supergen.io import VideoWriter, check_output_path, write_json, write_skip_map
     from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline, check_request_for
     from supergen.samplers.schedule import refinement_steps
@@ -233,7 +244,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               parallel=args.parallel, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses,
                               ring=args.ring)
 
-    with distributed_session(parallel) as ctx:
+    writer = VideoWriter(args.output, fps=args.fps, lazy=True)
+    with distributed_session(parallel) as ctx, _discarded_on_failure(writer):
         if ctx.enabled:
             _log_per_rank(args, ctx)
             ctx.ensure_same("command-line arguments", {k: v for k, v in vars(args).items() if k != "device"})
@@ -261,12 +273,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image=image,
             parallel=parallel,
             context=ctx,
+            writer=writer if ctx.enabled else None,
         )
-    # Only rank 0 writes, after every rank has finished: a failure anywhere
-    # before this point leaves no file behind.
+    # One process writes after generation; under torchrun rank 0 streams the decoded frames into the
+    # (lazily opened) writer, and the file appears only here, after every rank has finished: a failure
+    # anywhere before this point leaves no file behind.
     if not ctx.is_main:
         return 0
-    write_video(args.output, result.frames, fps=args.fps)
+    if result.frames is not None:
+        writer.append(result.frames)
+    writer.close(keep=True)
     metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)
     if args.metrics_json:
         write_json(args.metrics_json, metrics)

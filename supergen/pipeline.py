@@ -348,6 +348,7 @@ class SuperGenPipeline:
         context=None,
         coherence: CoherenceConfig | None = None,
         max_memory: int | str | None = None,
+        writer=None,
     ) -> SuperGenOutput:
         """Generate a video larger than the backbone's native size.
 
@@ -376,6 +377,9 @@ class SuperGenPipeline:
                 estimated peak memory, weights included, is above this many bytes
                 (or a size such as ``"16G"``); a request over the device's free memory
                 is refused either way (:mod:`supergen.resources`).
+            writer: something with ``append(frames)`` (a :class:`supergen.io.VideoWriter`), used on rank 0:
+                uint8 frames are streamed into it as they are decoded (under torchrun frame by frame from
+                every rank's band, so rank 0 never holds the float video) and ``frames`` comes back ``None``.
         """
         check_call_arguments(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
@@ -385,6 +389,8 @@ class SuperGenPipeline:
         )
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
+        if writer is not None and output_type != "uint8":
+            raise ValueError(f"a writer takes uint8 frames: output_type={output_type!r} cannot be streamed to it")
         if self.adapter.image_to_video and image is None:
             raise ValueError(f"{type(self.pipe).__name__} is image-to-video: pass image=... (the first frame)")
         if image is not None and not self.adapter.image_to_video:
@@ -532,6 +538,14 @@ class SuperGenPipeline:
         tiled_decode = request.canvas[1:] != adapter.native_latent_shape[1:]
         if output_type == "latent":
             frames = latents
+        elif distributed and writer is not None:
+            from supergen.parallel.decode import decode_streamed
+
+            executor.other_bytes += decode_streamed(
+                adapter, latents, context, tiled_decode, lambda video: to_uint8(adapter.postprocess(video)),
+                writer.append if context.is_main else None,
+            )
+            frames = None
         else:
             if distributed:
                 from supergen.parallel import decode_distributed
@@ -543,6 +557,9 @@ class SuperGenPipeline:
             frames = None if video is None else adapter.postprocess(video)
             if output_type == "uint8" and frames is not None:
                 frames = to_uint8(frames)
+            if writer is not None:
+                writer.append(frames)
+                frames = None
         decode_s = time.perf_counter() - t0
         metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
         metrics["cache"] = self._cache_metrics(cache, region_cache)

@@ -81,7 +81,9 @@ def main(scenario: str, out: Path) -> None:
                     raise RuntimeError("injected fault on rank 1")
 
             pipe.pipe.transformer.register_forward_hook(fail_in_refinement)
-            res = pipe(PROMPT, tiling=TILING, context=ctx, **KW)
+            # $SUPERGEN_TEST_CFG_PARALLEL=2: the peer is then blocked in the CFG combine, not the tile exchange.
+            cfg = int(os.environ.get("SUPERGEN_TEST_CFG_PARALLEL", "0")) or None
+            res = pipe(PROMPT, tiling=TILING, context=ctx, parallel=ParallelConfig(cfg_parallel=cfg), **KW)
         elif scenario == "cache":
             from supergen import CacheConfig
 

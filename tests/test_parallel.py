@@ -281,8 +281,9 @@ def test_mismatched_requests_are_refused_on_every_rank(tmp_path):
         assert "generation requests differ across ranks (ranks [1] do not match rank 0)" in text
 
 
-def test_a_failing_rank_fails_every_rank_fast(tmp_path):
-    codes, errs, ended = _launch("fault", 2, tmp_path)
+@pytest.mark.parametrize("cfg_parallel", [0, 2], ids=["tiles", "cfg-branches"])
+def test_a_failing_rank_fails_every_rank_fast(tmp_path, cfg_parallel):
+    codes, errs, ended = _launch("fault", 2, tmp_path, SUPERGEN_TEST_CFG_PARALLEL=str(cfg_parallel))
     assert codes[1] != 0 and "injected fault on rank 1" in errs[1]
     assert codes[0] != 0, errs[0]
     assert "stopping because rank 1: RuntimeError: injected fault on rank 1" in errs[0]
