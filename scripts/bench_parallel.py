@@ -316,7 +316,7 @@ def hybrid_measured_table() -> str:
         f"Measured on this machine (gloo, one torch thread per process, tiny Wan, {MEASURE['width']}x"
         f"{MEASURE['height']} px = 9 tiles, {MEASURE['num_inference_steps']} steps, CFG branches run one after the "
         "other in every run): correctness and overhead, not speed (2 shared cores for up to 4 processes).\n",
-        "| processes | plan | s/step | vs 1 process | exchange+CFG bytes/step/rank | max abs diff vs 1 process |",
+        "| processes | plan | s/step | time vs 1 process | tile-exchange bytes/step/rank | max abs diff vs 1 process |",
         "|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
