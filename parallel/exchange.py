@@ -118,7 +118,7 @@ class _Executor:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over every rank (a ring all-reduce: each rank sends and receives about twice its size)."""
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=self.ctx.group)
         moved = 4 * (self.ctx.world_size - 1) * _nbytes(tensor) // self.ctx.world_size
         if self.step_bytes:
             self.step_bytes[-1] += moved
@@ -193,8 +193,9 @@ class RegionExecutor(_Executor):
         """
         b, c = like.shape[:2]
         bufs = {q: torch.empty((b, c, n), dtype=like.dtype, device=like.device) for q, n in recv_shapes.items()}
-        ops = [dist.P2POp(dist.irecv, buf, q) for q, buf in bufs.items()]
-        ops += [dist.P2POp(dist.isend, p, q) for q, p in payloads.items()]
+        peer, group = self.ctx.peer, self.ctx.group
+        ops = [dist.P2POp(dist.irecv, buf, peer(q), group) for q, buf in bufs.items()]
+        ops += [dist.P2POp(dist.isend, p, peer(q), group) for q, p in payloads.items()]
         works = dist.batch_isend_irecv(ops) if ops else []
         moved = sum(_nbytes(t) for t in bufs.values()) + sum(_nbytes(t) for t in payloads.values())
         return bufs, works, moved
@@ -267,7 +268,7 @@ class RegionExecutor(_Executor):
         chunk = torch.zeros(max(sizes), dtype=local.dtype, device=local.device)
         chunk[: local.numel()] = local.reshape(-1)
         parts = [torch.empty_like(chunk) for _ in range(self.ctx.world_size)]
-        dist.all_gather(parts, chunk)
+        dist.all_gather(parts, chunk, group=self.ctx.group)
         self.other_bytes += 2 * (self.ctx.world_size - 1) * _nbytes(chunk)
         canvas = torch.empty((b, c, *self.layout.canvas), dtype=local.dtype, device=local.device)
         for q, (part, size) in enumerate(zip(parts, sizes)):
@@ -308,7 +309,7 @@ class AllGatherExecutor(_Executor):
         for i, out in enumerate(outs):
             stacked[i] = out
         gathered = [torch.empty_like(stacked) for _ in range(world)]
-        dist.all_gather(gathered, stacked)
+        dist.all_gather(gathered, stacked, group=self.ctx.group)
         self.step_bytes.append(allgather_bytes(owners, world, stacked[0].numel(), stacked.element_size())[self.ctx.rank])
         outputs: list[torch.Tensor | None] = [None] * len(plan)
         for r in range(world):
@@ -334,7 +335,7 @@ class AllGatherExecutor(_Executor):
         for i, out in enumerate(run(mine)):
             stacked[i] = out
         gathered = [torch.empty_like(stacked) for _ in range(world)]
-        dist.all_gather(gathered, stacked)
+        dist.all_gather(gathered, stacked, group=self.ctx.group)
         owners = [k % world for k in range(count)]
         self.step_bytes[-1] += allgather_bytes(owners, world, like.numel(), stacked.element_size())[rank]
         return [gathered[k % world][k // world] for k in range(count)]

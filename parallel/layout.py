@@ -232,3 +232,22 @@ def idle_ranks(owners: list[int], world_size: int) -> list[int]:
     """Ranks that own no tile in a step (they still step the scheduler on their region)."""
     busy = set(owners)
     return [r for r in range(world_size) if r not in busy]
+
+
+def exchange_bytes(planner: TilePlanner, world_size: int, steps: int, channels: int, scheme: str = "region",
+                   itemsize: int = 4) -> float:
+    """Mean over ``steps`` sampled steps of the busiest rank's bytes per step for the tile exchange among
+    ``world_size`` ranks (the planner's cost model; region halos in float32, all-gather at ``itemsize``)."""
+    if world_size == 1:
+        return 0.0
+    layout = RegionLayout.choose(planner, world_size, steps) if scheme == "region" else None
+    total = 0.0
+    for step in range(steps):
+        plan = planner.plan(step)
+        if layout is None:
+            owners = assign_tiles(tile_costs(plan), [[0] * world_size for _ in plan.tiles], world_size)
+            total += allgather_bytes(owners, world_size, channels * plan.tiles[0].num_cells, itemsize)[0]
+        else:
+            owners = assign_tiles(tile_costs(plan), layout.affinity(plan), world_size)
+            total += max(StepExchange(layout, plan, owners).bytes_per_rank(channels))
+    return total / steps

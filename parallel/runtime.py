@@ -80,6 +80,10 @@ class DistributedContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timeout_s: float = 300.0
     store: dist.Store | None = None
+    #: A sub-group of the job (one dimension of a parallel plan's mesh): ``rank`` and ``world_size``
+    #: are then this process's place in ``group``, ``group_ranks`` the members' ranks in the job.
+    group: dist.ProcessGroup | None = None
+    group_ranks: tuple[int, ...] | None = None
     _watchdog: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     #: rank -> (last heartbeat count seen, monotonic time it changed), kept by the watchdog.
@@ -91,7 +95,23 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """Rank 0 of the whole job (of a sub-group too: it is the one that logs)."""
+        return self.global_rank == 0
+
+    @property
+    def global_rank(self) -> int:
+        return self.rank if self.group_ranks is None else self.group_ranks[self.rank]
+
+    def peer(self, rank: int) -> int:
+        """The job rank of member ``rank`` of this context's group (point-to-point calls take job ranks)."""
+        return rank if self.group_ranks is None else self.group_ranks[rank]
+
+    def subgroup(self, group: dist.ProcessGroup) -> "DistributedContext":
+        """A context for one sub-group of this job (no watchdog or store of its own: the job's serve it)."""
+        ranks = tuple(dist.get_process_group_ranks(group))
+        return DistributedContext(rank=ranks.index(self.rank), world_size=len(ranks), local_rank=self.local_rank,
+                                  backend=self.backend, device=self.device, timeout_s=self.timeout_s, group=group,
+                                  group_ranks=ranks)
 
     def describe(self) -> str:
         return f"rank {self.rank}/{self.world_size} (local {self.local_rank}, {self.backend}, {self.device})"
@@ -110,7 +130,7 @@ class DistributedContext:
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
         mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine)
+        dist.all_gather(gathered, mine, group=self.group)
         digests = [int(t.item()) for t in gathered]
         if len(set(digests)) > 1:
             differ = [r for r, d in enumerate(digests) if d != digests[0]]
@@ -125,7 +145,7 @@ class DistributedContext:
             return [list(values)]
         mine = torch.tensor(values, dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(parts, mine)
+        dist.all_gather(parts, mine, group=self.group)
         return [[int(v) for v in part.tolist()] for part in parts]
 
     def reduce_ints(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -138,7 +158,7 @@ class DistributedContext:
         if not self.enabled:
             return values
         total = values.to(self.device, copy=True)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
         return total.to(values.device)
 
     # --- failure propagation ---------------------------------------------------

@@ -164,27 +164,34 @@ PROMPT = "a red circle moving left over a blue sky"
 MEASURE = dict(height=192, width=288, num_inference_steps=6)
 
 
-def worker(exchange: str, threads: int) -> None:
+def worker(exchange: str, threads: int, cfg: int = 0, ulysses: int = 0, save: str = "") -> None:
+    import numpy as np
     import torch
 
     from supergen import ParallelConfig, SuperGenPipeline, TilingConfig
     from supergen.parallel import distributed_session
 
     torch.set_num_threads(threads)
+    parallel = ParallelConfig(exchange=exchange, parallel="tile", cfg_parallel=cfg or None, ulysses=ulysses or None)
     with distributed_session(ParallelConfig(timeout_s=600)) as ctx:
         pipe = SuperGenPipeline.from_pretrained("tiny")
+        # Branches one after the other in every run, so that CFG parallel does the same arithmetic as one process.
+        pipe.adapter.batch_cfg = not save
         kw = dict(MEASURE, tiling=TilingConfig(strength=1.0), output_type="latent", progress=False)
-        pipe(PROMPT, context=ctx, parallel=ParallelConfig(exchange=exchange), **dict(kw, num_inference_steps=1))  # warm-up
-        res = pipe(PROMPT, context=ctx, parallel=ParallelConfig(exchange=exchange), **kw)
+        pipe(PROMPT, context=ctx, parallel=parallel, **dict(kw, num_inference_steps=1))  # warm-up
+        res = pipe(PROMPT, context=ctx, parallel=parallel, **kw)
     if ctx.is_main:
         m = res.metrics
+        if save:
+            np.save(save, res.frames.numpy())
         print("RESULT " + json.dumps(dict(
             world=ctx.world_size, exchange=exchange, s_per_step=m["denoise_s_per_step"],
             bytes_per_step=max(m["comm_bytes_per_step"]) if ctx.enabled else 0,
+            plan=m.get("parallel_plan", {}).get("describe", "one process"),
         )))
 
 
-def _launch(world: int, exchange: str) -> dict:
+def _launch(world: int, exchange: str, cfg: int = 0, ulysses: int = 0, save: str = "") -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -194,7 +201,7 @@ def _launch(world: int, exchange: str) -> dict:
         if world > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
-        cmd = [sys.executable, __file__, "--worker", exchange, "1"]
+        cmd = [sys.executable, __file__, "--worker", exchange, "1", str(cfg), str(ulysses), save]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=1200) for p in procs]
     for p, (_, err) in zip(procs, outs):
@@ -227,6 +234,106 @@ def measured_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
+# --- hybrid plans (tile x CFG x Ring x Ulysses) --------------------------------------------------------
+HEADS = {"Wan2.1-1.3B": 12, "Wan2.1-14B": 40}
+GOAL = 0.90
+
+
+def _hybrid_workload(name: str, size: tuple[int, int]):
+    from functools import lru_cache
+
+    from supergen.parallel.layout import exchange_bytes
+    from supergen.parallel.plan import Workload
+    from supergen.tiling import TilePlanner
+
+    cfg = MODELS[name]
+    canvas = (LATENT_FRAMES, size[0] // 8, size[1] // 8)
+    tile = (LATENT_FRAMES, *cfg["native"])
+    planner = TilePlanner(canvas, tile, (0, 0, 0), align=(1, 2, 2), blend="cosine", shift="wrap")
+
+    @lru_cache(maxsize=None)
+    def moved(world: int) -> float:
+        return exchange_bytes(planner, world, 3, CHANNELS)
+
+    tokens = LATENT_FRAMES * cfg["native"][0] * cfg["native"][1] // 4
+    # On H100 the attention runs on flash or cuDNN, which return the log-sum-exp that ring attention needs.
+    return Workload(tiles=planner.num_tiles, tile_tokens=tokens, tile_numel=CHANNELS * LATENT_FRAMES * cfg["native"][0]
+                    * cfg["native"][1], layers=cfg["layers"], dim=cfg["dim"], heads=HEADS[name], ffn=cfg["ffn"],
+                    ring_ok=True, model=name, exchange_bytes=moved)
+
+
+def _why_short(plan, w, eff: float) -> str:
+    """Why a count misses the goal, from the plan's own limits."""
+    from supergen.parallel.plan import _divisors
+
+    if eff >= GOAL:
+        return ""
+    ctx_max = max(d for d in _divisors(plan.world_size) if w.tile_tokens % d == 0 and any(
+        (d % u == 0 and w.heads % u == 0) for u in _divisors(d)))
+    loaded = w.tiles / (plan.tile * -(-w.tiles // plan.tile))
+    return (f"{w.tiles} tiles on {plan.tile} tile groups load {loaded:.0%}; sequence split capped at {ctx_max} ranks "
+            f"(tokens {w.tile_tokens}, heads {w.heads}), CFG at 2")
+
+
+def hybrid_modelled_table() -> str:
+    from supergen.parallel.plan import NVLINK_BYTES_S, choose_plan, step_time
+
+    lines = [
+        f"Modelled hybrid plans (H100 SXM, {GPU_FLOPS / 1e12:.0f} TFLOP/s sustained bf16 = 40% of peak; NVLink "
+        f"{NVLINK_BYTES_S / 1e9:g} GB/s per GPU and direction; no comm/compute overlap; 81 frames, native tiling "
+        f"without overlap, CFG on; ring attention assumed available, flash/cuDNN). Efficiency = one GPU's step time "
+        f"/ (GPUs x step time); bytes = busiest rank's tile exchange + CFG combine + Ulysses/Ring all-to-alls, per step.\n",
+    ]
+    for name in MODELS:
+        for res, size in RESOLUTIONS.items():
+            w = _hybrid_workload(name, size)
+            lines += [f"\n{name} {res} ({size[1]}x{size[0]}): {w.tiles} tiles of {w.tile_tokens} tokens, "
+                      f"{w.heads} heads\n",
+                      "| GPUs | chosen plan (tile x cfg x ring x ulysses) | step s | efficiency | GB/rank/step | "
+                      "tile-only efficiency | below 90% because |",
+                      "|---|---|---|---|---|---|---|"]
+            for world in WORLDS:
+                plan = choose_plan(world, w)
+                t = step_time(plan, w)
+                from supergen.parallel.plan import ParallelPlan
+
+                tile_only = step_time(ParallelPlan(tile=world), w)["efficiency"]
+                lines.append(f"| {world} | {plan.tile} x {plan.cfg} x {plan.ring} x {plan.ulysses} | {t['step_s']:.2f} | "
+                             f"{t['efficiency']:.1%} | {t['bytes'] / 1e9:.2f} | {tile_only:.0%} | "
+                             f"{_why_short(plan, w, t['efficiency'])} |")
+    return "\n".join(lines)
+
+
+HYBRID_RUNS = [(1, 0, 0), (2, 0, 0), (2, 2, 0), (2, 1, 2), (4, 2, 0), (4, 2, 2)]
+
+
+def hybrid_measured_table() -> str:
+    import tempfile
+
+    import numpy as np
+
+    lines = [
+        f"Measured on this machine (gloo, one torch thread per process, tiny Wan, {MEASURE['width']}x"
+        f"{MEASURE['height']} px = 9 tiles, {MEASURE['num_inference_steps']} steps, CFG branches run one after the "
+        "other in every run): correctness and overhead, not speed (2 shared cores for up to 4 processes).\n",
+        "| processes | plan | s/step | time vs 1 process | tile-exchange bytes/step/rank | max abs diff vs 1 process |",
+        "|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for world, cfg, uly in HYBRID_RUNS:
+            save = str(Path(tmp) / f"{world}-{cfg}-{uly}.npy")
+            r = _launch(world, "region", cfg=cfg, ulysses=uly, save=save)
+            r["latents"] = np.load(save)
+            results.append(r)
+        ref = results[0]
+        for r in results:
+            diff = float(np.abs(r["latents"] - ref["latents"]).max())
+            lines.append(f"| {r['world']} | {r['plan']} | {r['s_per_step']:.3f} | {r['s_per_step'] / ref['s_per_step']:.2f}x | "
+                         f"{r['bytes_per_step'] / 1e3:.1f} kB | {diff:.1e} |")
+    return "\n".join(lines)
+
+
 def plot(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -250,14 +357,22 @@ def plot(curves: dict, path: Path) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], int(sys.argv[3]))
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] if len(sys.argv) > 6 else "")
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-measure", action="store_true", help="only the modelled tables")
     parser.add_argument("--skip-model", action="store_true", help="only the measured table")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the measured runs (best kept)")
     parser.add_argument("--out", default=None, help="save an efficiency plot here (png)")
+    parser.add_argument("--hybrid", action="store_true",
+                        help="only the hybrid-plan tables (tile x CFG x Ulysses): modelled, and measured on gloo")
     args = parser.parse_args()
+    if args.hybrid:
+        print(hybrid_modelled_table())
+        if not args.skip_measure:
+            print()
+            print(hybrid_measured_table())
+        return
     if not args.skip_measure:
         print(measured_table(args.repeats))
         print()

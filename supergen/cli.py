@@ -8,13 +8,14 @@ before any denoising.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 import time
 
-from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, TilingConfig
+from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, PARALLEL_MODES, CoherenceConfig, TilingConfig
 
 logger = logging.getLogger("supergen")
 
@@ -95,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exchange", choices=("region", "allgather"), default="region",
                    help="under torchrun: each rank owns a canvas region and swaps halos (region), or every rank "
                         "receives every tile output (allgather)")
+    g.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
+                   help="under torchrun: factorise the ranks into tile x CFG x sequence (Ulysses/Ring) degrees with "
+                        "the lowest modelled step time (auto), or spread tiles only (tile)")
+    g.add_argument("--cfg-parallel", type=int, default=None, metavar="N",
+                   help="1 or 2: run a tile's conditional and unconditional branch on two ranks (overrides auto)")
+    g.add_argument("--ulysses", type=int, default=None, metavar="N",
+                   help="Ulysses degree inside a tile (Diffusers context parallelism; overrides auto)")
+    g.add_argument("--ring", type=int, default=None, metavar="N",
+                   help="ring-attention degree inside a tile (needs a flash/cuDNN attention backend; overrides auto)")
     g.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="torch.distributed backend under torchrun (auto: NCCL with CUDA, else gloo)")
     g.add_argument("--timeout", type=float, default=300.0,
@@ -166,9 +176,19 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
+@contextlib.contextmanager
+def _discarded_on_failure(writer):
+    """Remove the writer's partial file when the block fails (a success is published by the caller)."""
+    try:
+        yield writer
+    except BaseException:
+        writer.close(keep=False)
+        raise
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from supergen.config import CacheConfig, ParallelConfig
-    from supergen.io import check_output_path, write_json, write_skip_map, write_video
+    from supergen.io import VideoWriter, check_output_path, write_json, write_skip_map
     from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline, check_request_for
     from supergen.samplers.schedule import refinement_steps
@@ -220,9 +240,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     planned = check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
     image = None if args.image is None else _load_image(args.image)
 
-    parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange)
+    parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange,
+                              parallel=args.parallel, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses,
+                              ring=args.ring)
 
-    with distributed_session(parallel) as ctx:
+    writer = VideoWriter(args.output, fps=args.fps, lazy=True)
+    with distributed_session(parallel) as ctx, _discarded_on_failure(writer):
         if ctx.enabled:
             _log_per_rank(args, ctx)
             ctx.ensure_same("command-line arguments", {k: v for k, v in vars(args).items() if k != "device"})
@@ -250,12 +273,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image=image,
             parallel=parallel,
             context=ctx,
+            writer=writer if ctx.enabled else None,
         )
-    # Only rank 0 writes, after every rank has finished: a failure anywhere
-    # before this point leaves no file behind.
+    # One process writes after generation; under torchrun rank 0 streams the decoded frames into the
+    # (lazily opened) writer, and the file appears only here, after every rank has finished: a failure
+    # anywhere before this point leaves no file behind.
     if not ctx.is_main:
         return 0
-    write_video(args.output, result.frames, fps=args.fps)
+    if result.frames is not None:
+        writer.append(result.frames)
+    writer.close(keep=True)
     metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)
     if args.metrics_json:
         write_json(args.metrics_json, metrics)
@@ -264,7 +291,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ranks = ""
     if metrics["world_size"] > 1:
         ranks = (
-            f"; {metrics['world_size']} ranks ({metrics['comm_scheme']}), "
+            f"; {metrics['world_size']} ranks ({metrics['parallel_plan']['describe']}, {metrics['comm_scheme']}), "
             f"{max(metrics['comm_bytes_per_step']) / 1e6:.2f} MB/step/rank exchanged"
         )
     print(

@@ -26,6 +26,7 @@ COHERENCE_VIEWS = ("none", "dilated")
 CACHE_MODES = ("off", "region", "canvas")
 CACHE_REUSE = ("auto", "output", "taylor", "residual", "blocks")
 EXCHANGE_MODES = ("region", "allgather")
+PARALLEL_MODES = ("auto", "tile")
 STREAM_SCHEDULES = ("block", "rolling")
 
 logger = logging.getLogger(__name__)
@@ -272,15 +273,35 @@ class ParallelConfig:
         exchange: ``region`` (each rank owns a region of the canvas and
             exchanges only halos) or ``allgather`` (every rank receives every
             tile output, SuperGen's released scheme; for comparison).
+        parallel: how the world size is factorised into tile x CFG x
+            context-parallel degrees (:mod:`supergen.parallel.plan`): ``auto``
+            picks the plan with the lowest modelled step time, ``tile`` spreads
+            tiles only. ``cfg_parallel``, ``ulysses`` and ``ring`` fix those
+            degrees (the tile degree is what is left of the world size).
+        cfg_parallel: 1, or 2 (the conditional and unconditional branch of a
+            tile on two ranks); ``None``: chosen by ``parallel``.
+        ulysses, ring: Diffusers context-parallel degrees inside a tile
+            (``None``: chosen by ``parallel``).
     """
 
     backend: str = "auto"
     timeout_s: float = DEFAULT_TIMEOUT_S
     exchange: str = "region"
+    parallel: str = "auto"
+    cfg_parallel: int | None = None
+    ulysses: int | None = None
+    ring: int | None = None
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, ("auto", "nccl", "gloo"))
         _choice("exchange", self.exchange, EXCHANGE_MODES)
+        _choice("parallel", self.parallel, PARALLEL_MODES)
+        for name in ("cfg_parallel", "ulysses", "ring"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1 (or None: chosen by parallel=)")
+        if self.cfg_parallel not in (None, 1, 2):
+            raise ValueError(f"cfg_parallel={self.cfg_parallel} must be 1 or 2: a tile has two guidance branches")
         if not isinstance(self.timeout_s, (int, float)) or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s!r} must be a finite number of seconds > 0")
 

@@ -98,12 +98,24 @@ class VideoWriter:
     user keeps what was made); a crash leaves no file behind.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: int = 16):
-        import imageio.v2 as imageio
-
+    def __init__(self, path: str | os.PathLike, fps: int = 16, lazy: bool = False):
         if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
             raise ValueError(f"fps={fps!r} must be an integer >= 1")
         self.path = Path(path)
+        self.fps = fps
+        self.frames = 0
+        self._closed = False
+        self._writer = None
+        self.tmp = None
+        # lazy: the temporary file and the encoder start with the first frame (a multi-process run
+        # streams its decode into the writer; a job killed before then leaves nothing behind).
+        if not lazy:
+            self._open()
+
+    def _open(self) -> None:
+        import imageio.v2 as imageio
+
+        fps = self.fps
         fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.stem}-", suffix=self.path.suffix, dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp_name)
@@ -115,10 +127,10 @@ class VideoWriter:
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise
-        self.frames = 0
-        self._closed = False
 
     def append(self, frames_FHW3: np.ndarray) -> None:
+        if self._writer is None:
+            self._open()
         for frame in frames_FHW3:
             self._writer.append_data(frame)
             self.frames += 1
@@ -132,6 +144,8 @@ class VideoWriter:
         if self._closed:
             return
         self._closed = True
+        if self._writer is None:
+            return
         try:
             try:
                 self._writer.close()

@@ -361,6 +361,7 @@ class SuperGenPipeline:
         context=None,
         coherence: CoherenceConfig | None = None,
         max_memory: int | str | None = None,
+        writer=None,
     ) -> SuperGenOutput:
         """Generate a video larger than the backbone's native size.
 
@@ -389,6 +390,9 @@ class SuperGenPipeline:
                 estimated peak memory, weights included, is above this many bytes
                 (or a size such as ``"16G"``); a request over the device's free memory
                 is refused either way (:mod:`supergen.resources`).
+            writer: something with ``append(frames)`` (a :class:`supergen.io.VideoWriter`), used on rank 0:
+                uint8 frames are streamed into it as they are decoded (under torchrun frame by frame from
+                every rank's band, so rank 0 never holds the float video) and ``frames`` comes back ``None``.
         """
         check_call_arguments(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
@@ -398,6 +402,8 @@ class SuperGenPipeline:
         )
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
+        if writer is not None and output_type != "uint8":
+            raise ValueError(f"a writer takes uint8 frames: output_type={output_type!r} cannot be streamed to it")
         if self.adapter.image_to_video and image is None:
             raise ValueError(f"{type(self.pipe).__name__} is image-to-video: pass image=... (the first frame)")
         if image is not None and not self.adapter.image_to_video:
@@ -439,13 +445,16 @@ class SuperGenPipeline:
                 "generation requests",
                 dict(
                     prompt=prompt, negative_prompt=negative_prompt, request=request, steps=num_inference_steps,
-                    guidance=(guidance_scale, guidance_scale_2), tiling=tiling, coherence=coherence, parallel=parallel.exchange,
+                    guidance=(guidance_scale, guidance_scale_2), tiling=tiling, coherence=coherence,
+                    parallel=(parallel.exchange, parallel.parallel, parallel.cfg_parallel, parallel.ulysses, parallel.ring),
                     seed=generator.initial_seed() if generator is not None else seed, output_type=output_type,
                     model=self.adapter.describe(), max_sequence_length=max_sequence_length,
                     image=None if image is None else getattr(image, "size", type(image).__name__),
                 ),
             )
             progress = progress and context.is_main
+        plan = self._parallel_plan(parallel, context, request, tiling, guidance_scale, num_inference_steps) \
+            if distributed else None
         adapter = self.adapter
         device = self.device
         if device.type == "cuda":
@@ -508,11 +517,17 @@ class SuperGenPipeline:
                 logger.warning("global coherence (%s) runs on the all-gather exchange under torchrun; using it",
                                guide.describe())
                 exchange = "allgather"
-            executor = make_executor(context, planner, exchange, len(timesteps), adapter.dtype)
+            from supergen.parallel.hybrid import run_for
+
+            hybrid = run_for(context, plan)
+            # Tiles are exchanged among the ranks of one tile slice of the mesh (same branch, same shard).
+            tiles_ctx = hybrid.tile
+            executor = make_executor(tiles_ctx, planner, exchange, len(timesteps), adapter.dtype)
             if exchange == "region":
-                # Each rank caches its own region; decisions come from sums totalled over the ranks.
-                region_cache = self._region_cache(cache, planner, len(timesteps), box=executor.layout.boxes[context.rank],
-                                                  reduce=context.reduce_ints)
+                # Each rank caches its own region; decisions come from sums totalled over its tile group.
+                region_cache = self._region_cache(cache, planner, len(timesteps),
+                                                  box=executor.layout.boxes[tiles_ctx.rank],
+                                                  reduce=tiles_ctx.reduce_ints)
             else:
                 region_cache = self._region_cache(cache, planner, len(timesteps))
             sampler = DistributedTiledSampler(
@@ -525,13 +540,25 @@ class SuperGenPipeline:
                 planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
                 coherence=guide, **sampler_args
             )
-        latents = sampler(latents, scheduler, timesteps)
+        if distributed:
+            with hybrid.installed(adapter):
+                latents = sampler(latents, scheduler, timesteps)
+        else:
+            latents = sampler(latents, scheduler, timesteps)
         denoise_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         tiled_decode = request.canvas[1:] != adapter.native_latent_shape[1:]
         if output_type == "latent":
             frames = latents
+        elif distributed and writer is not None:
+            from supergen.parallel.decode import decode_streamed
+
+            executor.other_bytes += decode_streamed(
+                adapter, latents, context, tiled_decode, lambda video: to_uint8(adapter.postprocess(video)),
+                writer.append if context.is_main else None,
+            )
+            frames = None
         else:
             if distributed:
                 from supergen.parallel import decode_distributed
@@ -543,6 +570,9 @@ class SuperGenPipeline:
             frames = None if video is None else adapter.postprocess(video)
             if output_type == "uint8" and frames is not None:
                 frames = to_uint8(frames)
+            if writer is not None:
+                writer.append(frames)
+                frames = None
         decode_s = time.perf_counter() - t0
         metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
         metrics["cache"] = self._cache_metrics(cache, region_cache)
@@ -551,7 +581,7 @@ class SuperGenPipeline:
                                  "steps_computed": sketch_stats.tile_steps_computed,
                                  "model_calls": sketch_stats.model_calls}
         if distributed:
-            metrics.update(self._parallel_metrics(context, executor, sampler.stats))
+            metrics.update(self._parallel_metrics(context, executor, sampler.stats, hybrid))
         metrics.update(
             wall_s=time.perf_counter() - t_start,
             sketch_s=sketch_s,
@@ -711,13 +741,70 @@ class SuperGenPipeline:
         tiled = request.canvas[1:] != adapter.native_latent_shape[1:]
         return adapter.encode(video.to(adapter.pipeline.vae.dtype), tiled=tiled).to(sketch.dtype), sampler.stats
 
+    def _parallel_plan(self, parallel: ParallelConfig, context, request: TiledRequest, tiling: TilingConfig,
+                       guidance_scale: float, num_inference_steps: int):
+        """The run's :class:`~supergen.parallel.plan.ParallelPlan` (validated, or chosen from the cost model),
+        before any model work; the same on every rank, so a refusal is every rank's."""
+        from supergen.parallel import AgreedError
+        from supergen.parallel.plan import resolve_plan, step_time
+
+        workload = self.parallel_workload(request, tiling, guidance_scale, parallel.exchange,
+                                          refinement_steps(num_inference_steps, tiling.strength))
+        try:
+            plan = resolve_plan(context.world_size, workload, parallel.parallel, parallel.cfg_parallel,
+                                parallel.ulysses, parallel.ring)
+        except ValueError as err:
+            raise AgreedError(str(err)) from None
+        if context.is_main:
+            modelled = step_time(plan, workload)
+            logger.info("parallel plan (%s): %s; modelled on H100 NVLink: %.3g s/step, efficiency %.0f%%",
+                        "explicit" if parallel.parallel == "tile" or parallel.cfg_parallel or parallel.ulysses
+                        or parallel.ring else "auto", plan.describe(), modelled["step_s"],
+                        100 * modelled["efficiency"])
+        return plan
+
+    def parallel_workload(self, request: TiledRequest, tiling: TilingConfig, guidance_scale: float,
+                          exchange: str = "region", steps: int = 4):
+        """What the parallel planner checks and costs a request against (model widths, tiles, bytes)."""
+        from functools import lru_cache
+
+        from supergen.parallel.hybrid import context_parallel_support
+        from supergen.parallel.layout import exchange_bytes
+        from supergen.parallel.plan import Workload
+
+        planner = self._planner(request, tiling)
+        config = self.pipe.transformer.config
+        support = [context_parallel_support(m) for m in self.adapter.context_parallel_models()]
+        channels = self.adapter.geometry.channels
+        sampled = max(1, min(steps, 4))
+
+        @lru_cache(maxsize=None)
+        def moved(world: int) -> float:
+            return exchange_bytes(planner, world, sampled, channels, exchange, self.adapter.dtype.itemsize)
+
+        fp = self.footprint
+        return Workload(
+            tiles=planner.num_tiles, tile_tokens=self.adapter.tokens(request.tile),
+            tile_numel=channels * math.prod(request.tile), layers=fp.num_layers, dim=fp.inner_dim,
+            heads=int(config.get("num_attention_heads", 1)), ffn=fp.ffn_dim, guidance=guidance_scale > 1.0,
+            itemsize=self.adapter.dtype.itemsize, cp_plan=all(s[0] for s in support),
+            ring_ok=all(s[1] for s in support), cfg_ok=self.adapter.supports_cfg_parallel,
+            rope_ok=tiling.rope == "local", model=type(self.pipe.transformer).__name__, exchange_bytes=moved,
+        )
+
     @staticmethod
-    def _parallel_metrics(context, executor, stats: TileStats) -> dict:
-        """Counts summed over ranks and bytes per rank (collective: every rank calls it)."""
+    def _parallel_metrics(context, executor, stats: TileStats, hybrid) -> dict:
+        """Counts summed over tile groups and bytes per rank (collective: every rank calls it)."""
         comm = executor.comm_summary()
         steps = context.gather_ints(comm["per_step"])
-        totals = context.gather_ints([comm["total"], stats.tile_steps_computed, stats.model_calls, stats.view_forwards])
+        # A tile group's ranks (CFG branches, sequence shards) all take part in its tiles: count each once.
+        lead = int(hybrid.leader)
+        cfg_bytes = hybrid.cfg.bytes if hybrid.cfg is not None else 0
+        totals = context.gather_ints([comm["total"] + cfg_bytes, lead * stats.tile_steps_computed,
+                                      lead * stats.model_calls, lead * stats.view_forwards, stats.tile_steps_computed])
         return {
+            "parallel_plan": dict(hybrid.plan.as_dict(), world_size=hybrid.plan.world_size,
+                                  describe=hybrid.plan.describe()),
             "world_size": context.world_size,
             "comm_scheme": comm["scheme"],
             "comm_bytes": [t[0] for t in totals],
@@ -730,7 +817,7 @@ class SuperGenPipeline:
                 "tile_steps_skipped": stats.tile_steps_total - sum(t[1] for t in totals),
                 "model_calls": sum(t[2] for t in totals),
                 "view_forwards": sum(t[3] for t in totals),
-                "tile_steps_per_rank": [t[1] for t in totals],
+                "tile_steps_per_rank": [t[4] for t in totals],
                 "skip_map": stats.skip_map,
                 "grid": list(executor.planner.grid),
                 "tile_latent": list(executor.planner.tile),

@@ -7,6 +7,7 @@ Usage: python tests/parallel_worker.py SCENARIO OUTDIR
   stall     rank 1 stops itself (SIGSTOP) there instead; $SUPERGEN_TEST_TIMEOUT sets the job's timeout
   cache     the region cache on the region and all-gather schemes; rank 0 saves latents and metrics
   coherence sketch guidance and global views (all-gather scheme, views spread over ranks); rank 0 saves latents
+  hybrid    tile x CFG x Ulysses plans from $SUPERGEN_TEST_PLANS (see there); rank 0 saves latents and metrics
   backbones every non-Wan backbone of tests/test_backbones.py at twice its native area; rank 0 saves latents
 """
 
@@ -54,7 +55,7 @@ def main(scenario: str, out: Path) -> None:
         if scenario == "equal":
             # Frames (through the distributed decode) for one scheme, latents for the other: decodes are slow on CPU.
             for exchange, output_type in (("region", "float"), ("allgather", "latent")):
-                res = pipe(PROMPT, tiling=TILING, output_type=output_type, parallel=ParallelConfig(exchange=exchange),
+                res = pipe(PROMPT, tiling=TILING, output_type=output_type, parallel=ParallelConfig(exchange=exchange, parallel="tile"),
                            coherence=NO_COHERENCE, context=ctx, **KW)
                 if ctx.is_main:
                     np.save(out / f"{exchange}.npy", np.asarray(res.frames))
@@ -80,13 +81,15 @@ def main(scenario: str, out: Path) -> None:
                     raise RuntimeError("injected fault on rank 1")
 
             pipe.pipe.transformer.register_forward_hook(fail_in_refinement)
-            res = pipe(PROMPT, tiling=TILING, context=ctx, **KW)
+            # $SUPERGEN_TEST_CFG_PARALLEL=2: the peer is then blocked in the CFG combine, not the tile exchange.
+            cfg = int(os.environ.get("SUPERGEN_TEST_CFG_PARALLEL", "0")) or None
+            res = pipe(PROMPT, tiling=TILING, context=ctx, parallel=ParallelConfig(cfg_parallel=cfg), **KW)
         elif scenario == "cache":
             from supergen import CacheConfig
 
             for exchange in ("region", "allgather"):
                 res = pipe(PROMPT, tiling=CACHE_TILING, output_type="latent", cache=CACHE, context=ctx,
-                           coherence=NO_COHERENCE, parallel=ParallelConfig(exchange=exchange),
+                           coherence=NO_COHERENCE, parallel=ParallelConfig(exchange=exchange, parallel="tile"),
                            **dict(KW, num_inference_steps=8))
                 if ctx.is_main:
                     np.save(out / f"cache-{exchange}.npy", res.frames.numpy())
@@ -96,9 +99,30 @@ def main(scenario: str, out: Path) -> None:
             for name, coherence, exchange in (("coherence", COHERENCE, "allgather"),
                                               ("guide-region", CoherenceConfig(), "region")):
                 res = pipe(PROMPT, tiling=TILING, output_type="latent", coherence=coherence, context=ctx,
-                           parallel=ParallelConfig(exchange=exchange), **KW)
+                           parallel=ParallelConfig(exchange=exchange, parallel="tile"), **KW)
                 if ctx.is_main:
                     np.save(out / f"{name}.npy", res.frames.numpy())
+                    (out / f"{name}.json").write_text(json.dumps(res.metrics))
+        elif scenario == "hybrid":
+            # $SUPERGEN_TEST_PLANS: ";"-separated runs "NAME:cfg,ulysses[:float|cache]" (0: left to auto);
+            # branches run one after the other in one process too, so CFG parallel is the same arithmetic.
+            pipe.adapter.batch_cfg = False
+            for run in os.environ["SUPERGEN_TEST_PLANS"].split(";"):
+                name, degrees, *how = run.split(":")
+                cfg, uly = (int(v) or None for v in degrees.split(","))
+                kw = dict(KW, tiling=CACHE_TILING, coherence=NO_COHERENCE, context=ctx, output_type="latent",
+                          parallel=ParallelConfig(cfg_parallel=cfg, ulysses=uly))
+                if "float" in how:
+                    kw.update(output_type="float")
+                if "cache" in how:
+                    kw.update(cache=CACHE, num_inference_steps=8)
+                try:
+                    res = pipe(PROMPT, **kw)
+                except ValueError as err:  # refused before model work, on every rank alike: go on
+                    (out / f"{name}-refused-{ctx.rank}.txt").write_text(str(err))
+                    continue
+                if ctx.is_main:
+                    np.save(out / f"{name}.npy", np.asarray(res.frames))
                     (out / f"{name}.json").write_text(json.dumps(res.metrics))
         elif scenario == "backbones":
             from test_backbones import BACKBONES

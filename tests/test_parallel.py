@@ -281,8 +281,9 @@ def test_mismatched_requests_are_refused_on_every_rank(tmp_path):
         assert "generation requests differ across ranks (ranks [1] do not match rank 0)" in text
 
 
-def test_a_failing_rank_fails_every_rank_fast(tmp_path):
-    codes, errs, ended = _launch("fault", 2, tmp_path)
+@pytest.mark.parametrize("cfg_parallel", [0, 2], ids=["tiles", "cfg-branches"])
+def test_a_failing_rank_fails_every_rank_fast(tmp_path, cfg_parallel):
+    codes, errs, ended = _launch("fault", 2, tmp_path, SUPERGEN_TEST_CFG_PARALLEL=str(cfg_parallel))
     assert codes[1] != 0 and "injected fault on rank 1" in errs[1]
     assert codes[0] != 0, errs[0]
     assert "stopping because rank 1: RuntimeError: injected fault on rank 1" in errs[0]
@@ -343,3 +344,137 @@ def test_torchrun_cli_three_ranks_writes_what_one_process_writes(tmp_path, tiny)
     reference = tiny(PROMPT, num_inference_steps=3, progress=False)
     write_video(tmp_path / "one.mp4", reference.frames)
     np.testing.assert_array_equal(iio.imread(out), iio.imread(tmp_path / "one.mp4"))
+
+
+# --- hybrid plans: tiles x CFG branches x sequence (Ulysses) -------------------------------------
+
+def _workload(**kw):
+    from supergen.parallel.plan import Workload
+
+    # Wan2.1-14B at 4K: 9 tiles of 90x160 latents, 21 frames (75,600 tokens), 40 heads.
+    args = dict(tiles=9, tile_tokens=75600, tile_numel=16 * 21 * 90 * 160, layers=40, dim=5120, heads=40, ffn=13824,
+                model="WanTransformer3DModel", exchange_bytes=lambda n: 50e6)
+    return Workload(**{**args, **kw})
+
+
+def test_plan_coordinates_follow_the_mesh_order():
+    from supergen.parallel.plan import ParallelPlan
+
+    plan = ParallelPlan(tile=2, cfg=2, ring=1, ulysses=2)
+    assert plan.world_size == 8 and plan.context == 2
+    # Ulysses innermost (neighbouring ranks share a tile's sequence), tiles outermost.
+    assert plan.coords(0) == dict(tile=0, cfg=0, ring=0, ulysses=0)
+    assert plan.coords(1) == dict(tile=0, cfg=0, ring=0, ulysses=1)
+    assert plan.coords(2) == dict(tile=0, cfg=1, ring=0, ulysses=0)
+    assert plan.coords(5) == dict(tile=1, cfg=0, ring=0, ulysses=1)
+
+
+@pytest.mark.parametrize("degrees, why", [
+    (dict(cfg=2, ulysses=3), "cfg x ring x ulysses = 6 does not divide the world size 8"),
+    (dict(ulysses=16), "ulysses 16 does not divide the 40 attention heads of WanTransformer3DModel"),
+    (dict(ring=2), "ring > 1 needs an attention backend that returns the log-sum-exp"),
+])
+def test_bad_plans_are_refused_naming_every_factor_and_a_plan_that_works(degrees, why):
+    from supergen.parallel.plan import resolve_plan
+
+    with pytest.raises(ValueError) as err:
+        resolve_plan(8, _workload(), cfg=degrees.get("cfg"), ulysses=degrees.get("ulysses"), ring=degrees.get("ring"))
+    text = str(err.value)
+    assert "\n" not in text and why in text
+    assert "x cfg " in text and "x ring " in text and "x ulysses " in text and "world size 8" in text
+    # The plan it proposes is itself accepted.
+    proposed = text.split("a plan that works: ")[1]
+    assert proposed == "tile 1 x cfg 2 x ring 1 x ulysses 4 = 8 ranks (--cfg-parallel 2 --ulysses 4)"
+    resolve_plan(8, _workload(), cfg=2, ulysses=4)
+
+
+def test_plans_a_backbone_cannot_run_are_refused():
+    from supergen.parallel.plan import resolve_plan
+
+    with pytest.raises(ValueError, match="has no Diffusers context-parallel plan"):
+        resolve_plan(2, _workload(cp_plan=False), ulysses=2)
+    with pytest.raises(ValueError, match="cfg 2 needs classifier-free guidance"):
+        resolve_plan(2, _workload(guidance=False), cfg=2)
+    with pytest.raises(ValueError, match="does not divide the 75601 tokens of a tile"):
+        resolve_plan(2, _workload(tile_tokens=75601), ulysses=2)
+    # Without guidance or a CP plan only tiles can move: auto says so by choosing them.
+    assert resolve_plan(4, _workload(guidance=False, cp_plan=False)).tile == 4
+
+
+def test_auto_picks_the_lowest_modelled_step_time():
+    from supergen.parallel.plan import ParallelPlan, choose_plan, resolve_plan, step_time, valid_plans
+
+    w = _workload()
+    for world in (2, 8):
+        best = choose_plan(world, w)
+        assert all(step_time(best, w)["step_s"] <= step_time(p, w)["step_s"] for p in valid_plans(world, w))
+    # 9 tiles on 8 ranks tile-only leave ranks idle (56% at best); the hybrid plan keeps every rank busy.
+    assert step_time(ParallelPlan(tile=8), w)["efficiency"] < 0.6
+    assert step_time(choose_plan(8, w), w)["efficiency"] > 0.9
+    assert resolve_plan(8, w, mode="tile") == ParallelPlan(tile=8)
+
+
+@pytest.fixture(scope="module")
+def hybrid_reference(tiny):
+    """One process, guidance branches run one after the other (WanPipeline's order, what CFG parallel computes):
+    latents of the plain request and of the cached one, and the frames of the plain one."""
+    from parallel_worker import CACHE, CACHE_TILING, KW, NO_COHERENCE
+
+    tiny.adapter.batch_cfg = False
+    try:
+        kw = dict(KW, tiling=CACHE_TILING, coherence=NO_COHERENCE, output_type="latent")
+        plain = tiny(PROMPT, **kw)
+        cached = tiny(PROMPT, **dict(kw, cache=CACHE, num_inference_steps=8))
+        with torch.no_grad():
+            frames = tiny.adapter.postprocess(tiny.adapter.decode(plain.frames, tiled=True))
+    finally:
+        tiny.adapter.batch_cfg = True
+    return plain, cached, frames
+
+
+def _ulp_close(actual, expected, ulps=4):
+    """Attention split over ranks (Ulysses: heads in attention, token slices in the linear layers) runs the same
+    operations on smaller matrices, which a BLAS may block differently: a few float32 ulp of the output's
+    scale per value (measured: 0 on this CPU, the kernels happen to agree)."""
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=ulps * np.finfo(np.float32).eps * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("world, runs", [
+    (2, "cfg:2,1;uly:1,2;cache:2,1:cache"),
+    (3, "tile:0,0;bad:1,3"),
+    (4, "mixed:2,1;both:2,2:float"),
+])
+def test_hybrid_plans_make_the_same_frames_as_one_process(tmp_path, hybrid_reference, world, runs):
+    plain, cached, frames = hybrid_reference
+    codes, errs, _ = _launch("hybrid", world, tmp_path, SUPERGEN_TEST_PLANS=runs)
+    assert codes == [0] * world, "\n".join(errs)
+    expected_plans = {"cfg": (1, 2, 1), "uly": (1, 1, 2), "cache": (1, 2, 1), "tile": (3, 1, 1), "mixed": (2, 2, 1),
+                      "both": (1, 2, 2)}
+    for run in runs.split(";"):
+        name = run.split(":")[0]
+        if name == "bad":
+            # Ulysses 3 on 3 ranks: the tiny Wan has 2 heads. Refused on every rank before model work.
+            for rank in range(world):
+                text = (tmp_path / f"bad-refused-{rank}.txt").read_text()
+                assert "ulysses 3 does not divide the 2 attention heads of WanTransformer3DModel" in text
+                assert "a plan that works: tile 3 x cfg 1 x ring 1 x ulysses 1 = 3 ranks" in text
+            assert not (tmp_path / "bad.npy").exists()
+            continue
+        m = json.loads((tmp_path / f"{name}.json").read_text())
+        plan = m["parallel_plan"]
+        assert (plan["tile"], plan["cfg"], plan["ulysses"]) == expected_plans[name] and plan["world_size"] == world
+        out = np.load(tmp_path / f"{name}.npy")
+        ref = cached if name == "cache" else plain
+        # Every tile-step counted once, whichever ranks shared it.
+        assert m["tiles"]["tile_steps_computed"] == ref.metrics["tiles"]["tile_steps_computed"]
+        if name == "cache":
+            # Each tile group's cache totals its statistics over its own ranks: the same decisions as one process.
+            assert m["tiles"]["skip_map"] == ref.metrics["tiles"]["skip_map"]
+            assert m["tiles"]["tile_steps_skipped"] == ref.metrics["tiles"]["tile_steps_skipped"] > 0
+        if name == "both":
+            _ulp_close(out, frames)  # through the distributed decode
+        elif plan["ulysses"] > 1:
+            _ulp_close(out, ref.frames.numpy())
+        else:
+            # Tiles and CFG branches move, the arithmetic does not: bit for bit.
+            np.testing.assert_array_equal(out, ref.frames.numpy())

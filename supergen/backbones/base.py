@@ -125,6 +125,8 @@ class BackboneAdapter(ABC):
     #: Whether :meth:`predict` can return the residual its transformer blocks add to the hidden
     #: states, and run with a given residual in place of the blocks (step caches reuse it).
     supports_block_reuse: bool = False
+    #: Whether :meth:`predict` runs one guidance branch when :attr:`cfg_split` is set (CFG parallel).
+    supports_cfg_parallel: bool = False
     #: Config fields the sizes are derived from: a checkpoint without them fails naming the field.
     required_transformer_config: tuple[str, ...] = ()
     required_vae_config: tuple[str, ...] = ()
@@ -142,6 +144,9 @@ class BackboneAdapter(ABC):
         from supergen.backbones.hooks import HookSet  # Diffusers' hooks: imported once a pipeline exists
 
         self.hooks = HookSet()
+        #: Set by :class:`supergen.parallel.hybrid.HybridRun` while a CFG-parallel plan runs: this rank
+        #: computes branch ``cfg_split.branch`` of every tile and ``cfg_split.combine`` brings the other.
+        self.cfg_split = None
         spec = type(self).spec_from_configs(ModelConfigs.of(pipeline), native_size)
         self.geometry = spec.geometry
         self.native_height, self.native_width, self.native_num_frames = spec.native_size
@@ -261,6 +266,10 @@ class BackboneAdapter(ABC):
         ``block_residual`` (skip the blocks and add this residual instead;
         embeddings and the timestep-modulated output head still run).
         """
+
+    def context_parallel_models(self) -> list[torch.nn.Module]:
+        """The transformers that Diffusers' context parallelism (their ``_cp_plan``) is applied to."""
+        return [self.pipeline.transformer]
 
     # --- image-to-video -------------------------------------------------------
     @property

@@ -20,6 +20,7 @@ class WanAdapter(BackboneAdapter):
     transformer_classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
     pipeline_classes = ("WanPipeline", "SkyReelsV2Pipeline", "WanImageToVideoPipeline")
     supports_absolute_rope = True
+    supports_cfg_parallel = True
     supports_block_reuse = True
     required_transformer_config = ("in_channels", "patch_size")
     required_vae_config = ("z_dim", "scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std")
@@ -35,6 +36,9 @@ class WanAdapter(BackboneAdapter):
             for model in self._experts() if hasattr(model, "rope")
         }
         self._block_hooks = {id(model): WanBlockResidual(model, self.hooks) for model in self._experts()}
+
+    def context_parallel_models(self):
+        return self._experts()
 
     def _experts(self):
         return [m for m in (self.pipeline.transformer, getattr(self.pipeline, "transformer_2", None)) if m is not None]
@@ -161,7 +165,13 @@ class WanAdapter(BackboneAdapter):
         # Residuals travel tile-major (N, branches, tokens, dim); the model batch is branch-major.
         residual = None if block_residual is None else block_residual.transpose(0, 1).flatten(0, 1)
         batches = [(x, text, t, residual)]
-        if do_cfg and not self.batch_cfg:
+        split = self.cfg_split if do_cfg else None
+        if split is not None:
+            # CFG parallel: this rank's branch alone (branch-major batch: negative first), as batch_cfg=False runs it.
+            if residual is not None:
+                raise ValueError("block reuse cannot run with CFG parallel; use cache reuse='output'")
+            batches = [(x.chunk(2)[split.branch], text.chunk(2)[split.branch], t.chunk(2)[split.branch], None)]
+        elif do_cfg and not self.batch_cfg:
             parts = (residual.chunk(2) if residual is not None else (None, None),)
             batches = list(zip(x.chunk(2), text.chunk(2), t.chunk(2), *parts))
         blocks = self._block_hooks[id(model)]
@@ -191,7 +201,10 @@ class WanAdapter(BackboneAdapter):
                 if hook is not None:
                     hook.positions = None
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        if do_cfg:
+        if split is not None:
+            uncond, cond_out = split.combine(out)
+            out = uncond + scale * (cond_out - uncond)
+        elif do_cfg:
             uncond, cond_out = out.chunk(2)
             out = uncond + scale * (cond_out - uncond)
         if return_block_residual:
