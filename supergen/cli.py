@@ -187,7 +187,7 @@ def _discarded_on_failure(writer):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from supergen.config import CacheConfig, ParallelConfig
+    from supergen.config import CacheConfig, GenerationConfig, ParallelConfig
     from supergen.io import VideoWriter, check_output_path, write_json, write_skip_map
     from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline, check_request_for
@@ -243,6 +243,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange,
                               parallel=args.parallel, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses,
                               ring=args.ring)
+    # The same request the Python API and the demo run.
+    config = GenerationConfig(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        guidance_scale_2=args.guidance_2, seed=args.seed, tiling=tiling, coherence=coherence, cache=cache,
+        parallel=parallel,
+    )
 
     writer = VideoWriter(args.output, fps=args.fps, lazy=True)
     with distributed_session(parallel) as ctx, _discarded_on_failure(writer):
@@ -256,25 +263,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=device)
         request = pipe.check_request(args.height, args.width, args.num_frames, tiling)
         logger.info("model %s loaded in %.1fs: %s", args.model, time.perf_counter() - started, pipe.adapter.describe())
-        result = pipe(
-            args.prompt,
-            max_memory=args.max_memory,
-            height=request.height,
-            width=request.width,
-            num_frames=request.num_frames,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            guidance_scale_2=args.guidance_2,
-            negative_prompt=args.negative_prompt,
-            seed=args.seed,
-            tiling=tiling,
-            coherence=coherence,
-            cache=cache,
-            image=image,
-            parallel=parallel,
-            context=ctx,
-            writer=writer if ctx.enabled else None,
-        )
+        result = pipe.generate(config, image=image, context=ctx, max_memory=args.max_memory,
+                               writer=writer if ctx.enabled else None)
     # One process writes after generation; under torchrun rank 0 streams the decoded frames into the
     # (lazily opened) writer, and the file appears only here, after every rank has finished: a failure
     # anywhere before this point leaves no file behind.

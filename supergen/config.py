@@ -356,13 +356,19 @@ class StreamConfig:
 
 @dataclass(kw_only=True)
 class GenerationConfig:
-    """Everything one tiled generation needs besides the model."""
+    """One tiled generation, everything but the model: what ``SuperGenPipeline.generate`` runs.
+
+    ``SuperGenPipeline.__call__`` builds one from its arguments; the CLI and the
+    demo build one from their inputs. Types and ranges are checked here; sizes
+    need the model and are checked when the pipeline resolves the request
+    (before any model work).
+    """
 
     prompt: str
     negative_prompt: str | None = None
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
+    height: int | None = None  # None: 2x the model's native height
+    width: int | None = None  # None: 2x the model's native width
+    num_frames: int | None = None  # None: the model's native frame count
     num_inference_steps: int = 30
     guidance_scale: float | None = None  # None: the model's default (SuperGenPipeline.default_guidance_scale)
     guidance_scale_2: float | None = None
@@ -371,14 +377,14 @@ class GenerationConfig:
     coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    max_sequence_length: int | None = None  # None: the pipeline's own default
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        for name in ("height", "width", "num_frames"):
-            value = getattr(self, name)
-            if value is not None:
-                _positive_int(name, value)
-        _positive_int("num_inference_steps", self.num_inference_steps)
-        if self.guidance_scale is not None and (not math.isfinite(self.guidance_scale) or self.guidance_scale < 0):
-            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a finite number >= 0")
+        from supergen.validation import check_call_arguments
+
+        check_call_arguments(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, guidance_scale_2=self.guidance_scale_2, seed=self.seed,
+            generator=None, tiling=self.tiling, cache=self.cache, parallel=self.parallel,
+            max_sequence_length=self.max_sequence_length, progress=True, coherence=self.coherence,
+        )

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, TilingConfig
+from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, GenerationConfig, TilingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ class DemoBackend:
 
         tiling = TilingConfig(overlap=whole_number("Tile overlap", overlap), shift=shift, rope=rope,
                               strength=float(strength))
-        kwargs = dict(
+        # The same request the CLI and the Python API run.
+        config = GenerationConfig(
+            prompt=prompt,
             coherence=CoherenceConfig(guide=coherence_guide, views=global_views),
             height=whole_number("Height", height),
             width=whole_number("Width", width),
@@ -128,9 +130,8 @@ class DemoBackend:
             num_inference_steps=whole_number("Steps", steps),
             seed=whole_number("Seed", seed),
             tiling=tiling,
-            max_memory=self.max_memory,
+            **self._cache_kwargs(cache),
         )
-        kwargs.update(self._cache_kwargs(cache))
         self.take_stop(session)  # a Stop pressed before this run belongs to an earlier one
 
         def stop_between_model_calls(*_):
@@ -141,7 +142,7 @@ class DemoBackend:
             self._release_abandoned_stream()
             hook = self.pipe.pipe.transformer.register_forward_pre_hook(stop_between_model_calls)
             try:
-                result = self.pipe(prompt, **kwargs)
+                result = self.pipe.generate(config, max_memory=self.max_memory)
             finally:
                 hook.remove()
         path = self._run_dir() / "supergen.mp4"

@@ -7,6 +7,7 @@ tiled decode. The README's "How a run works" describes each stage and its option
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -16,13 +17,21 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from supergen.backbones import BackboneAdapter, ModelSpec, adapter_for, spec_from_folder
 from supergen.cache import CacheSchedule, RegionCache
-from supergen.config import CacheConfig, CoherenceConfig, ParallelConfig, StreamConfig, TilingConfig
+from supergen.config import (
+    CacheConfig,
+    CoherenceConfig,
+    GenerationConfig,
+    ParallelConfig,
+    StreamConfig,
+    TilingConfig,
+)
 from supergen.io import to_uint8
 from supergen.models import read_model_hints, read_native_size, resolve_model
 from supergen.samplers.coherence import CoherenceGuide
@@ -33,6 +42,7 @@ from supergen.tiling.coherence import DilatedViews
 from supergen.validation import (
     check_call_arguments,
     check_frame_size,
+    check_generator,
     check_stream_arguments,
     check_target_size,
     resolve_device,
@@ -62,6 +72,53 @@ class SuperGenOutput:
 
     frames: np.ndarray | torch.Tensor
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ResolvedRun:
+    """One generation after :meth:`SuperGenPipeline.resolve`: the checked request and what the stages fill in."""
+
+    config: GenerationConfig
+    request: TiledRequest
+    #: The config's tiling, with strength 1 when the target is the native size (nothing to refine).
+    tiling: TilingConfig
+    guidance_scale: float
+    generator: torch.Generator
+    output_type: str
+    progress: bool
+    #: The job's context under torchrun (``None``: this process alone) and its parallel plan.
+    context: Any = None
+    plan: Any = None
+    writer: Any = None
+    # Filled in by the stages.
+    planner: TilePlanner | None = None
+    sketch_stats: TileStats | None = None
+    sampler: Any = None
+    region_cache: RegionCache | None = None
+    executor: Any = None
+    hybrid: Any = None
+    refine_steps: int = 0
+    started: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time (and log at DEBUG) one named stage of the run."""
+        logger.debug("stage %s", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.perf_counter() - t0
+            logger.debug("stage %s: %.2f s", name, self.timings[name])
+
+    def log_plan(self) -> None:
+        request, tiling = self.request, self.tiling
+        logger.info(
+            "target %dx%dx%df, %s; sketch %dx%d, strength %.2f, upscale %s, rope %s",
+            request.height, request.width, request.num_frames, self.planner.describe(), request.sketch_height,
+            request.sketch_width, tiling.strength, tiling.upscale, tiling.rope,
+        )
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -337,8 +394,6 @@ class SuperGenPipeline:
         tiling = tiling or TilingConfig()
         return self._planner(self.check_request(height, width, num_frames, tiling), tiling)
 
-    @torch.no_grad()
-    @_hooks_attached
     def __call__(
         self,
         prompt: str,
@@ -400,6 +455,64 @@ class SuperGenPipeline:
             tiling=tiling, cache=cache, parallel=parallel, max_sequence_length=max_sequence_length, progress=progress,
             coherence=coherence,
         )
+        config = GenerationConfig(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+            seed=seed, tiling=tiling or TilingConfig(), coherence=coherence or CoherenceConfig(),
+            cache=cache or CacheConfig(), parallel=parallel or ParallelConfig(), max_sequence_length=max_sequence_length,
+        )
+        return self.generate(config, generator=generator, image=image, output_type=output_type, progress=progress,
+                             context=context, max_memory=max_memory, writer=writer)
+
+    @torch.no_grad()
+    @_hooks_attached
+    def generate(self, config: GenerationConfig, *, generator: torch.Generator | None = None, image=None,
+                 output_type: str = "uint8", progress: bool = True, context=None, max_memory: int | str | None = None,
+                 writer=None) -> SuperGenOutput:
+        """Run one :class:`~supergen.GenerationConfig` (what the CLI and the demo build); see :meth:`__call__`.
+
+        The request is resolved once (:meth:`resolve`: every check, before any model
+        work), then the stages run in a fixed order, each logged and timed: encode,
+        sketch, refine, decode, metrics.
+        """
+        run = self.resolve(config, generator=generator, image=image, output_type=output_type, progress=progress,
+                           context=context, max_memory=max_memory, writer=writer)
+        adapter = self.adapter
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        run.started = time.perf_counter()
+        with run.stage("encode"):
+            cond = adapter.encode_prompt(config.prompt, config.negative_prompt, run.guidance_scale,
+                                         config.max_sequence_length, image=image)
+        run.planner = self._planner(run.request, run.tiling)
+        run.log_plan()
+        sampler_args = dict(adapter=adapter, cond=cond, guidance_scale=run.guidance_scale,
+                            guidance_scale_2=config.guidance_scale_2, tile_batch_size=run.tiling.tile_batch_size,
+                            progress=run.progress)
+        clean = None
+        if run.tiling.strength < 1.0:
+            with run.stage("sketch"):
+                clean, run.sketch_stats = self._sketch(run.request, run.tiling, config.num_inference_steps,
+                                                       run.generator, sampler_args, image, cache=config.cache)
+        with run.stage("refine"):
+            latents = self._refine(run, clean, sampler_args, image)
+        with run.stage("decode"):
+            frames = self._decode(run, latents)
+        return SuperGenOutput(frames=frames, metrics=self._run_metrics(run))
+
+    def resolve(self, config: GenerationConfig, *, generator: torch.Generator | None = None, image=None,
+                output_type: str = "uint8", progress: bool = True, context=None, max_memory: int | str | None = None,
+                writer=None) -> "ResolvedRun":
+        """Check ``config`` against the model, the device and the job (every rank alike) and fix what the run does.
+
+        Raises ``ValueError`` / ``TypeError`` before any model work; the result holds the validated
+        request in latent cells, the effective tiling, guidance and parallel plan, and the stage timers.
+        """
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        check_generator(generator)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {type(progress).__name__}")
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
         if writer is not None and output_type != "uint8":
@@ -411,27 +524,24 @@ class SuperGenPipeline:
                 f"{type(self.pipe).__name__} is not an image-to-video pipeline; it takes no image "
                 "(load the model's image-to-video pipeline instead)"
             )
-        tiling = tiling or TilingConfig()
-        cache = cache or CacheConfig()
-        coherence = coherence or CoherenceConfig()
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
+        tiling, cache, parallel = config.tiling, config.cache, config.parallel
+        guidance_scale = self.default_guidance_scale if config.guidance_scale is None else config.guidance_scale
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
-        request = self.check_request(height, width, num_frames, tiling)
+        request = self.check_request(config.height, config.width, config.num_frames, tiling)
         if (request.sketch_height, request.sketch_width) == (request.height, request.width) and tiling.strength < 1.0:
             # At the native size the sketch is already the video: refining it again would double the work.
             logger.info("target %dx%d is the native size: one full-schedule pass, no sketch", request.height,
                         request.width)
             tiling = dataclasses.replace(tiling, strength=1.0)
-        self._preflight(prompt, request, tiling, guidance_scale, output_type, max_memory, max_sequence_length, context)
-        cache.check_schedule(refinement_steps(num_inference_steps, tiling.strength))
+        self._preflight(config.prompt, request, tiling, guidance_scale, output_type, max_memory,
+                        config.max_sequence_length, context)
+        cache.check_schedule(refinement_steps(config.num_inference_steps, tiling.strength))
         if cache.enabled and cache.reuse == "blocks" and not self.adapter.supports_block_reuse:
             raise ValueError(
                 f"cache reuse='blocks' needs a backbone adapter that can skip its transformer blocks; "
                 f"{type(self.adapter).__name__} cannot: use reuse='output'"
             )
-        parallel = parallel or ParallelConfig()
         distributed = context is not None and context.enabled
         if distributed and cache.enabled and self._reuse_mode(cache) == "blocks":
             # Each rank keeps the cache state of its own cells; a tile's blocks residual would have to travel
@@ -440,157 +550,128 @@ class SuperGenPipeline:
                 "cache reuse='blocks' runs in one process only: under torchrun use reuse='output' (the default), "
                 "'taylor' or 'residual', which every rank serves from its own part of the canvas"
             )
+        plan = None
         if distributed:
             context.ensure_same(
                 "generation requests",
                 dict(
-                    prompt=prompt, negative_prompt=negative_prompt, request=request, steps=num_inference_steps,
-                    guidance=(guidance_scale, guidance_scale_2), tiling=tiling, coherence=coherence,
-                    parallel=(parallel.exchange, parallel.parallel, parallel.cfg_parallel, parallel.ulysses, parallel.ring),
-                    seed=generator.initial_seed() if generator is not None else seed, output_type=output_type,
-                    model=self.adapter.describe(), max_sequence_length=max_sequence_length,
+                    prompt=config.prompt, negative_prompt=config.negative_prompt, request=request,
+                    steps=config.num_inference_steps, guidance=(guidance_scale, config.guidance_scale_2),
+                    tiling=tiling, coherence=config.coherence,
+                    parallel=(parallel.exchange, parallel.parallel, parallel.cfg_parallel, parallel.ulysses,
+                              parallel.ring),
+                    seed=generator.initial_seed() if generator is not None else config.seed, output_type=output_type,
+                    model=self.adapter.describe(), max_sequence_length=config.max_sequence_length,
                     image=None if image is None else getattr(image, "size", type(image).__name__),
                 ),
             )
             progress = progress and context.is_main
-        plan = self._parallel_plan(parallel, context, request, tiling, guidance_scale, num_inference_steps) \
-            if distributed else None
-        adapter = self.adapter
-        device = self.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        generator = generator or torch.Generator(device="cpu").manual_seed(seed)
-        t_start = time.perf_counter()
+            plan = self._parallel_plan(parallel, context, request, tiling, guidance_scale, config.num_inference_steps)
+        return ResolvedRun(
+            config=config, request=request, tiling=tiling, guidance_scale=guidance_scale,
+            generator=generator or torch.Generator(device="cpu").manual_seed(config.seed), output_type=output_type,
+            progress=progress, context=context if distributed else None, plan=plan, writer=writer,
+        )
 
-        cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length, image=image)
-        planner = self._planner(request, tiling)
-        logger.info(
-            "target %dx%dx%df, %s; sketch %dx%d, strength %.2f, upscale %s, rope %s",
-            request.height,
-            request.width,
-            request.num_frames,
-            planner.describe(),
-            request.sketch_height,
-            request.sketch_width,
-            tiling.strength,
-            tiling.upscale,
-            tiling.rope,
-        )
-        sampler_args = dict(
-            adapter=adapter,
-            cond=cond,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            tile_batch_size=tiling.tile_batch_size,
-            progress=progress,
-        )
-        sketch_s, sketch_stats = 0.0, None
-        if tiling.strength < 1.0:
-            t0 = time.perf_counter()
-            clean, sketch_stats = self._sketch(request, tiling, num_inference_steps, generator, sampler_args, image,
-                                               cache=cache)
-            sketch_s = time.perf_counter() - t0
+    def _refine(self, run: "ResolvedRun", clean: torch.Tensor | None, sampler_args: dict, image) -> torch.Tensor:
+        """The tiled refinement of the up-scaled sketch (or of noise at strength 1): the run's denoised canvas."""
+        adapter, request, tiling, generator = self.adapter, run.request, run.tiling, run.generator
+        config = run.config
         scheduler = adapter.make_scheduler(request.tile, generator)
-        timesteps, _ = refinement_timesteps(scheduler, num_inference_steps, tiling.strength, device=device)
+        timesteps, _ = refinement_timesteps(scheduler, config.num_inference_steps, tiling.strength, device=self.device)
         # Image before noise: the image-to-video pipelines draw from the generator in this order.
         condition = self._condition(image, request.height, request.width, request.num_frames, generator)
         noise = adapter.prepare_noise(request.canvas, generator)
-        latents = noise if tiling.strength >= 1.0 else renoise(scheduler, clean, noise, timesteps[0])
-        guide = self._coherence_guide(coherence, request, planner, num_inference_steps, len(timesteps),
-                                      None if tiling.strength >= 1.0 else clean, noise)
+        latents = noise if clean is None else renoise(scheduler, clean, noise, timesteps[0])
+        planner, run.refine_steps = run.planner, len(timesteps)
+        guide = self._coherence_guide(config.coherence, request, planner, config.num_inference_steps, len(timesteps),
+                                      clean, noise)
+        sampler_kwargs = dict(planner=planner, rope=tiling.rope, desc="refine", condition=condition, coherence=guide,
+                              **sampler_args)
+        if run.context is None:
+            run.region_cache = self._region_cache(config.cache, planner, len(timesteps))
+            run.sampler = TiledSampler(cache=run.region_cache, **sampler_kwargs)
+            return run.sampler(latents, scheduler, timesteps)
+        from supergen.parallel import make_executor
+        from supergen.parallel.hybrid import run_for
+        from supergen.samplers.distributed import DistributedTiledSampler
 
-        t0 = time.perf_counter()
-        executor = None
-        region_cache = None
-        if distributed:
-            from supergen.parallel import make_executor
-            from supergen.samplers.distributed import DistributedTiledSampler
-
-            exchange = parallel.exchange
-            if exchange == "region" and getattr(scheduler, "step_kwargs", {}).get("generator") is not None:
-                # A scheduler that draws noise inside step() would draw it per region, not as one
-                # process would; stepping the whole canvas on every rank keeps the output identical.
-                logger.warning("%s draws noise in its step: using exchange='allgather'", type(adapter).__name__)
-                exchange = "allgather"
-            if guide is not None and guide.views is not None and exchange != "allgather":
-                # Global views read the whole canvas (sketch guidance alone works on regions).
-                logger.warning("global coherence (%s) runs on the all-gather exchange under torchrun; using it",
-                               guide.describe())
-                exchange = "allgather"
-            from supergen.parallel.hybrid import run_for
-
-            hybrid = run_for(context, plan)
-            # Tiles are exchanged among the ranks of one tile slice of the mesh (same branch, same shard).
-            tiles_ctx = hybrid.tile
-            executor = make_executor(tiles_ctx, planner, exchange, len(timesteps), adapter.dtype)
-            if exchange == "region":
-                # Each rank caches its own region; decisions come from sums totalled over its tile group.
-                region_cache = self._region_cache(cache, planner, len(timesteps),
-                                                  box=executor.layout.boxes[tiles_ctx.rank],
+        exchange = config.parallel.exchange
+        if exchange == "region" and getattr(scheduler, "step_kwargs", {}).get("generator") is not None:
+            # A scheduler that draws noise inside step() would draw it per region, not as one
+            # process would; stepping the whole canvas on every rank keeps the output identical.
+            logger.warning("%s draws noise in its step: using exchange='allgather'", type(adapter).__name__)
+            exchange = "allgather"
+        if guide is not None and guide.views is not None and exchange != "allgather":
+            # Global views read the whole canvas (sketch guidance alone works on regions).
+            logger.warning("global coherence (%s) runs on the all-gather exchange under torchrun; using it",
+                           guide.describe())
+            exchange = "allgather"
+        run.hybrid = run_for(run.context, run.plan)
+        # Tiles are exchanged among the ranks of one tile slice of the mesh (same branch, same shard).
+        tiles_ctx = run.hybrid.tile
+        run.executor = make_executor(tiles_ctx, planner, exchange, len(timesteps), adapter.dtype)
+        if exchange == "region":
+            # Each rank caches its own region; decisions come from sums totalled over its tile group.
+            run.region_cache = self._region_cache(config.cache, planner, len(timesteps),
+                                                  box=run.executor.layout.boxes[tiles_ctx.rank],
                                                   reduce=tiles_ctx.reduce_ints)
-            else:
-                region_cache = self._region_cache(cache, planner, len(timesteps))
-            sampler = DistributedTiledSampler(
-                executor, planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
-                coherence=guide, **sampler_args
-            )
         else:
-            region_cache = self._region_cache(cache, planner, len(timesteps))
-            sampler = TiledSampler(
-                planner=planner, rope=tiling.rope, desc="refine", condition=condition, cache=region_cache,
-                coherence=guide, **sampler_args
-            )
-        if distributed:
-            with hybrid.installed(adapter):
-                latents = sampler(latents, scheduler, timesteps)
-        else:
-            latents = sampler(latents, scheduler, timesteps)
-        denoise_s = time.perf_counter() - t0
+            run.region_cache = self._region_cache(config.cache, planner, len(timesteps))
+        run.sampler = DistributedTiledSampler(run.executor, cache=run.region_cache, **sampler_kwargs)
+        with run.hybrid.installed(adapter):
+            return run.sampler(latents, scheduler, timesteps)
 
-        t0 = time.perf_counter()
-        tiled_decode = request.canvas[1:] != adapter.native_latent_shape[1:]
-        if output_type == "latent":
-            frames = latents
-        elif distributed and writer is not None:
+    def _decode(self, run: "ResolvedRun", latents: torch.Tensor):
+        """Frames of the run's ``output_type`` (``None`` on ranks other than 0, and when a writer took them)."""
+        adapter, context, writer = self.adapter, run.context, run.writer
+        tiled_decode = run.request.canvas[1:] != adapter.native_latent_shape[1:]
+        if run.output_type == "latent":
+            return latents
+        if context is not None and writer is not None:
             from supergen.parallel.decode import decode_streamed
 
-            executor.other_bytes += decode_streamed(
+            run.executor.other_bytes += decode_streamed(
                 adapter, latents, context, tiled_decode, lambda video: to_uint8(adapter.postprocess(video)),
                 writer.append if context.is_main else None,
             )
-            frames = None
-        else:
-            if distributed:
-                from supergen.parallel import decode_distributed
+            return None
+        if context is not None:
+            from supergen.parallel import decode_distributed
 
-                video, moved = decode_distributed(adapter, latents, context, tiled_decode)
-                executor.other_bytes += moved
-            else:
-                video = adapter.decode(latents, tiled=tiled_decode)
-            frames = None if video is None else adapter.postprocess(video)
-            if output_type == "uint8" and frames is not None:
-                frames = to_uint8(frames)
-            if writer is not None:
-                writer.append(frames)
-                frames = None
-        decode_s = time.perf_counter() - t0
-        metrics = self._metrics(request, num_inference_steps, sampler.stats, planner, tiling)
-        metrics["cache"] = self._cache_metrics(cache, region_cache)
-        if sketch_stats is not None:
-            metrics["sketch"] = {"steps_total": sketch_stats.tile_steps_total,
-                                 "steps_computed": sketch_stats.tile_steps_computed,
-                                 "model_calls": sketch_stats.model_calls}
-        if distributed:
-            metrics.update(self._parallel_metrics(context, executor, sampler.stats, hybrid))
+            video, moved = decode_distributed(adapter, latents, context, tiled_decode)
+            run.executor.other_bytes += moved
+        else:
+            video = adapter.decode(latents, tiled=tiled_decode)
+        frames = None if video is None else adapter.postprocess(video)
+        if run.output_type == "uint8" and frames is not None:
+            frames = to_uint8(frames)
+        if writer is not None:
+            writer.append(frames)
+            return None
+        return frames
+
+    def _run_metrics(self, run: "ResolvedRun") -> dict:
+        """What the run did: tiles, cache, sketch, parallel plan and bytes, stage times, peak memory."""
+        steps = run.config.num_inference_steps
+        metrics = self._metrics(run.request, steps, run.sampler.stats, run.planner, run.tiling)
+        metrics["cache"] = self._cache_metrics(run.config.cache, run.region_cache)
+        if run.sketch_stats is not None:
+            metrics["sketch"] = {"steps_total": run.sketch_stats.tile_steps_total,
+                                 "steps_computed": run.sketch_stats.tile_steps_computed,
+                                 "model_calls": run.sketch_stats.model_calls}
+        if run.context is not None:
+            metrics.update(self._parallel_metrics(run.context, run.executor, run.sampler.stats, run.hybrid))
+        timings = run.timings
         metrics.update(
-            wall_s=time.perf_counter() - t_start,
-            sketch_s=sketch_s,
-            denoise_s=denoise_s,
-            denoise_s_per_step=denoise_s / max(1, len(timesteps)),
-            decode_s=decode_s,
-            peak_mem_bytes=_peak_memory_bytes(device),
+            wall_s=time.perf_counter() - run.started,
+            sketch_s=timings.get("sketch", 0.0),
+            denoise_s=timings["refine"],
+            denoise_s_per_step=timings["refine"] / max(1, run.refine_steps),
+            decode_s=timings["decode"],
+            peak_mem_bytes=_peak_memory_bytes(self.device),
         )
-        return SuperGenOutput(frames=frames, metrics=metrics)
+        return metrics
 
     # --- streaming --------------------------------------------------------------
     def check_stream(
