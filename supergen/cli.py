@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import sys
 import time
 
-from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, PARALLEL_MODES, CoherenceConfig, TilingConfig
+from supergen.config import CoherenceConfig, ParallelConfig, TilingConfig
 
 logger = logging.getLogger("supergen")
 
@@ -52,6 +53,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="DEBUG also prints tracebacks of refused requests")
 
 
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the config ``cls`` that names one (``supergen.config.cli``): default, type,
+    choices and help come from the field."""
+    for f in dataclasses.fields(cls):
+        spec = dict(f.metadata.get("cli", {}))
+        if not spec:
+            continue
+        flag = spec.pop("flag")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_false" if f.default else "store_true", **spec)
+        else:
+            spec.setdefault("type", type(f.default))
+            parser.add_argument(flag, default=f.default, **spec)
+
+
+def _config_from_args(cls, args: argparse.Namespace):
+    """The config ``cls`` from the flags :func:`_add_config_flags` added."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("cli")
+        if spec:
+            values[f.name] = getattr(args, spec.get("dest") or spec["flag"].lstrip("-").replace("-", "_"))
+    return cls(**values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supergen", description=__doc__.splitlines()[0],
                                      formatter_class=_HelpFormatter)
@@ -73,42 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "otherwise; HunyuanVideo: its embedded, distilled guidance)")
     g.add_argument("--guidance-2", type=float, default=None, help="guidance of Wan2.2's low-noise expert")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (same seed, same video, any world size)")
-    g.add_argument("--strength", type=float, default=TilingConfig.strength,
-                   help="fraction of the schedule refined at the target size")
-    g.add_argument("--tile-height", type=int, default=None, help="tile height in pixels (default: native)")
-    g.add_argument("--tile-width", type=int, default=None, help="tile width in pixels (default: native)")
-    g.add_argument("--tile-overlap", type=int, default=0, help="overlap between tiles, pixels")
-    g.add_argument("--blend", choices=("cosine", "uniform"), default="cosine", help="weights where tiles overlap")
-    g.add_argument("--shift", choices=("wrap", "none"), default="wrap", help="shift the tile grid every step")
-    g.add_argument("--rope", choices=("local", "absolute"), default="local", help="tile RoPE positions")
-    g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="how the sketch is up-scaled")
-    g.add_argument("--tile-batch-size", type=int, default=1, help="tiles per model call")
-    g.add_argument("--coherence-guide", choices=COHERENCE_GUIDES, default=CoherenceConfig.guide,
-                   help="keep the sketch's layout (one subject, not one per tile): pull the canvas towards the "
-                        "noised sketch in the band it resolves (lowpass), in every band (skip), or not (none)")
-    g.add_argument("--coherence-decay", type=float, default=CoherenceConfig.guide_exponent,
-                   help="exponent of the guide's cosine decay over the refinement (larger: released sooner)")
-    g.add_argument("--global-views", choices=COHERENCE_VIEWS, default=CoherenceConfig.views,
-                   help="also denoise strided whole-picture views of native size and blend them in (dilated; "
-                        "one extra forward per view and step)")
-    g.add_argument("--global-views-until", type=float, default=CoherenceConfig.view_until,
-                   help="fraction of the refinement steps during which the global views run")
-    g.add_argument("--exchange", choices=("region", "allgather"), default="region",
-                   help="under torchrun: each rank owns a canvas region and swaps halos (region), or every rank "
-                        "receives every tile output (allgather)")
-    g.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
-                   help="under torchrun: factorise the ranks into tile x CFG x sequence (Ulysses/Ring) degrees with "
-                        "the lowest modelled step time (auto), or spread tiles only (tile)")
-    g.add_argument("--cfg-parallel", type=int, default=None, metavar="N",
-                   help="1 or 2: run a tile's conditional and unconditional branch on two ranks (overrides auto)")
-    g.add_argument("--ulysses", type=int, default=None, metavar="N",
-                   help="Ulysses degree inside a tile (Diffusers context parallelism; overrides auto)")
-    g.add_argument("--ring", type=int, default=None, metavar="N",
-                   help="ring-attention degree inside a tile (needs a flash/cuDNN attention backend; overrides auto)")
-    g.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
-                   help="torch.distributed backend under torchrun (auto: NCCL with CUDA, else gloo)")
-    g.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds a collective may wait under torchrun before a hung rank fails the job")
+    _add_config_flags(g, TilingConfig)
+    _add_config_flags(g, CoherenceConfig)
+    _add_config_flags(g, ParallelConfig)
     g.add_argument("--cache", choices=("off", "region", "canvas"), default="off",
                    help="step cache of the refinement: region (per-tile decisions), canvas (one decision), off")
     # Literals (this parser loads no torch); tests/test_cache.py checks they match CacheConfig's defaults.
@@ -193,23 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from supergen.pipeline import SuperGenPipeline, check_request_for
     from supergen.samplers.schedule import refinement_steps
 
-    tiling = TilingConfig(
-        tile_height=args.tile_height,
-        tile_width=args.tile_width,
-        overlap=args.tile_overlap,
-        blend=args.blend,
-        shift=args.shift,
-        rope=args.rope,
-        tile_batch_size=args.tile_batch_size,
-        strength=args.strength,
-        upscale=args.upscale,
-    )
-    coherence = CoherenceConfig(
-        guide=args.coherence_guide,
-        guide_exponent=args.coherence_decay,
-        views=args.global_views,
-        view_until=args.global_views_until,
-    )
+    tiling = _config_from_args(TilingConfig, args)
+    coherence = _config_from_args(CoherenceConfig, args)
     cache = CacheConfig(
         mode=args.cache,
         threshold=args.cache_threshold,
@@ -240,9 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     planned = check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
     image = None if args.image is None else _load_image(args.image)
 
-    parallel = ParallelConfig(backend=args.backend, timeout_s=args.timeout, exchange=args.exchange,
-                              parallel=args.parallel, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses,
-                              ring=args.ring)
+    parallel = _config_from_args(ParallelConfig, args)
     # The same request the Python API and the demo run.
     config = GenerationConfig(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

@@ -37,6 +37,12 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
+def cli(flag: str, help: str, **argparse_kwargs) -> dict:
+    """Field metadata naming the field's ``supergen generate`` flag; :mod:`supergen.cli` builds its parser
+    from it, so each default, choice and help text is written once, here (``--help`` shows every default)."""
+    return {"cli": dict(flag=flag, help=help, **argparse_kwargs)}
+
+
 def _non_negative_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name}={value!r} must be an integer >= 0")
@@ -76,18 +82,22 @@ class TilingConfig:
         sketch_steps: steps of the native-size sketch (default: same as refinement).
     """
 
-    tile_height: int | None = None
-    tile_width: int | None = None
+    tile_height: int | None = field(default=None, metadata=cli(
+        "--tile-height", "tile height in pixels (default: native)", type=int))
+    tile_width: int | None = field(default=None, metadata=cli(
+        "--tile-width", "tile width in pixels (default: native)", type=int))
     tile_frames: int | None = None
-    overlap: int = 0
+    overlap: int = field(default=0, metadata=cli("--tile-overlap", "overlap between tiles, pixels"))
     frame_overlap: int = 0
-    blend: str = "cosine"
-    shift: str = "wrap"
+    blend: str = field(default="cosine", metadata=cli("--blend", "weights where tiles overlap", choices=BLEND_MODES))
+    shift: str = field(default="wrap", metadata=cli("--shift", "shift the tile grid every step", choices=SHIFT_MODES))
     shift_stride: int | None = None
-    rope: str = "local"
-    tile_batch_size: int = 1
-    strength: float = 0.9
-    upscale: str = "pixel"
+    rope: str = field(default="local", metadata=cli("--rope", "tile RoPE positions", choices=ROPE_MODES))
+    tile_batch_size: int = field(default=1, metadata=cli("--tile-batch-size", "tiles per model call"))
+    strength: float = field(default=0.9, metadata=cli(
+        "--strength", "fraction of the schedule refined at the target size"))
+    upscale: str = field(default="pixel", metadata=cli(
+        "--upscale", "how the sketch is up-scaled", choices=UPSCALE_MODES))
     sketch_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -149,11 +159,18 @@ class CoherenceConfig:
         view_until: fraction of the refinement steps during which the views run.
     """
 
-    guide: str = "x0"
-    guide_exponent: float = 0.25
-    views: str = "none"
+    guide: str = field(default="x0", metadata=cli(
+        "--coherence-guide", "keep the sketch's layout (one subject, not one per tile): move the clean canvas each "
+        "prediction implies towards the sketch in the band it resolves (x0), pull the noisy canvas towards the noised "
+        "sketch in that band (lowpass) or in every band (skip), or not (none)", choices=COHERENCE_GUIDES))
+    guide_exponent: float = field(default=0.25, metadata=cli(
+        "--coherence-decay", "exponent of the guide's cosine decay over the refinement (larger: released sooner)"))
+    views: str = field(default="none", metadata=cli(
+        "--global-views", "also denoise strided whole-picture views of native size and blend them in (dilated; one "
+        "extra forward per view and step)", choices=COHERENCE_VIEWS))
     view_exponent: float = 1.0
-    view_until: float = 0.5
+    view_until: float = field(default=0.5, metadata=cli(
+        "--global-views-until", "fraction of the refinement steps during which the global views run"))
 
     def __post_init__(self) -> None:
         _choice("coherence guide", self.guide, COHERENCE_GUIDES)
@@ -284,13 +301,26 @@ class ParallelConfig:
             (``None``: chosen by ``parallel``).
     """
 
-    backend: str = "auto"
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    exchange: str = "region"
-    parallel: str = "auto"
-    cfg_parallel: int | None = None
-    ulysses: int | None = None
-    ring: int | None = None
+    backend: str = field(default="auto", metadata=cli(
+        "--backend", "torch.distributed backend under torchrun (auto: NCCL with CUDA, else gloo)",
+        choices=("auto", "nccl", "gloo")))
+    timeout_s: float = field(default=DEFAULT_TIMEOUT_S, metadata=cli(
+        "--timeout", "seconds a collective may wait under torchrun before a hung rank fails the job"))
+    exchange: str = field(default="region", metadata=cli(
+        "--exchange", "under torchrun: each rank owns a canvas region and swaps halos (region), or every rank "
+        "receives every tile output (allgather)", choices=EXCHANGE_MODES))
+    parallel: str = field(default="auto", metadata=cli(
+        "--parallel", "under torchrun: factorise the ranks into tile x CFG x sequence (Ulysses/Ring) degrees with "
+        "the lowest modelled step time (auto), or spread tiles only (tile)", choices=PARALLEL_MODES))
+    cfg_parallel: int | None = field(default=None, metadata=cli(
+        "--cfg-parallel", "1 or 2: run a tile's conditional and unconditional branch on two ranks (overrides auto)",
+        type=int, metavar="N"))
+    ulysses: int | None = field(default=None, metadata=cli(
+        "--ulysses", "Ulysses degree inside a tile (Diffusers context parallelism; overrides auto)", type=int,
+        metavar="N"))
+    ring: int | None = field(default=None, metadata=cli(
+        "--ring", "ring-attention degree inside a tile (needs a flash/cuDNN attention backend; overrides auto)",
+        type=int, metavar="N"))
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, ("auto", "nccl", "gloo"))

@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,17 +54,35 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TiledRequest:
-    """A validated ultra-high-resolution request, in pixels and latent cells."""
+    """A validated ultra-high-resolution request.
+
+    ``height``, ``width``, ``num_frames`` and the sketch size are pixels; ``canvas``,
+    ``tile``, ``overlap_cells`` and ``shift_stride_cells`` are latent cells (F, H, W),
+    the unit of :class:`~supergen.tiling.TilePlanner`.
+    """
 
     height: int
     width: int
     num_frames: int
     canvas: tuple[int, int, int]
     tile: tuple[int, int, int]
-    overlap: tuple[int, int, int]
-    shift_stride: tuple[int, int] | None
+    overlap_cells: tuple[int, int, int]
+    shift_stride_cells: tuple[int, int] | None
     sketch_height: int
     sketch_width: int
+
+    @property
+    def overlap(self) -> tuple[int, int, int]:
+        """Deprecated name of :attr:`overlap_cells` (``TilingConfig.overlap`` is pixels)."""
+        warnings.warn("TiledRequest.overlap is now overlap_cells (latent cells)", DeprecationWarning, stacklevel=2)
+        return self.overlap_cells
+
+    @property
+    def shift_stride(self) -> tuple[int, int] | None:
+        """Deprecated name of :attr:`shift_stride_cells` (``TilingConfig.shift_stride`` is pixels)."""
+        warnings.warn("TiledRequest.shift_stride is now shift_stride_cells (latent cells)", DeprecationWarning,
+                      stacklevel=2)
+        return self.shift_stride_cells
 
 
 @dataclass
@@ -382,11 +401,11 @@ class SuperGenPipeline:
         return TilePlanner(
             canvas=request.canvas,
             tile=request.tile,
-            overlap=request.overlap,
+            overlap=request.overlap_cells,
             align=self.adapter.geometry.patch,
             blend=tiling.blend,
             shift=tiling.shift,
-            shift_stride=request.shift_stride,
+            shift_stride=request.shift_stride_cells,
         )
 
     def plan(self, height=None, width=None, num_frames=None, tiling: TilingConfig | None = None) -> TilePlanner:
@@ -799,7 +818,7 @@ class SuperGenPipeline:
         planner = TilePlanner(
             canvas=sketch_canvas,
             tile=(min(request.tile[0], sketch_canvas[0]), sketch_canvas[1], sketch_canvas[2]),
-            overlap=(request.overlap[0], 0, 0),
+            overlap=(request.overlap_cells[0], 0, 0),
             align=geo.patch,
             blend=tiling.blend,
         )

@@ -383,8 +383,8 @@ def check_tiled_request(
     geo = spec.geometry
 
     def plan(req):
-        return TilePlanner(canvas=req.canvas, tile=req.tile, overlap=req.overlap, align=geo.patch,
-                           blend=tiling.blend, shift=tiling.shift, shift_stride=req.shift_stride)
+        return TilePlanner(canvas=req.canvas, tile=req.tile, overlap=req.overlap_cells, align=geo.patch,
+                           blend=tiling.blend, shift=tiling.shift, shift_stride=req.shift_stride_cells)
 
     host_separate = device.type != "cpu"
 

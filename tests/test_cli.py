@@ -155,3 +155,33 @@ def test_unsupported_folder_is_refused_before_loading(tmp_path, monkeypatch, cap
     assert code == 2
     assert "no SuperGen adapter for FluxPipeline (transformer FluxTransformer2DModel); supported pipelines: " in err
     assert "WanPipeline" in err and "LTXPipeline" in err
+
+
+def test_generate_flags_come_from_the_config_fields():
+    """Each config field with a flag is parsed into the same config: defaults, choices and help written once."""
+    import dataclasses
+
+    from supergen.cli import _config_from_args, build_parser
+    from supergen.config import CoherenceConfig, ParallelConfig, TilingConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--prompt", "p"])
+    generate = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("generate"))
+    actions = {a.option_strings[0]: a for a in generate._actions if a.option_strings}
+    flagged = 0
+    for cls in (TilingConfig, CoherenceConfig, ParallelConfig):
+        assert _config_from_args(cls, args) == cls()
+        for f in dataclasses.fields(cls):
+            spec = f.metadata.get("cli")
+            if spec is None:
+                continue
+            flagged += 1
+            action = actions[spec["flag"]]
+            assert action.default == f.default and action.help == spec["help"]
+            assert action.choices == spec.get("choices")
+    assert flagged >= 20
+    changed = parser.parse_args(["generate", "--prompt", "p", "--tile-overlap", "8", "--coherence-guide", "skip",
+                                 "--ulysses", "2", "--timeout", "30"])
+    assert _config_from_args(TilingConfig, changed).overlap == 8
+    assert _config_from_args(CoherenceConfig, changed).guide == "skip"
+    assert _config_from_args(ParallelConfig, changed) == ParallelConfig(ulysses=2, timeout_s=30.0)

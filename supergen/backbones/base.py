@@ -113,6 +113,11 @@ class Conditioning:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, as every Diffusers video pipeline combines the two branches."""
+    return uncond + scale * (cond - uncond)
+
+
 class BackboneAdapter(ABC):
     """Wraps one loaded Diffusers pipeline; see the module docstring."""
 

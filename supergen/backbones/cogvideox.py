@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, ModelConfigs, PipelineScheduler
+from supergen.backbones.base import (
+    BackboneAdapter,
+    Conditioning,
+    LatentGeometry,
+    ModelConfigs,
+    PipelineScheduler,
+    cfg_combine,
+)
 
 
 class CogVideoXStepper(PipelineScheduler):
@@ -153,7 +160,7 @@ class CogVideoXAdapter(BackboneAdapter):
         )[0].float()
         if do_cfg:
             uncond, cond_out = out.chunk(2)
-            out = uncond + guidance_scale * (cond_out - uncond)
+            out = cfg_combine(uncond, cond_out, guidance_scale)
         return out.permute(0, 2, 1, 3, 4)
 
     # --- image-to-video --------------------------------------------------------

@@ -199,33 +199,29 @@ class WanBlockResidual:
         hooks.add(model.norm_out, "block_residual.head", _HeadInput(self))
 
 
-class _RecordBlocksInput(ModelHook):
+class _OwnedHook(ModelHook):
+    """One of the hooks of a :class:`WanBlockResidual`, which holds their shared state."""
+
     def __init__(self, owner: WanBlockResidual):
         super().__init__()
         self.owner = owner
 
+
+class _RecordBlocksInput(_OwnedHook):
     def pre_forward(self, module, *args, **kwargs):
         if self.owner.mode == "record":
             self.owner._first_input = args[0]
         return args, kwargs
 
 
-class _SkipBlock(ModelHook):
-    def __init__(self, owner: WanBlockResidual):
-        super().__init__()
-        self.owner = owner
-
+class _SkipBlock(_OwnedHook):
     def new_forward(self, module, *args, **kwargs):
         if self.owner.mode == "inject":
             return args[0] if args else kwargs["hidden_states"]
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-class _HeadInput(ModelHook):
-    def __init__(self, owner: WanBlockResidual):
-        super().__init__()
-        self.owner = owner
-
+class _HeadInput(_OwnedHook):
     def pre_forward(self, module, *args, **kwargs):
         owner = self.owner
         if owner.mode == "record":

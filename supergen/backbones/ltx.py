@@ -19,7 +19,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, ModelConfigs, PipelineScheduler
+from supergen.backbones.base import (
+    BackboneAdapter,
+    Conditioning,
+    LatentGeometry,
+    ModelConfigs,
+    PipelineScheduler,
+    cfg_combine,
+)
 
 #: LTXPipeline's default frame rate; it only enters RoPE's temporal scale.
 FRAME_RATE = 25
@@ -147,7 +154,7 @@ class LTXAdapter(BackboneAdapter):
         )[0].float()
         if do_cfg:
             uncond, cond_out = out.chunk(2)
-            out = uncond + guidance_scale * (cond_out - uncond)
+            out = cfg_combine(uncond, cond_out, guidance_scale)
         return pipe._unpack_latents(out, f // pt, h // p, w // p, p, pt)
 
     # --- VAE ------------------------------------------------------------------

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, DecodeBand, LatentGeometry, ModelConfigs
+from supergen.backbones.base import (
+    BackboneAdapter,
+    Conditioning,
+    DecodeBand,
+    LatentGeometry,
+    ModelConfigs,
+    cfg_combine,
+)
 
 
 class WanAdapter(BackboneAdapter):
@@ -203,10 +210,10 @@ class WanAdapter(BackboneAdapter):
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         if split is not None:
             uncond, cond_out = split.combine(out)
-            out = uncond + scale * (cond_out - uncond)
+            out = cfg_combine(uncond, cond_out, scale)
         elif do_cfg:
             uncond, cond_out = out.chunk(2)
-            out = uncond + scale * (cond_out - uncond)
+            out = cfg_combine(uncond, cond_out, scale)
         if return_block_residual:
             return out, torch.cat(residuals).unflatten(0, (branches, n)).transpose(0, 1)
         return out

@@ -28,7 +28,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from supergen.backbones.base import Conditioning, TokenPositions
+from supergen.backbones.base import Conditioning, TokenPositions, cfg_combine
 from supergen.cache.kv import CrossAttentionCache, KVCacheSpec, RollingKVCache
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class _StreamModelBase:
             hook.positions = None
         if self.cfg:
             uncond, cond = out.float().chunk(2)
-            return uncond + self.guidance_scale * (cond - uncond)
+            return cfg_combine(uncond, cond, self.guidance_scale)
         return out.float()
 
 
