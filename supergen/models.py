@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from supergen.backbones import CogVideoXAdapter, HunyuanVideoAdapter, LTXAdapter, WanAdapter
+
 logger = logging.getLogger(__name__)
 
 # Bump when a builder changes, so stale caches are rebuilt rather than reused.
@@ -582,19 +584,19 @@ def load_diffusers_pipeline(name_or_path: str | os.PathLike, torch_dtype: torch.
 # with the real output widths and compression factors: a tiled step only times the transformer.
 REAL_CONFIGS: dict[str, dict] = {
     "wan2.1-1.3b": dict(
-        native=(480, 832, 81),
+        native=WanAdapter.profile.native_sizes["wan2.1-1.3b"],
         transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                          out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                          cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
     ),
     "cogvideox-5b": dict(
-        native=(480, 720, 49),
+        native=CogVideoXAdapter.profile.native_sizes["cogvideox-5b"],
         transformer=dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
                          time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_height=60, sample_width=90,
                          sample_frames=49, patch_size=2, use_rotary_positional_embeddings=True),
     ),
-    "hunyuanvideo": dict(native=(720, 1280, 129), transformer=dict()),
-    "ltx-video": dict(native=(512, 704, 161), transformer=dict()),
+    "hunyuanvideo": dict(native=HunyuanVideoAdapter.profile.native_sizes["hunyuanvideo"], transformer=dict()),
+    "ltx-video": dict(native=LTXAdapter.profile.native_sizes["ltx-video"], transformer=dict()),
 }
 
 

@@ -451,3 +451,17 @@ def test_a_pipeline_is_left_as_it_was_after_every_call(backbone):
             list(stream)
         assert _pipeline_state(pipe) == before
     assert seen  # the probe ran: the transformer was called with the hooks attached
+
+
+def test_per_backbone_facts_live_in_one_profile():
+    """Native sizes come from the adapters' profiles for the loaded model and the real-size configurations alike."""
+    from supergen.backbones import CogVideoXAdapter, HunyuanVideoAdapter, LTXAdapter, WanAdapter
+    from supergen.models import REAL_CONFIGS
+
+    owners = {"wan2.1-1.3b": WanAdapter, "cogvideox-5b": CogVideoXAdapter, "hunyuanvideo": HunyuanVideoAdapter,
+              "ltx-video": LTXAdapter}
+    for name, adapter in owners.items():
+        assert REAL_CONFIGS[name]["native"] == adapter.profile.native_sizes[name]
+    assert HunyuanVideoAdapter.profile.guidance == "embedded" and WanAdapter.profile.guidance == "cfg"
+    assert [a.profile.max_sequence_length for a in (WanAdapter, CogVideoXAdapter, HunyuanVideoAdapter, LTXAdapter)] \
+        == [512, 226, 256, 128]  # the Diffusers pipelines' own defaults

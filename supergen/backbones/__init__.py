@@ -8,6 +8,7 @@ from pathlib import Path
 
 from supergen.backbones.base import (
     BackboneAdapter,
+    BackboneProfile,
     Conditioning,
     DecodeBand,
     LatentGeometry,
@@ -78,6 +79,7 @@ def spec_from_folder(folder: str | os.PathLike, native_size: tuple[int, int, int
 
 __all__ = [
     "BackboneAdapter",
+    "BackboneProfile",
     "Conditioning",
     "DecodeBand",
     "LatentGeometry",

@@ -113,6 +113,25 @@ class Conditioning:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BackboneProfile:
+    """One backbone family's facts that its checkpoints' configs do not hold, in one place.
+
+    Read by the adapter (native size, prompt length, guidance), by the real-size
+    configurations of :mod:`supergen.models` (``REAL_CONFIGS``) and so by the
+    benchmarks and the GPU check.
+    """
+
+    #: Native (height, width, frames) of the released variants, by the names ``REAL_CONFIGS`` uses.
+    native_sizes: Mapping[str, tuple[int, int, int]]
+    #: Text tokens a prompt is cut to when the caller gives no ``max_sequence_length`` (the pipeline's default).
+    max_sequence_length: int = 512
+    #: ``cfg``: conditional and unconditional branches, combined by :func:`cfg_combine`; ``embedded``:
+    #: guidance-distilled, the scale is a model input (times ``guidance_embed_scale``).
+    guidance: str = "cfg"
+    guidance_embed_scale: float = 1.0
+
+
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance, as every Diffusers video pipeline combines the two branches."""
     return uncond + scale * (cond - uncond)
@@ -135,9 +154,13 @@ class BackboneAdapter(ABC):
     #: Config fields the sizes are derived from: a checkpoint without them fails naming the field.
     required_transformer_config: tuple[str, ...] = ()
     required_vae_config: tuple[str, ...] = ()
-    #: Text tokens the prompt is cut to when the caller gives no ``max_sequence_length``
-    #: (the Diffusers pipeline's own default).
-    default_max_sequence_length: int = 512
+    #: The family's facts (native sizes, prompt length, guidance kind); see :class:`BackboneProfile`.
+    profile: BackboneProfile = BackboneProfile(native_sizes={})
+
+    @property
+    def default_max_sequence_length(self) -> int:
+        """Text tokens the prompt is cut to when the caller gives no ``max_sequence_length``."""
+        return self.profile.max_sequence_length
 
     def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None):
         self.pipeline = pipeline

@@ -19,6 +19,7 @@ import torch
 
 from supergen.backbones.base import (
     BackboneAdapter,
+    BackboneProfile,
     Conditioning,
     LatentGeometry,
     ModelConfigs,
@@ -65,7 +66,12 @@ class CogVideoXStepper(PipelineScheduler):
 
 class CogVideoXAdapter(BackboneAdapter):
     transformer_classes = ("CogVideoXTransformer3DModel",)
-    default_max_sequence_length = 226
+    profile = BackboneProfile(native_sizes={
+        "cogvideox-5b": (480, 720, 49),  # what its config's sample size gives
+        # CogVideoX 1.5's sample_height/width (300x170) bound its RoPE table, they are not its training size;
+        # 85 frames = 22 latent frames, the multiple of patch_size_t=2 that the pipeline pads 81 frames up to.
+        "cogvideox1.5-5b": (768, 1360, 85),
+    }, max_sequence_length=226)
     pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
     required_transformer_config = (
         "in_channels", "patch_size", "patch_size_t", "sample_height", "sample_width", "sample_frames",
@@ -89,10 +95,7 @@ class CogVideoXAdapter(BackboneAdapter):
     def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
         cfg = configs.transformer
         if cfg["patch_size_t"] is not None:
-            # CogVideoX 1.5's sample_height/width (300x170) bound its RoPE table, they are not
-            # its training size; it was trained at 768x1360. 85 frames = 22 latent frames, the
-            # multiple of patch_size_t=2 that the pipeline pads 81 frames up to.
-            return 768, 1360, 85
+            return cls.profile.native_sizes["cogvideox1.5-5b"]
         scale = geometry.scale_spatial
         return cfg["sample_height"] * scale, cfg["sample_width"] * scale, cfg["sample_frames"]
 

@@ -23,7 +23,14 @@ import logging
 import numpy as np
 import torch
 
-from supergen.backbones.base import BackboneAdapter, Conditioning, LatentGeometry, ModelConfigs, PipelineScheduler
+from supergen.backbones.base import (
+    BackboneAdapter,
+    BackboneProfile,
+    Conditioning,
+    LatentGeometry,
+    ModelConfigs,
+    PipelineScheduler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +41,10 @@ def _hunyuan_sigmas(num_inference_steps: int) -> np.ndarray:
 
 class HunyuanVideoAdapter(BackboneAdapter):
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
-    default_max_sequence_length = 256
+    # The configs do not record it; HunyuanVideo was trained (and its pipeline defaults) at 720p, 129 frames.
+    # Guidance-distilled: the scale goes in as an input, times 1000 (HunyuanVideoPipeline).
+    profile = BackboneProfile(native_sizes={"hunyuanvideo": (720, 1280, 129)}, max_sequence_length=256,
+                              guidance="embedded", guidance_embed_scale=1000.0)
     pipeline_classes = ("HunyuanVideoPipeline",)
     supports_absolute_rope = True
     required_transformer_config = ("in_channels", "patch_size", "patch_size_t")
@@ -59,8 +69,7 @@ class HunyuanVideoAdapter(BackboneAdapter):
 
     @classmethod
     def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
-        # The configs do not record it; HunyuanVideo was trained (and its pipeline defaults) at 720p, 129 frames.
-        return 720, 1280, 129
+        return cls.profile.native_sizes["hunyuanvideo"]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,7 +113,8 @@ class HunyuanVideoAdapter(BackboneAdapter):
     def _predict(self, latents, timestep, cond, guidance_scale, positions):
         model = self.pipeline.transformer
         n = latents.shape[0]
-        guidance = torch.tensor([guidance_scale] * n, dtype=model.dtype, device=latents.device) * 1000.0
+        guidance = torch.tensor([guidance_scale] * n, dtype=model.dtype, device=latents.device) \
+            * self.profile.guidance_embed_scale
         self._rope_hook.positions = positions
         try:
             with self.hooks.attached():

@@ -21,6 +21,7 @@ import torch
 
 from supergen.backbones.base import (
     BackboneAdapter,
+    BackboneProfile,
     Conditioning,
     LatentGeometry,
     ModelConfigs,
@@ -38,7 +39,8 @@ def _ltx_sigmas(num_inference_steps: int) -> np.ndarray:
 
 class LTXAdapter(BackboneAdapter):
     transformer_classes = ("LTXVideoTransformer3DModel",)
-    default_max_sequence_length = 128
+    # Not in the configs: LTXPipeline's defaults, the size LTX-Video was trained at.
+    profile = BackboneProfile(native_sizes={"ltx-video": (512, 704, 161)}, max_sequence_length=128)
     pipeline_classes = ("LTXPipeline",)
     supports_absolute_rope = True
     required_transformer_config = ("in_channels", "patch_size", "patch_size_t")
@@ -61,8 +63,7 @@ class LTXAdapter(BackboneAdapter):
 
     @classmethod
     def native_size_from_config(cls, configs: ModelConfigs, geometry: LatentGeometry) -> tuple[int, int, int]:
-        # Not in the configs; LTXPipeline's defaults, the size LTX-Video was trained at.
-        return 512, 704, 161
+        return cls.profile.native_sizes["ltx-video"]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -15,6 +15,7 @@ import torch
 
 from supergen.backbones.base import (
     BackboneAdapter,
+    BackboneProfile,
     Conditioning,
     DecodeBand,
     LatentGeometry,
@@ -31,6 +32,13 @@ class WanAdapter(BackboneAdapter):
     supports_block_reuse = True
     required_transformer_config = ("in_channels", "patch_size")
     required_vae_config = ("z_dim", "scale_factor_temporal", "scale_factor_spatial", "latents_mean", "latents_std")
+    profile = BackboneProfile(native_sizes={
+        "wan2.1-1.3b": (480, 832, 81),  # and SkyReels-V2-1.3B
+        "wan2.1-14b": (720, 1280, 81),  # the 14B family (Wan2.1, Wan2.2 A14B, SkyReels-V2-14B)
+        "wan2.2-ti2v-5b": (704, 1280, 121),
+    })
+    #: Widest transformer of the 480p models (Wan2.1-1.3B: 12 heads x 128); wider ones are the 720p 14B family.
+    small_inner_dim = 1536
 
     def __init__(self, pipeline, native_size=None):
         if pipeline.transformer is None:
@@ -66,10 +74,10 @@ class WanAdapter(BackboneAdapter):
         cfg = configs.transformer
         inner_dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         # Only WanPipeline and WanImageToVideoPipeline have the option.
+        sizes = cls.profile.native_sizes
         if configs.pipeline.get("expand_timesteps", False):
-            return 704, 1280, 121  # Wan2.2 TI2V-5B
-        # Wan2.1-1.3B and SkyReels-V2-1.3B are 480p models; the 14B family is 720p.
-        return (480, 832, 81) if inner_dim <= 1536 else (720, 1280, 81)
+            return sizes["wan2.2-ti2v-5b"]
+        return sizes["wan2.1-1.3b"] if inner_dim <= cls.small_inner_dim else sizes["wan2.1-14b"]
 
     @property
     def dtype(self) -> torch.dtype:
