@@ -37,6 +37,15 @@ rerun of the same command resumes from the last one to the same weights
 settings chosen by scripts/bench_stream_quality.py in its ``supergen.json``:
 
     OMP_NUM_THREADS=1 nohup python scripts/train_toy_causal.py --work runs/toy-causal > runs/toy-causal.log 2>&1 &
+
+The shipped ``toy-causal`` came from one run resumed with changed settings
+(steps 1-300 before ``--start-blocks`` existed, i.e. ``--start-blocks 0``, with
+``--steps 1600`` then ``1200``; 301-500 with the defaults and ``--steps 900``;
+501-900 with ``--schedule-fraction 0.8 --steps 900``): 900 steps of batch 8 in
+40 minutes on one thread. It learned to continue a clean context one noise
+level at a time (x0 predictions at sigma 0.67 move the shape the right way)
+but not to draw from pure noise with context (at sigma 1 it predicts no
+shape), so its few-step streams barely move: see docs/benchmarks.md.
 """
 
 from __future__ import annotations
