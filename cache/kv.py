@@ -160,6 +160,27 @@ class RollingKVCache:
         self.window_filled = filled
         self.committed_frames += frames
 
+    def flush(self, keep_frames: int) -> None:
+        """Drop the window but its last ``keep_frames`` frames (Infinity-RoPE's KV flush on a prompt change).
+
+        The sink stays; the kept frames move down to sit right after it, their
+        keys rotated to their new positions as when the window rolls.
+        """
+        if not 0 <= keep_frames:
+            raise ValueError(f"flush keeps {keep_frames} frames; allowed >= 0")
+        keep = min(keep_frames, self.window_filled)
+        drop = self.window_filled - keep
+        if drop and keep:
+            tpf = self.spec.tokens_per_frame
+            base = self.spec.sink_frames
+            src = slice((base + drop) * tpf, (base + self.window_filled) * tpf)
+            dst = slice(base * tpf, (base + keep) * tpf)
+            for k_buf, v_buf in zip(self.keys, self.values):
+                k_buf[:, dst] = self._rotate(k_buf[:, src], drop)
+                v_buf[:, dst] = v_buf[:, src].clone()
+        self.evicted_frames += drop
+        self.window_filled = keep
+
     def reset(self) -> None:
         """Forget all context (buffers stay allocated)."""
         self.sink_filled = self.window_filled = self.committed_frames = self.evicted_frames = 0

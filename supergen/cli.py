@@ -133,14 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--prompt", required=True, help="what the video shows")
     st.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance above 1)")
     st.add_argument("--blocks", type=int, default=None, help="blocks to make (default: endless, stop with Ctrl-C)")
-    st.add_argument("--block-frames", type=int, default=3, help="latent frames per block")
-    st.add_argument("--window", type=int, default=9, help="recent clean latent frames kept in the KV cache")
-    st.add_argument("--sink", type=int, default=3, help="first latent frames pinned in the cache (attention sink)")
-    st.add_argument("--steps", type=int, default=4, help="denoising steps per block")
-    st.add_argument("--schedule", choices=("block", "rolling"), default="block",
-                    help="block: one block at a time; rolling: a joint window of blocks at staggered noise levels")
-    st.add_argument("--kv-write", choices=("rerun", "last_step"), default="rerun",
-                    help="write a finished block's keys/values by a clean re-run, or from its last denoising step")
+    # Stream settings default to the model's recommendation (its supergen.json "stream"), else StreamConfig's.
+    st.add_argument("--block-frames", type=int, default=None, help="latent frames per block (default: 3)")
+    st.add_argument("--window", type=int, default=None,
+                    help="recent clean latent frames kept in the KV cache (default: 9)")
+    st.add_argument("--sink", type=int, default=None,
+                    help="first latent frames pinned in the cache (attention sink; default: 3)")
+    st.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: 4)")
+    st.add_argument("--schedule", choices=("block", "rolling"), default=None,
+                    help="block (default): one block at a time; rolling: a joint window of blocks at staggered "
+                    "noise levels")
+    st.add_argument("--kv-write", choices=("rerun", "last_step"), default=None,
+                    help="write a finished block's keys/values by a clean re-run (default), or from its last "
+                    "denoising step")
+    st.add_argument("--on-prompt-change", choices=("keep", "recache", "flush"), default=None,
+                    help="what a prompt change (demo: apply prompt) does to the cached context")
     st.add_argument("--height", type=int, default=None, help="pixels (default: the model's native height)")
     st.add_argument("--width", type=int, default=None, help="pixels (default: the model's native width)")
     st.add_argument("--guidance", type=float, default=None,
@@ -367,20 +374,27 @@ def _log_per_rank(args: argparse.Namespace, ctx) -> None:
         logging.getLogger("supergen").setLevel(logging.WARNING)
 
 
-def cmd_stream(args: argparse.Namespace) -> int:
+def stream_config_for(args: argparse.Namespace):
+    """The stream flags given, over the model's recommended settings (supergen.json), over StreamConfig's."""
+    import dataclasses
+    from pathlib import Path
+
     from supergen.config import StreamConfig
+    from supergen.models import read_model_hints, resolve_model
+
+    source = Path(resolve_model(args.model))
+    hints = read_model_hints(source).get("stream", {}) if source.is_dir() else {}
+    given = {name: getattr(args, name) for name in ("block_frames", "window", "sink", "steps", "schedule", "kv_write",
+                                                    "on_prompt_change")}
+    return dataclasses.replace(StreamConfig(**hints), **{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
     from supergen.io import VideoWriter, check_output_path, write_json
     from supergen.models import resolve_model
     from supergen.pipeline import SuperGenPipeline
 
-    config = StreamConfig(
-        block_frames=args.block_frames,
-        window=args.window,
-        sink=args.sink,
-        steps=args.steps,
-        schedule=args.schedule,
-        kv_write=args.kv_write,
-    )
+    config = stream_config_for(args)
     check_output_path(args.output)
     if args.metrics_json:
         check_output_path(args.metrics_json, suffixes=(".json",))

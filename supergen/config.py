@@ -28,6 +28,7 @@ CACHE_REUSE = ("auto", "output", "taylor", "residual", "blocks")
 EXCHANGE_MODES = ("region", "allgather")
 PARALLEL_MODES = ("auto", "tile")
 STREAM_SCHEDULES = ("block", "rolling")
+PROMPT_CHANGE_MODES = ("keep", "recache", "flush")
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +355,13 @@ class StreamConfig:
         kv_write: ``rerun`` writes a finished block's keys/values with one more
             forward at timestep 0 (Self-Forcing); ``last_step`` keeps those of its
             last denoising forward (one forward fewer per block).
+        on_prompt_change: what ``VideoStream.set_prompt`` does to the cached
+            context: ``keep`` it (its keys/values were computed under the old
+            prompt); ``recache`` it, re-running the cached clean frames under the
+            new prompt (LongLive's KV re-cache; one clean forward per cached
+            block, once per switch); or ``flush`` it to the sink plus the last
+            latent frame (Infinity-RoPE's KV flush). Measured on ``toy-causal`` in
+            docs/benchmarks.md ("Streaming quality").
     """
 
     block_frames: int = 3
@@ -362,6 +370,7 @@ class StreamConfig:
     steps: int = 4
     schedule: str = "block"
     kv_write: str = "rerun"
+    on_prompt_change: str = "keep"
 
     def __post_init__(self) -> None:
         _positive_int("block_frames", self.block_frames)
@@ -370,6 +379,7 @@ class StreamConfig:
         _positive_int("steps", self.steps)
         _choice("schedule", self.schedule, STREAM_SCHEDULES)
         _choice("kv_write", self.kv_write, KV_WRITE_MODES)
+        _choice("on_prompt_change", self.on_prompt_change, PROMPT_CHANGE_MODES)
         if self.window < self.block_frames:
             raise ValueError(
                 f"window={self.window} latent frames is shorter than one block ({self.block_frames}); "

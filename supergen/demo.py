@@ -19,6 +19,7 @@ and ``/stop``).
 
 # No `from __future__ import annotations` here: Gradio finds the gr.Request
 # parameter by its (evaluated) annotation.
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -50,6 +51,10 @@ def whole_number(label: str, value) -> int:
     return int(value)
 
 
+# The model stream mode uses when the demo serves one that was not trained to stream.
+STREAM_MODEL_FOR = {"toy": "toy-causal"}
+
+
 class DemoBackend:
     """Owns the loaded pipeline and the live prompts of running streams.
 
@@ -58,12 +63,17 @@ class DemoBackend:
     """
 
     def __init__(self, model: str = "toy", device: str | None = None, workdir: str | None = None, dtype=None,
-                 max_memory: str | int | None = None):
+                 max_memory: str | int | None = None, stream_model: str | None = None):
         from supergen.pipeline import SuperGenPipeline
 
         self.model = model
+        # Streams need a block-causal model: the toy's causal sibling streams in its place
+        # (the toy itself re-draws every block from the middle of the frame).
+        self.stream_model = stream_model or (STREAM_MODEL_FOR.get(model, model))
         self.max_memory = max_memory
         self.pipe = SuperGenPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+        self.stream_pipe = (self.pipe if self.stream_model == model
+                            else SuperGenPipeline.from_pretrained(self.stream_model, torch_dtype=dtype, device=device))
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supergen-demo-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._live_prompts: dict[str, str] = {}
@@ -170,15 +180,14 @@ class DemoBackend:
         takes effect at the next block. Closing this generator (Gradio's Stop)
         closes the stream, which frees its caches, and keeps the video so far.
         """
-        from supergen.config import StreamConfig
         from supergen.io import VideoWriter, write_video
 
         blocks = whole_number("Blocks", blocks)
-        config = StreamConfig(steps=whole_number("Steps", steps))
+        config = dataclasses.replace(self.stream_pipe.default_stream_config, steps=whole_number("Steps", steps))
         size = dict(height=whole_number("Height", height), width=whole_number("Width", width))
         with self._model_lock:
             self._release_abandoned_stream()
-            stream = self.pipe.stream(prompt, num_blocks=blocks, stream=config, seed=whole_number("Seed", seed),
+            stream = self.stream_pipe.stream(prompt, num_blocks=blocks, stream=config, seed=whole_number("Seed", seed),
                                       max_memory=self.max_memory, **size)
             run_dir = self._run_dir()
             final = run_dir / "supergen.mp4"
@@ -280,7 +289,8 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
     with gr.Blocks(title="SuperGen") as app:
         gr.Markdown(
             f"# SuperGen\nModel `{backend.model}` (native {nw}x{nh}, {nf} frames). "
-            "**stream**: endless block-wise video, frames appear as each block finishes. "
+            f"**stream** (model `{backend.stream_model}`): endless block-wise video, frames appear as each block "
+            "finishes. "
             "**ultra-high resolution**: tiled refinement above the native size."
         )
         with gr.Row():

@@ -135,8 +135,12 @@ MIN_AREA_FRACTION = 0.008
 MIN_TRAVEL_FRACTION = 0.1
 
 
-def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    """The 4-connected components of a boolean mask, as pixel lists, largest first."""
+def _components(mask: np.ndarray, wrap: bool = False) -> list[list[tuple[int, int]]]:
+    """The 4-connected components of a boolean mask, as pixel lists, largest first.
+
+    ``wrap`` connects pixels across opposite edges (a torus), as in the
+    endless-stream world where a shape leaving one side re-enters the other.
+    """
     height, width = mask.shape
     seen = np.zeros_like(mask)
     found: list[list[tuple[int, int]]] = []
@@ -149,6 +153,8 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
             y, x = queue.popleft()
             pixels.append((y, x))
             for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if wrap:
+                    ny, nx = ny % height, nx % width
                 if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     queue.append((ny, nx))
@@ -274,14 +280,15 @@ def mean_adherence(videos, prompts) -> dict[str, float]:
     }
 
 
-def object_counts(frames, min_area_fraction: float = MIN_AREA_FRACTION) -> np.ndarray:
+def object_counts(frames, min_area_fraction: float = MIN_AREA_FRACTION, wrap: bool = False) -> np.ndarray:
     """Objects per frame: connected blobs of any toy-world shape colour, shape ``(F,)``.
 
     A blob counts when it covers at least ``min_area_fraction`` of the frame
     (the default keeps a shape drawn at a native tile's scale on a 3x canvas,
     about 1.4% of the frame, and drops anti-aliasing specks). Toy-world clips
     hold exactly one shape, so a tiled run that draws one subject per tile
-    scores up to the tile count.
+    scores up to the tile count. ``wrap`` counts a shape split across the
+    frame edges once (the endless-stream world wraps around).
     """
     array = _as_float(frames)
     min_area = min_area_fraction * array.shape[1] * array.shape[2]
@@ -289,5 +296,72 @@ def object_counts(frames, min_area_fraction: float = MIN_AREA_FRACTION) -> np.nd
     for colour, rgb in COLOURS.items():
         near = np.linalg.norm(array - np.asarray(rgb, dtype=np.float64), axis=-1) < COLOUR_TOLERANCE
         for t, frame in enumerate(near):
-            counts[t] += sum(len(c) >= min_area for c in _components(frame))
+            counts[t] += sum(len(c) >= min_area for c in _components(frame, wrap=wrap))
     return counts
+
+
+# --- long streams (the wrap-around world of toyworld.render_stream_clip) --------------------------
+
+
+def _colour_mask(array: np.ndarray, colour: str) -> np.ndarray:
+    return np.linalg.norm(array - np.asarray(COLOURS[colour], dtype=np.float64), axis=-1) < COLOUR_TOLERANCE
+
+
+def _circular_centre(mask: np.ndarray) -> tuple[float, float] | None:
+    """Centre (y, x) of a mask (H, W), or of a stack of them, on the torus (circular mean); None if empty."""
+    index = np.nonzero(mask)
+    ys, xs = index[-2], index[-1]
+    if not len(ys):
+        return None
+    centre = []
+    for coords, size in ((ys, mask.shape[-2]), (xs, mask.shape[-1])):
+        angle = 2 * math.pi * (coords + 0.5) / size
+        mean = math.atan2(np.sin(angle).mean(), np.cos(angle).mean())
+        centre.append((mean / (2 * math.pi) * size - 0.5) % size)
+    return centre[0], centre[1]
+
+
+def tracked_colour(frames, prompt: str) -> str:
+    """The colour a stream's block is judged by: the prompt's if it is there, else the most present one."""
+    facts = parse_prompt(prompt)
+    array = _as_float(frames)
+    min_pixels = MIN_AREA_FRACTION * array.shape[1] * array.shape[2] * array.shape[0] / 2
+    pixels = {c: int(_colour_mask(array, c).sum()) for c in COLOURS}
+    return facts.colour if pixels[facts.colour] >= min_pixels else max(pixels, key=pixels.get)
+
+
+def centred_on_shape(frames, prompt: str) -> np.ndarray:
+    """The block rolled (as a torus, one shift for all frames) so its tracked shape sits mid-frame.
+
+    A wrapped shape split across the edges then reads as the one blob it is, so
+    :func:`adherence` and :func:`object_counts` apply unchanged; the motion
+    inside a block is a few pixels, so no frame of it crosses the edges again.
+    """
+    array = _as_float(frames)
+    centre = _circular_centre(_colour_mask(array, tracked_colour(array, prompt)))
+    if centre is None:
+        return array
+    height, width = array.shape[1:3]
+    shift = (int(round(height / 2 - centre[0])), int(round(width / 2 - centre[1])))
+    return np.roll(array, shift, axis=(1, 2))
+
+
+def shape_track(frames, colour: str) -> np.ndarray:
+    """Per-frame centre (y, x) of the largest blob of ``colour`` on the torus, NaN where it is too small: ``(F, 2)``."""
+    array = _as_float(frames)
+    min_area = MIN_AREA_FRACTION * array.shape[1] * array.shape[2]
+    out = np.full((array.shape[0], 2), np.nan)
+    for t, mask in enumerate(_colour_mask(array, colour)):
+        components = _components(mask, wrap=True)
+        if components and len(components[0]) >= min_area:
+            blob = np.zeros_like(mask)
+            ys, xs = zip(*components[0])
+            blob[list(ys), list(xs)] = True
+            out[t] = _circular_centre(blob)
+    return out
+
+
+def wrapped_steps(track: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frame-to-frame displacement (dy, dx) of a torus track, each the shortest way round: ``(F-1, 2)``."""
+    size = np.array([height, width], dtype=np.float64)
+    return (np.diff(track, axis=0) + size / 2) % size - size / 2

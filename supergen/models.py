@@ -468,7 +468,8 @@ MODEL_ALIASES = {"tiny": "tiny-wan"}
 
 # Trained models shipped inside the package (Diffusers folders written by
 # scripts/train_toy_model.py); they load from their folder as they are.
-SHIPPED_MODELS = {"toy": Path(__file__).resolve().parent / "assets" / "toy"}
+# ``toy-causal`` is ``toy`` fine-tuned for block-causal streaming (scripts/train_toy_causal.py).
+SHIPPED_MODELS = {name: Path(__file__).resolve().parent / "assets" / name for name in ("toy", "toy-causal")}
 
 
 def known_model_names() -> list[str]:

@@ -288,7 +288,7 @@ class SuperGenPipeline:
     DEFAULT_GUIDANCE_SCALE = 5.0
 
     def __init__(self, pipeline, native_size: tuple[int, int, int] | None = None,
-                 default_guidance_scale: float | None = None):
+                 default_guidance_scale: float | None = None, stream_defaults: dict | None = None):
         self.pipe = pipeline
         self.adapter: BackboneAdapter = adapter_for(pipeline, native_size=native_size)
         # What the checkpoint recommends (supergen.json), else the tiled default; streams default to no
@@ -297,6 +297,8 @@ class SuperGenPipeline:
             self.DEFAULT_GUIDANCE_SCALE if default_guidance_scale is None else float(default_guidance_scale)
         )
         self.default_stream_guidance_scale = 1.0 if default_guidance_scale is None else float(default_guidance_scale)
+        # The stream settings the checkpoint recommends (supergen.json "stream"), else StreamConfig's defaults.
+        self.default_stream_config = StreamConfig(**(stream_defaults or {}))
 
     # --- construction ---------------------------------------------------------
     @classmethod
@@ -335,7 +337,8 @@ class SuperGenPipeline:
         hints = read_model_hints(source) if Path(source).is_dir() else {}
         if native_size is None and Path(source).is_dir():
             native_size = read_native_size(source)
-        return cls(pipe, native_size=native_size, default_guidance_scale=hints.get("guidance_scale"))
+        return cls(pipe, native_size=native_size, default_guidance_scale=hints.get("guidance_scale"),
+                   stream_defaults=hints.get("stream"))
 
     @classmethod
     def from_pipe(cls, pipeline, native_size: tuple[int, int, int] | None = None) -> "SuperGenPipeline":
@@ -754,7 +757,9 @@ class SuperGenPipeline:
         prompt between blocks with ``set_prompt``.
 
         Args:
-            stream: block length, window, sink, steps, schedule, KV write mode.
+            stream: block length, window, sink, steps, schedule, KV write mode, prompt-change
+                handling (default: ``default_stream_config``, the checkpoint's recommended
+                settings from its ``supergen.json`` or else ``StreamConfig()``).
             height, width: frame size in pixels (default: the native size).
             guidance_scale: CFG scale (default: ``default_stream_guidance_scale``: 1.0,
                 no guidance, as causal few-step checkpoints run, unless the
@@ -774,7 +779,7 @@ class SuperGenPipeline:
             width=width, guidance_scale=guidance_scale, seed=seed, generator=generator,
             max_sequence_length=max_sequence_length,
         )
-        stream = stream or StreamConfig()
+        stream = stream or self.default_stream_config
         if output_type not in ("uint8", "float"):
             raise ValueError(f"output_type={output_type!r} must be uint8 or float")
         if guidance_scale is None:

@@ -8,7 +8,9 @@ carried over from the previous block, and returns its frames at once.
 
 The prompt can change between blocks with :meth:`VideoStream.set_prompt`: the
 blocks that start after the call use it (with ``schedule="rolling"`` the
-blocks already in the joint window finish under the new prompt). ``close()``
+blocks already in the joint window finish under the new prompt), and
+``StreamConfig.on_prompt_change`` says what happens to the cached context
+(kept, re-cached under the new prompt, or flushed to the sink). ``close()``
 (or leaving a ``with`` block, or breaking out of a ``for`` loop over a
 ``with``-managed stream) restores the transformer's attention processors and
 frees the caches at once.
@@ -83,6 +85,10 @@ class VideoStream:
         self._frames_out = 0
         self._blocks_started = 0
         self._closed = False
+        # Clean latents of the frames in the KV cache (sink, then window), for a KV re-cache.
+        self._sink_latents: list[torch.Tensor] = []
+        self._window_latents: list[torch.Tensor] = []
+        self.prompt_changes: list[dict] = []
         self.model = self.adapter.install_streaming(
             self.latent_hw,
             sink=config.sink,
@@ -126,7 +132,39 @@ class VideoStream:
             cond = self._encode(prompt, negative_prompt if negative_prompt is not None else self._negative_prompt)
         self.model.set_conditioning(cond)
         self.prompt = prompt
-        logger.info("prompt changed before block %d: %r", self._blocks_started, prompt)
+        t0 = time.perf_counter()
+        mode = self.config.on_prompt_change
+        cache = getattr(self.model, "cache", None)
+        if cache is not None and mode == "recache":
+            self._recache()
+        elif cache is not None and mode == "flush":
+            cache.flush(keep_frames=1)
+            del self._window_latents[:-1]
+        self.prompt_changes.append({"before_block": self._blocks_started, "prompt": prompt, "mode": mode,
+                                    "seconds": time.perf_counter() - t0})
+        logger.info("prompt changed before block %d (%s the cached context): %r", self._blocks_started,
+                    {"keep": "keeping", "recache": "re-caching", "flush": "flushing"}[mode], prompt)
+
+    def _recache(self) -> None:
+        """Re-run the cached clean frames under the current prompt, block by block, as they were first written."""
+        cache = self.model.cache
+        cache.reset()
+        step = self.config.block_frames
+        with torch.no_grad():
+            for frames in (self._sink_latents, self._window_latents):
+                for i in range(0, len(frames), step):
+                    x = torch.cat(frames[i : i + step], dim=2)
+                    self.model.predict(x, torch.zeros(x.shape[2]), write_frames=x.shape[2])
+
+    def _remember(self, clean: torch.Tensor) -> None:
+        """Track the clean latent frames the KV cache now holds (same sink/window rule as the cache)."""
+        for i in range(clean.shape[2]):
+            frame = clean[:, :, i : i + 1]
+            if len(self._sink_latents) < self.config.sink:
+                self._sink_latents.append(frame)
+            else:
+                self._window_latents.append(frame)
+        del self._window_latents[: max(0, len(self._window_latents) - self.config.window)]
 
     def close(self) -> None:
         """Stop the stream and free its caches (idempotent)."""
@@ -175,6 +213,7 @@ class VideoStream:
             block_start = self._started
             latents = loop(self.model, self._next_noise, self._make_scheduler, self.config.kv_write, self._generator)
             for index, clean in enumerate(latents):
+                self._remember(clean)
                 t_denoised = time.perf_counter()
                 video = self.decoder.decode(clean)
                 frames = self.adapter.postprocess(video)
@@ -241,6 +280,8 @@ class VideoStream:
                 "sink": self.config.sink,
                 "schedule": self.config.schedule,
                 "kv_write": self.config.kv_write,
+                "on_prompt_change": self.config.on_prompt_change,
+                "prompt_changes": list(self.prompt_changes),
             },
             "wall_s": wall,
             "denoise_s": self.denoise_s,

@@ -227,3 +227,88 @@ def render_batch(seed: int, count: int, height: int, width: int, num_frames: int
     if return_alpha:
         return clips, prompts, np.stack([alpha for _, alpha in rendered])
     return clips, prompts
+
+
+# --- endless streams: shapes that wrap around the frame edges ---------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSwitch:
+    """From video frame ``frame`` on, the shape has ``colour`` and moves ``direction`` (same shape, same place)."""
+
+    frame: int
+    colour: str
+    direction: str
+
+    def __post_init__(self) -> None:
+        if self.colour not in COLOURS or self.direction not in DIRECTIONS:
+            raise ValueError(f"PromptSwitch({self.colour!r}, {self.direction!r}): colour must be one of "
+                             f"{', '.join(COLOURS)} and direction one of {', '.join(DIRECTIONS)}")
+
+
+def sample_stream_params(rng: np.random.Generator) -> ClipParams:
+    """One endless-stream clip: anywhere in the frame, a clear speed, the camera panning sideways only.
+
+    A vertical pan would slide the background's gradient out of its range
+    over a long stream; a horizontal one only moves the periodic texture.
+    """
+    pan_speed = float(rng.uniform(-0.01, 0.01))
+    return ClipParams(
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        direction=DIRECTIONS[rng.integers(len(DIRECTIONS))],
+        background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+        start_x=float(rng.uniform(0, 1)),
+        start_y=float(rng.uniform(0, 1)),
+        radius=float(rng.uniform(0.19, 0.24)),
+        speed=float(rng.uniform(0.045, 0.06)),
+        pan_x=pan_speed,
+        pan_y=0.0,
+        texture_phase=float(rng.uniform(0, 2 * math.pi)),
+    )
+
+
+def render_stream_clip(params: ClipParams, height: int, width: int, num_frames: int,
+                       switch: PromptSwitch | None = None) -> np.ndarray:
+    """Render ``num_frames`` uint8 frames ``(F, H, W, 3)`` of a shape that wraps around the frame edges.
+
+    The world is a torus: a shape leaving on the right comes back on the left,
+    drawn in both places while it crosses, so a stream never runs out of
+    motion. ``switch`` changes colour and direction mid-clip (a prompt switch);
+    the position carries on from where the shape was.
+    """
+    short = min(height, width)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    top, bottom, amplitude = BACKGROUNDS[params.background]
+    top_a, bottom_a = np.asarray(top, np.float64), np.asarray(bottom, np.float64)
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    cx, cy = params.start_x * width, params.start_y * height
+    for t in range(num_frames):
+        switched = switch is not None and t >= switch.frame
+        colour = np.asarray(COLOURS[switch.colour if switched else params.colour], np.float64)
+        if t > 0:
+            # The step into frame t uses the direction that holds at frame t.
+            dx, dy = _DIRECTION_VECTORS[switch.direction if switched else params.direction]
+            cx = (cx + dx * params.speed * short) % width
+            cy = (cy + dy * params.speed * short) % height
+        bx = xx + params.pan_x * short * t
+        by = yy + params.pan_y * short * t
+        mix = np.clip(by / max(height - 1, 1), -0.5, 1.5)[..., None]
+        texture = amplitude * (
+            np.sin(2 * math.pi * (bx + 0.6 * by) / (0.45 * short) + params.texture_phase)
+            * np.sin(2 * math.pi * (0.7 * bx - by) / (0.6 * short) + 0.5 * params.texture_phase)
+        )
+        background = top_a + (bottom_a - top_a) * mix + texture[..., None]
+        alpha = np.zeros((height, width))
+        for ox in (-width, 0, width):
+            for oy in (-height, 0, height):
+                alpha = np.maximum(alpha, shape_coverage(params.shape, xx + 0.5 - cx - ox, yy + 0.5 - cy - oy,
+                                                         params.radius * short))
+        frames[t] = np.clip(np.rint(background * (1 - alpha[..., None]) + colour * alpha[..., None]), 0, 255)
+    return frames
+
+
+def switched_prompt(params: ClipParams, switch: PromptSwitch) -> str:
+    """The prompt that holds after ``switch``."""
+    return ClipParams(shape=params.shape, colour=switch.colour, direction=switch.direction,
+                      background=params.background).prompt

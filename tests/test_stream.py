@@ -1,6 +1,7 @@
 """Streaming block diffusion: KV-cache exactness, bounded memory and RoPE, streaming decode, prompt changes."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -366,3 +367,57 @@ def test_self_forcing_style_stochastic_sampler_is_reproducible_from_the_seed(tin
             runs.append(torch.cat([b.latents for b in stream], dim=2))
     assert torch.equal(runs[0], runs[1])  # fresh noise inside step() comes from the stream's generator
     assert (runs[0] - runs[2]).abs().max() > 1e-2
+
+
+# --- what a prompt change does to the cached context ---------------------------------------------------------
+
+
+def test_kv_flush_keeps_the_sink_and_the_last_window_frames_re_roped():
+    spec = KVCacheSpec(num_layers=1, batch=1, heads=1, head_dim=2, tokens_per_frame=1, sink_frames=2,
+                       window_frames=4, max_current_frames=1)
+    shifts = []
+    cache = RollingKVCache(spec, rotate=lambda k, e: shifts.append(e) or k + 100 * e)
+    for frame in range(5):
+        value = torch.full((1, 1, 1, 2), float(frame))
+        cache.attend(0, value, value)
+        cache.commit(1)
+    assert (cache.sink_filled, cache.window_filled) == (2, 3)
+    cache.flush(keep_frames=1)
+    assert cache.context_frames == 3 and shifts == [2]  # frame 4 moved from slot 4 to slot 2
+    assert cache.values[0][0, :3, 0, 0].tolist() == [0.0, 1.0, 4.0]
+    assert cache.keys[0][0, 2, 0, 0].item() == 4.0 + 200
+    cache.flush(keep_frames=0)
+    assert cache.context_frames == 2  # the sink always stays
+
+
+def test_kv_recache_under_the_same_prompt_reproduces_the_stream(tiny):
+    # Nothing evicted yet: re-running the cached clean frames writes the very keys/values they had.
+    base_cfg = StreamConfig(block_frames=1, window=4, sink=1, steps=2)
+    with tiny.stream(PROMPT, num_blocks=4, stream=base_cfg, seed=0) as same:
+        base = [b.latents for b in same]
+    for mode in ("recache", "keep"):
+        with tiny.stream(PROMPT, num_blocks=4, stream=dataclasses.replace(base_cfg, on_prompt_change=mode), seed=0) as s:
+            out = [next(s).latents, next(s).latents]
+            s.set_prompt(PROMPT)
+            out += [b.latents for b in s]
+            assert s.prompt_changes[0]["mode"] == mode and s.metrics["stream"]["on_prompt_change"] == mode
+        for a, b in zip(out, base):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_change_modes_differ_and_flush_shrinks_the_context_to_sink_plus_one(tiny):
+    other = "a green dog running through snow at night"
+    outs, contexts = {}, {}
+    for mode in ("keep", "recache", "flush"):
+        cfg = StreamConfig(block_frames=1, window=3, sink=1, steps=2, on_prompt_change=mode)
+        with tiny.stream(PROMPT, num_blocks=5, stream=cfg, seed=0) as s:
+            blocks = [next(s) for _ in range(3)]
+            s.set_prompt(other)
+            blocks += list(s)
+            outs[mode] = torch.cat([b.latents for b in blocks], dim=2)
+            contexts[mode] = [b.metrics["context_frames"] for b in blocks]
+    assert contexts["keep"] == contexts["recache"] == [1, 2, 3, 4, 4]
+    assert contexts["flush"] == [1, 2, 3, 3, 4]  # block 3 sees sink + last frame, then commits itself
+    for mode in ("recache", "flush"):
+        assert torch.equal(outs[mode][:, :, :3], outs["keep"][:, :, :3])
+        assert (outs[mode][:, :, 3:] - outs["keep"][:, :, 3:]).abs().max() > 1e-4

@@ -1,0 +1,288 @@
+"""What a long stream shows: adherence, motion continuity, drift and flicker over 120+ blocks, and prompt switches.
+
+For each stream setting (``StreamConfig``: sink, window, schedule, KV write)
+it streams ``--blocks`` blocks of a few toy-world prompts and measures, with
+the detectors of :mod:`supergen.metrics` (no learned parts):
+
+- per block: colour / shape / direction adherence (on the block rolled so its
+  wrapped shape sits mid-frame), and the objects per frame (``wrap=True``);
+- motion continuity: the shape's centre step across each block boundary
+  (last frame of a block to the first of the next) must go the prompted way
+  by at least 0.5 px (world shapes move 1.4..1.9 px a frame) and be no longer
+  than 3x the median step inside blocks (+1 px); the toy
+  model trained on 9-frame clips jumps back at every boundary;
+- drift, LV-Bench-style: the stream cut into chunks of ``--chunk`` blocks,
+  each chunk's mean adherence, shape area and frame brightness compared with
+  the first chunk's, ``mean_i |m_i - m_0| / m_0``;
+- flicker: mean absolute frame difference, and its ratio across boundaries
+  to inside blocks (1 = a boundary is as smooth as any frame step).
+
+``--switch-trials N`` measures prompt switches with each ``on_prompt_change``
+mode: after ``--switch-after`` blocks the prompt changes colour and direction;
+the result is the number of blocks until the new colour and direction hold
+(and keep holding for 3 blocks). ``--long N`` streams N blocks of the default
+setting and reports latency and KV-cache bytes (flat or not).
+
+    OMP_NUM_THREADS=1 python scripts/bench_stream_quality.py --model toy-causal --blocks 120 --json runs/bsq.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from supergen import StreamConfig, SuperGenPipeline  # noqa: E402
+from supergen.metrics import (  # noqa: E402
+    adherence,
+    centred_on_shape,
+    object_counts,
+    shape_track,
+    temporal_flicker,
+    tracked_colour,
+    wrapped_steps,
+)
+from supergen.toyworld import COLOURS, DIRECTIONS, parse_prompt  # noqa: E402
+
+PROMPTS = (
+    "a red circle moving left over a blue sky",
+    "a yellow square moving down over a green field",
+    "a white triangle moving right over a dark night",
+    "a purple circle moving up over a green field",
+)
+MIN_BOUNDARY_STEP_PX = 0.5
+_UNIT = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}  # (dy, dx)
+
+
+def stream_blocks(pipe, prompt, config, blocks, seed=0, switches=None, guidance=None):
+    """Frames of each block (uint8), the prompt each block was made under, and per-block metrics."""
+    switches = switches or {}
+    frames, prompts = [], []
+    with pipe.stream(prompt, num_blocks=blocks, stream=config, seed=seed, guidance_scale=guidance) as stream:
+        for block in stream:
+            frames.append(block.frames)
+            prompts.append(block.metrics["prompt"])
+            if block.index + 1 in switches:
+                stream.set_prompt(switches[block.index + 1])
+        rows = stream.blocks
+    return frames, prompts, rows
+
+
+def analyse(frames, prompts, chunk=10):
+    """Per-block rows and stream-level scores (see the module docstring)."""
+    height, width = frames[0].shape[1:3]
+    per_block, all_counts = [], []
+    tracks = []
+    for f, p in zip(frames, prompts):
+        a = adherence(centred_on_shape(f, p), p)
+        colour = tracked_colour(f, p)
+        per_block.append({"score": a.score, "colour": a.colour_ok, "shape": a.shape_ok, "direction": a.direction_ok,
+                          "area": float(np.linalg.norm(f.astype(float) - np.asarray(COLOURS[colour]), axis=-1).__lt__(70).mean()),
+                          "brightness": float(f.mean() / 255)})
+        all_counts.append(object_counts(f, wrap=True))
+        tracks.append(shape_track(f, colour))
+    # Motion continuity across boundaries, judged against the steps inside blocks.
+    within, boundary = [], []
+    for k, (tr, p) in enumerate(zip(tracks, prompts)):
+        unit = np.array(_UNIT[parse_prompt(p).direction])
+        steps = wrapped_steps(tr, height, width)
+        within += [float(s @ unit) for s in steps if not np.isnan(s).any()]
+        if k + 1 < len(tracks):
+            nxt_unit = np.array(_UNIT[parse_prompt(prompts[k + 1]).direction])
+            step = wrapped_steps(np.stack([tr[-1], tracks[k + 1][0]]), height, width)[0]
+            boundary.append(float(step @ nxt_unit) if not np.isnan(step).any() else float("nan"))
+    med = float(np.median(within)) if within else 0.0
+    # Forward by at least MIN_BOUNDARY_STEP_PX (world shapes move 1.4..1.9 px a frame), and no jump.
+    limit = 3 * max(med, MIN_BOUNDARY_STEP_PX) + 1.0
+    ok = [(not np.isnan(b)) and MIN_BOUNDARY_STEP_PX <= b <= limit for b in boundary]
+    counts = np.concatenate(all_counts)
+    # Flicker inside blocks vs across boundaries.
+    inside = [np.abs(np.diff(f.astype(float), axis=0)).mean() for f in frames if len(f) > 1]
+    across = [np.abs(frames[k + 1][0].astype(float) - frames[k][-1].astype(float)).mean() for k in range(len(frames) - 1)]
+    chunks = [per_block[i : i + chunk] for i in range(0, len(per_block) - chunk + 1, chunk)]
+
+    def drift(key):
+        m = [np.mean([r[key] for r in c]) for c in chunks]
+        return float(np.mean([abs(v - m[0]) / max(m[0], 1e-6) for v in m[1:]])) if len(m) > 1 else 0.0
+
+    scores = [r["score"] for r in per_block]
+    return {
+        "per_block": per_block,
+        "adherence_first": scores[0],
+        "adherence_block100": scores[99] if len(scores) >= 100 else float("nan"),
+        "adherence_first10": float(np.mean(scores[:10])),
+        "adherence_last10": float(np.mean(scores[-10:])),
+        "adherence_mean": float(np.mean(scores)),
+        "colour": float(np.mean([r["colour"] for r in per_block])),
+        "shape": float(np.mean([r["shape"] for r in per_block])),
+        "direction": float(np.mean([r["direction"] for r in per_block])),
+        "continuity": float(np.mean(ok)) if ok else float("nan"),
+        "step_within_px": med,
+        "step_boundary_px": float(np.nanmedian(boundary)) if boundary else float("nan"),
+        "one_object": float(np.mean(counts == 1)),
+        "drift_adherence": drift("score"),
+        "drift_area": drift("area"),
+        "drift_brightness": drift("brightness"),
+        "flicker": temporal_flicker(np.concatenate(frames)),
+        "flicker_boundary_ratio": float(np.mean(across) / max(np.mean(inside), 1e-9)),
+    }
+
+
+SUMMARY_KEYS = ("adherence_first", "adherence_block100", "adherence_first10", "adherence_last10", "colour", "shape",
+                "direction", "continuity", "step_within_px", "step_boundary_px", "one_object", "drift_adherence",
+                "drift_area", "drift_brightness", "flicker", "flicker_boundary_ratio", "ms_per_block")
+
+
+def bench_setting(pipe, config, prompts, blocks, seeds, chunk, guidance=None):
+    results = []
+    for prompt in prompts:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            frames, block_prompts, _ = stream_blocks(pipe, prompt, config, blocks, seed=seed, guidance=guidance)
+            ms = 1000 * (time.perf_counter() - t0) / blocks
+            r = analyse(frames, block_prompts, chunk)
+            r["ms_per_block"] = ms
+            results.append(r)
+    return {k: float(np.nanmean([r[k] for r in results])) for k in SUMMARY_KEYS}
+
+
+def switch_prompt(prompt: str, rng: np.random.Generator) -> str:
+    facts = parse_prompt(prompt)
+    colour = [c for c in COLOURS if c != facts.colour][rng.integers(len(COLOURS) - 1)]
+    direction = [d for d in DIRECTIONS if d != facts.direction][rng.integers(len(DIRECTIONS) - 1)]
+    return f"a {colour} {facts.shape} moving {direction} over a {facts.background}"
+
+
+def bench_switches(pipe, base, trials, after, hold=3, horizon=8, seed=0, guidance=None):
+    """Per mode: blocks until the new colour and direction hold (for ``hold`` blocks), over ``trials`` switches."""
+    rng = np.random.default_rng(seed)
+    plan = []
+    for i in range(trials):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        plan.append((prompt, switch_prompt(prompt, rng), i))
+    out = {}
+    for mode in ("keep", "recache", "flush"):
+        config = dataclasses.replace(base, on_prompt_change=mode)
+        latencies, colour_latencies, adherences = [], [], []
+
+        def first_hold(flags):
+            return next((k for k in range(len(flags) - hold + 1) if all(flags[k : k + hold])), None)
+
+        for prompt, new, s in plan:
+            frames, prompts, _ = stream_blocks(pipe, prompt, config, after + horizon, seed=s, switches={after: new},
+                                               guidance=guidance)
+            checks = [adherence(centred_on_shape(f, new), new) for f in frames[after:]]
+            adherences.append(np.mean([a.score for a in checks]))
+            latencies.append(first_hold([a.colour_ok and a.direction_ok for a in checks]))
+            colour_latencies.append(first_hold([a.colour_ok for a in checks]))
+        ok = [k is not None and k <= 1 for k in latencies]
+        finite = [k for k in latencies if k is not None]
+        out[mode] = {"within_2_blocks": float(np.mean(ok)), "never": int(sum(k is None for k in latencies)),
+                     "median_blocks": float(np.median(finite)) + 1 if finite else float("nan"),
+                     "colour_within_2_blocks": float(np.mean([k is not None and k <= 1 for k in colour_latencies])),
+                     "adherence_after": float(np.mean(adherences)), "latencies": latencies,
+                     "colour_latencies": colour_latencies}
+    return out
+
+
+def bench_long(pipe, config, blocks):
+    """Per-block latency and KV bytes over a long stream, and the process's peak RSS growth."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pipe.stream(PROMPTS[0], num_blocks=blocks, stream=config, seed=0) as stream:
+        rows = [b.metrics for b in stream]
+    lat = np.array([r["latency_s"] for r in rows]) * 1000
+    kv = [r["kv_cache_bytes"] for r in rows]
+    tenth = max(1, blocks // 10)
+    return {"blocks": blocks, "first_tenth_ms": float(np.median(lat[10 : 10 + tenth])),
+            "last_tenth_ms": float(np.median(lat[-tenth:])), "kv_bytes_after_fill": sorted(set(kv[10:])),
+            "rss_growth_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0}
+
+
+def sweep(default: StreamConfig):
+    b = default.block_frames
+    half = max(b, round(default.window / 2 / b) * b)
+    settings = [("default", default),
+                ("sink 0", dataclasses.replace(default, sink=0)),
+                ("sink 1 block", dataclasses.replace(default, sink=b)),
+                (f"deep sink {half}", dataclasses.replace(default, sink=half)),
+                ("window 2 blocks", dataclasses.replace(default, window=2 * b, sink=min(default.sink, 2 * b))),
+                ("window 4 blocks", dataclasses.replace(default, window=4 * b)),
+                ("rolling schedule", dataclasses.replace(default, schedule="rolling")),
+                ("kv write last_step", dataclasses.replace(default, kv_write="last_step"))]
+    seen, out = set(), []
+    for name, cfg in settings:
+        key = dataclasses.astuple(cfg)
+        if key not in seen:
+            seen.add(key)
+            out.append((name, cfg))
+    return out
+
+
+def describe(cfg: StreamConfig) -> str:
+    return f"sink {cfg.sink}, window {cfg.window}, {cfg.schedule}, {cfg.kv_write}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy-causal")
+    parser.add_argument("--blocks", type=int, default=120)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the built-in prompts")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--chunk", type=int, default=10, help="blocks per drift chunk")
+    parser.add_argument("--settings", default="all", help="'all' (the sweep), 'default', or comma-separated names")
+    parser.add_argument("--switch-trials", type=int, default=0)
+    parser.add_argument("--switch-after", type=int, default=12)
+    parser.add_argument("--long", type=int, default=0, help="also stream this many blocks for latency/memory")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = SuperGenPipeline.from_pretrained(args.model, device="cpu")
+    base = pipe.default_stream_config
+    report = {"model": args.model, "blocks": args.blocks, "guidance": args.guidance, "default": dataclasses.asdict(base), "settings": {}}
+    print(f"model {args.model}, {args.blocks} blocks x {args.prompts} prompts x {args.seeds} seeds; default: {describe(base)}")
+    chosen = sweep(base)
+    if args.settings == "default":
+        chosen = chosen[:1]
+    elif args.settings != "all":
+        names = set(args.settings.split(","))
+        chosen = [(n, c) for n, c in chosen if n in names]
+    header = ("| setting | adh. block 1 | adh. block 100 | colour | shape | direction | continuity | step in/across px "
+              "| one object | drift adh./area/bright. | flicker | boundary/inside | ms/block |")
+    print(header + "\n|---|" + "---:|" * 12)
+    for name, cfg in chosen:
+        s = bench_setting(pipe, cfg, PROMPTS[: args.prompts], args.blocks, range(args.seeds), args.chunk, args.guidance)
+        report["settings"][name] = {"config": dataclasses.asdict(cfg), **s}
+        print(f"| {name} ({describe(cfg)}) | {s['adherence_first']:.2f} | {s['adherence_block100']:.2f} | "
+              f"{s['colour']:.2f} | {s['shape']:.2f} | {s['direction']:.2f} | {s['continuity']:.2f} | "
+              f"{s['step_within_px']:.2f} / {s['step_boundary_px']:.2f} | {s['one_object']:.2f} | "
+              f"{s['drift_adherence']:.2f} / {s['drift_area']:.2f} / {s['drift_brightness']:.2f} | {s['flicker']:.3f} | "
+              f"{s['flicker_boundary_ratio']:.2f} | {s['ms_per_block']:.0f} |", flush=True)
+    if args.switch_trials:
+        sw = bench_switches(pipe, base, args.switch_trials, args.switch_after, guidance=args.guidance)
+        report["switches"] = sw
+        print("\n| on_prompt_change | new colour + direction hold within 2 blocks | never hold | median blocks to hold "
+              "| new colour holds within 2 blocks | adherence after switch |\n|---|---:|---:|---:|---:|---:|")
+        for mode, r in sw.items():
+            print(f"| {mode} | {r['within_2_blocks']:.2f} | {r['never']} | {r['median_blocks']:.1f} | "
+                  f"{r['colour_within_2_blocks']:.2f} | {r['adherence_after']:.2f} |", flush=True)
+    if args.long:
+        report["long"] = bench_long(pipe, base, args.long)
+        print("\nlong stream:", json.dumps(report["long"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

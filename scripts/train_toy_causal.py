@@ -1,0 +1,395 @@
+"""Fine-tune the toy model (``--model toy``) into ``--model toy-causal``: block-causal, few-step, endless.
+
+The shipped toy was trained on 9-frame clips with full attention, so in a
+stream every block re-draws its clip from the middle of the frame: the shape
+drifts inside a block and jumps back at the next one. This script teaches its
+transformer to continue a video block by block, the way causal students are
+trained (CausVid / Self-Forcing's teacher-forcing stage):
+
+- Data: long toy-world clips (``--clip-frames`` video frames) whose shape
+  keeps moving the prompted way and wraps around the frame edges
+  (:func:`supergen.toyworld.render_stream_clip`), so the prompt stays true
+  however long a stream runs; ``--switch-fraction`` of them change colour and
+  direction at a block boundary (a prompt switch), encoded once by the toy's
+  frozen VAE.
+- Views: each training sequence is what the stream's KV cache shows the model:
+  an optional attention sink (the first ``S`` latent frames of the clip) and a
+  contiguous run of later blocks, RoPE positions packed 0..n-1 exactly as
+  :class:`~supergen.cache.kv.RollingKVCache` packs them.
+- Teacher forcing on clean context: the sequence holds the clean frames
+  (timestep 0, as the stream's ``rerun`` KV write sees them) followed by noisy
+  copies of its last ``--noisy-blocks`` blocks. A block-causal mask lets clean
+  block ``b`` see clean blocks ``<= b``, and the noisy copy of block ``b`` see
+  clean blocks ``< b`` and itself. Each noisy block draws its own noise level
+  (diffusion forcing), half the time one of the few-step schedule's levels.
+  Flow-matching loss on the noisy copies only.
+- Prompt switches: a view whose last block follows a switch is conditioned on
+  the new prompt while its context still shows the old one (what the stream's
+  KV re-cache presents after ``set_prompt``); noisy blocks from before the
+  switch get no loss in that view.
+
+Only the transformer is trained (starting from the toy's weights); VAE, text
+encoder, tokenizer and scheduler are the toy's. Everything is determined by
+``--seed`` (data, views, noise of every step are drawn from generators seeded
+by (seed, phase, step)), checkpoints every ``--ckpt-every`` steps, and a
+rerun of the same command resumes from the last one to the same weights
+(tests/test_train_toy.py). The EMA of the weights ships, with the stream
+settings chosen by scripts/bench_stream_quality.py in its ``supergen.json``:
+
+    OMP_NUM_THREADS=1 nohup python scripts/train_toy_causal.py --work runs/toy-causal > runs/toy-causal.log 2>&1 &
+
+The shipped ``toy-causal`` came from one run resumed with changed settings
+(steps 1-300 before ``--start-blocks`` existed, i.e. ``--start-blocks 0``, with
+``--steps 1600`` then ``1200``; 301-500 with the defaults and ``--steps 900``;
+501-900 with ``--schedule-fraction 0.8 --steps 900``): 900 steps of batch 8 in
+40 minutes on one thread. It learned to continue a clean context one noise
+level at a time (x0 predictions at sigma 0.67 move the shape the right way)
+but not to draw from pure noise with context (at sigma 1 it predicts no
+shape), so its few-step streams barely move: see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
+
+from scripts.train_toy_model import LossLog, budget_spent, clips_to_video, encode_prompts, resume, save_checkpoint, step_seed, stop_run  # noqa: E402
+from supergen.models import TOY_NATIVE_SIZE, load_diffusers_pipeline, write_native_size  # noqa: E402
+from supergen.toyworld import (  # noqa: E402
+    COLOURS,
+    DIRECTIONS,
+    PromptSwitch,
+    render_stream_clip,
+    sample_stream_params,
+    switched_prompt,
+)
+
+logger = logging.getLogger("train_toy_causal")
+
+#: Stream settings written to supergen.json (chosen with scripts/bench_stream_quality.py).
+STREAM_DEFAULTS = {"block_frames": 3, "window": 9, "sink": 3, "steps": 4, "schedule": "block", "kv_write": "rerun",
+                   "on_prompt_change": "flush"}
+
+
+class _MaskedSelfAttn(WanAttnProcessor):
+    """Diffusers' own Wan self-attention with a block-causal mask and RoPE tables set per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return super().__call__(attn, hidden_states, None, self.mask, self.rope)
+
+
+def rope_tables(rope, frame_positions: torch.Tensor, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (1, tokens, 1, head_dim) for whole latent frames at the given RoPE frame positions."""
+    gh, gw = grid_hw
+    n = len(frame_positions)
+    out = []
+    for table in (rope.freqs_cos, rope.freqs_sin):
+        t_tab, h_tab, w_tab = table.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1)
+        f = t_tab[frame_positions][:, None, None].expand(n, gh, gw, -1)
+        h = h_tab[:gh][None, :, None].expand(n, gh, gw, -1)
+        w = w_tab[:gw][None, None, :].expand(n, gh, gw, -1)
+        out.append(torch.cat([f, h, w], dim=-1).reshape(1, n * gh * gw, 1, -1))
+    return out[0], out[1]
+
+
+def teacher_forcing_mask(clean_blocks: int, noisy_blocks: int, block: int) -> torch.Tensor:
+    """Frame-level mask (queries, keys) over [clean blocks | noisy copies of the last ``noisy_blocks``]."""
+    clean_b = torch.arange(clean_blocks).repeat_interleave(block)
+    noisy_b = torch.arange(clean_blocks - noisy_blocks, clean_blocks).repeat_interleave(block)
+    q_block = torch.cat([clean_b, noisy_b])
+    q_noisy = torch.cat([torch.zeros_like(clean_b, dtype=torch.bool), torch.ones_like(noisy_b, dtype=torch.bool)])
+    k_block, k_noisy = q_block, q_noisy
+    clean_key = ~k_noisy[None]
+    sees_clean = clean_key & ((k_block[None] <= q_block[:, None]) & ~q_noisy[:, None]
+                              | (k_block[None] < q_block[:, None]) & q_noisy[:, None])
+    sees_self_noisy = k_noisy[None] & q_noisy[:, None] & (k_block[None] == q_block[:, None])
+    return sees_clean | sees_self_noisy
+
+
+@torch.no_grad()
+def build_dataset(pipe, args, work: Path) -> dict:
+    """Long clips (some with a prompt switch), VAE-encoded once, normalised like the pipeline's latents."""
+    cache = work / "latents.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    height, width, _ = TOY_NATIVE_SIZE
+    rng = np.random.default_rng(step_seed(args.seed, 10, 0))
+    cfg = pipe.vae.config
+    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    t_scale = cfg.scale_factor_temporal
+    latent_frames = (args.clip_frames - 1) // t_scale + 1
+    blocks = latent_frames // args.block
+    latents, pre, post, switch_at = [], [], [], []
+    chunk = 16
+    for start in range(0, args.clips, chunk):
+        videos = []
+        for _ in range(min(chunk, args.clips - start)):
+            params = sample_stream_params(rng)
+            switch = None
+            if rng.uniform() < args.switch_fraction:
+                # At a block boundary (latent frame j starts video frame t_scale*(j-1)+1), after >= 2 blocks.
+                j = args.block * int(rng.integers(min(2, blocks - 1), blocks))
+                colours = [c for c in COLOURS if c != params.colour]
+                directions = [d for d in DIRECTIONS if d != params.direction]
+                switch = PromptSwitch(frame=t_scale * (j - 1) + 1, colour=colours[rng.integers(len(colours))],
+                                      direction=directions[rng.integers(len(directions))])
+            videos.append(render_stream_clip(params, height, width, args.clip_frames, switch))
+            pre.append(params.prompt)
+            post.append(switched_prompt(params, switch) if switch else params.prompt)
+            switch_at.append(j if switch else latent_frames)
+        z = pipe.vae.encode(clips_to_video(np.stack(videos))).latent_dist.mode()
+        latents.append(((z - mean) / std).to(torch.float16))
+        logger.info("encoded %d/%d clips", start + len(videos), args.clips)
+    data = {"latents": torch.cat(latents), "pre": pre, "post": post, "switch_at": torch.tensor(switch_at)}
+    torch.save(data, cache)
+    return data
+
+
+def few_step_sigmas(pipe, steps: int) -> torch.Tensor:
+    """The noise levels the stream's few-step schedule visits (sigma 1 .. the last step's)."""
+    from supergen.samplers.schedule import fresh_scheduler
+
+    scheduler = fresh_scheduler(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas[:-1].float()
+
+
+def draw_view(gen: torch.Generator, args, latent_frames: int) -> dict:
+    """The shape of one step's sequences: sink frames, clean blocks, noisy blocks, whether it starts the clip."""
+    b = args.block
+    max_blocks = args.max_context_blocks + 1
+    total_blocks = int(torch.randint(2, max_blocks + 1, (1,), generator=gen))
+    from_start = bool(torch.rand((), generator=gen) < args.start_fraction)
+    sink_blocks = 0
+    if not from_start:
+        sink_blocks = int(torch.randint(0, args.max_sink_blocks + 1, (1,), generator=gen))
+        sink_blocks = min(sink_blocks, total_blocks - 1)
+    noisy = min(args.noisy_blocks, total_blocks - sink_blocks)
+    if from_start and args.start_blocks:
+        # The stream's first block has no context: its motion comes from the prompt alone, so
+        # views from the start train every block, the first one included.
+        total_blocks = noisy = min(total_blocks, args.start_blocks)
+    run = (total_blocks - sink_blocks) * b
+    # Offsets of the contiguous run: whole blocks, after the sink, inside the clip.
+    first = sink_blocks * b + (0 if from_start else b)
+    last = (latent_frames // b) * b - run
+    offsets = list(range(first, last + 1, b)) or [sink_blocks * b]
+    return {"sink": sink_blocks * b, "blocks": total_blocks, "noisy": noisy, "run": run, "offsets": offsets,
+            "from_start": from_start}
+
+
+def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: torch.Tensor, shift: float):
+    """One step's inputs: latents x (B,C,F,H,W), per-frame timesteps, targets, loss weights, text."""
+    latents = data["latents"]
+    n_clips, _, latent_frames = latents.shape[:3]
+    view = draw_view(gen, args, latent_frames)
+    b, nb = args.block, view["noisy"]
+    clip_idx = torch.randint(n_clips, (args.batch,), generator=gen)
+    xs, conds, weights = [], [], []
+    for i in clip_idx.tolist():
+        z = latents[i].float()
+        off = view["offsets"][int(torch.randint(len(view["offsets"]), (1,), generator=gen))]
+        if view["from_start"]:
+            off = 0
+        frames = torch.cat([z[:, : view["sink"]], z[:, off : off + view["run"]]], dim=1)
+        # Absolute latent frame where each noisy block starts, to place it before or after a switch.
+        abs_start = [off + view["run"] - (nb - k) * b for k in range(nb)]
+        switch = int(data["switch_at"][i])
+        after = [s >= switch for s in abs_start]
+        prompt = data["post"][i] if after[-1] else data["pre"][i]
+        if torch.rand((), generator=gen) < args.cfg_drop:
+            conds.append(text[""])
+            weights.append(torch.ones(nb))
+        else:
+            conds.append(text[prompt])
+            weights.append(torch.tensor([float(a == after[-1]) for a in after]))
+        xs.append(frames)
+    clean = torch.stack(xs)  # (B, C, F, H, W)
+    x0 = clean[:, :, -nb * b :]
+    # Noise level per noisy block: half the draws at the few-step schedule's levels.
+    u = torch.rand(args.batch, nb, generator=gen)
+    sigma = shift * u / (1 + (shift - 1) * u)
+    pick = torch.rand(args.batch, nb, generator=gen) < args.schedule_fraction
+    table = sigma_table[torch.randint(len(sigma_table), (args.batch, nb), generator=gen)]
+    sigma = torch.where(pick, table, sigma)
+    s_F = sigma.repeat_interleave(b, dim=1)  # (B, nb*b)
+    s = s_F[:, None, :, None, None]
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = (1 - s) * x0 + s * noise
+    # Context is the model's own output at inference: a little noise keeps it from trusting every pixel.
+    ctx_noise = args.context_noise * torch.rand(args.batch, 1, 1, 1, 1, generator=gen)
+    context = clean + ctx_noise * torch.randn(clean.shape, generator=gen)
+    x = torch.cat([context, xt], dim=2)
+    t_F = torch.cat([torch.zeros(args.batch, clean.shape[2]), s_F * 1000], dim=1)
+    return {"x": x, "t_F": t_F, "target": noise - x0, "weight": torch.stack(weights), "cond": torch.stack(conds),
+            "view": view}
+
+
+def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = pipe.transformer
+    procs = []
+    for blk in model.blocks:
+        proc = _MaskedSelfAttn()
+        blk.attn1.set_processor(proc)
+        procs.append(proc)
+    text = encode_prompts(pipe, sorted(set(data["pre"]) | set(data["post"])))
+    shift = pipe.scheduler.config.flow_shift
+    sigma_table = few_step_sigmas(pipe, args.steps_schedule)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
+    ckpt = work / "causal.pt"
+    start, elapsed = resume(ckpt, log, "causal", model=model, ema=ema, opt=opt)
+    model.train()
+    _, ph, pw = model.config.patch_size
+    lh, lw = data["latents"].shape[-2:]
+    grid_hw = (lh // ph, lw // pw)
+    tpf = grid_hw[0] * grid_hw[1]
+    t0 = time.perf_counter() - elapsed
+    running = None
+    for step in range(start, args.steps):
+        gen = torch.Generator().manual_seed(step_seed(args.seed, 11, step))
+        batch = make_batch(data, text, gen, args, sigma_table, shift)
+        view = batch["view"]
+        nb, blocks = view["noisy"], view["blocks"]
+        frame_mask = teacher_forcing_mask(blocks, nb, args.block)
+        token_mask = frame_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)[None, None]
+        clean_f = blocks * args.block
+        positions = torch.cat([torch.arange(clean_f), torch.arange(clean_f - nb * args.block, clean_f)])
+        tables = rope_tables(model.rope, positions, grid_hw)
+        for proc in procs:
+            proc.mask, proc.rope = token_mask, tables
+        timestep = batch["t_F"].repeat_interleave(tpf, dim=1)
+        pred = model(hidden_states=batch["x"], timestep=timestep, encoder_hidden_states=batch["cond"],
+                     return_dict=False)[0][:, :, clean_f:]
+        per_frame = ((pred - batch["target"]) ** 2).mean(dim=(1, 3, 4))  # (B, nb*block)
+        w = batch["weight"].repeat_interleave(args.block, dim=1)
+        loss = (per_frame * w).sum() / w.sum().clamp_min(1.0)
+        warm = min(1.0, (step + 1) / args.warmup)
+        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(model)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % args.log_every == 0:
+            now = time.perf_counter() - t0
+            log.add("causal", step + 1, loss.item(), now)
+            logger.info("step %d/%d loss %.4f (running %.4f) lr %.2e %.0f s", step + 1, args.steps, loss.item(),
+                        running, lr, now)
+        stop = budget_spent(args)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
+            save_checkpoint(ckpt, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                            step=step + 1, elapsed=time.perf_counter() - t0)
+            if args.export_every and (step + 1) % args.export_every == 0:
+                export(pipe, ema, args.output, args.guidance)
+        if stop and step + 1 < args.steps:
+            stop_run(step + 1)
+    for blk in model.blocks:
+        blk.attn1.set_processor(WanAttnProcessor())
+    return ema
+
+
+def export(pipe, ema, output: Path, guidance: float) -> None:
+    """Write the pipeline with the EMA transformer, its native size and stream settings, atomically."""
+    live = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.transformer.load_state_dict(ema.module.state_dict())
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    processors = [blk.attn1.processor for blk in pipe.transformer.blocks]
+    for blk in pipe.transformer.blocks:
+        blk.attn1.set_processor(WanAttnProcessor())
+    try:
+        pipe.save_pretrained(tmp)
+    finally:
+        for blk, proc in zip(pipe.transformer.blocks, processors):
+            blk.attn1.set_processor(proc)
+    write_native_size(tmp, *TOY_NATIVE_SIZE, guidance_scale=guidance)
+    hints = json.loads((tmp / "supergen.json").read_text())
+    hints["stream"] = dict(STREAM_DEFAULTS)
+    (tmp / "supergen.json").write_text(json.dumps(hints, indent=2) + "\n")
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.replace(output)
+    pipe.transformer.load_state_dict(live)
+    size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+    logger.info("exported %s (%.1f MB)", output, size / 1e6)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="checkpoints, loss.csv, latents cache")
+    parser.add_argument("--base", default="toy", help="model to fine-tune (a shipped name or a folder)")
+    parser.add_argument("--output", type=Path, default=REPO / "supergen" / "assets" / "toy-causal")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a CPU shared with other jobs)")
+    parser.add_argument("--clips", type=int, default=1024, help="long clips in the fixed training set")
+    parser.add_argument("--clip-frames", type=int, default=61, help="video frames per clip (31 latent frames)")
+    parser.add_argument("--block", type=int, default=3, help="latent frames per block")
+    parser.add_argument("--switch-fraction", type=float, default=0.3, help="clips with a prompt switch")
+    parser.add_argument("--max-context-blocks", type=int, default=4, help="most clean blocks before the last")
+    parser.add_argument("--max-sink-blocks", type=int, default=2)
+    parser.add_argument("--start-fraction", type=float, default=0.25, help="views that start at the clip's start")
+    parser.add_argument("--noisy-blocks", type=int, default=2, help="last blocks trained per view")
+    parser.add_argument("--start-blocks", type=int, default=2,
+                        help="views from the clip's start have this many blocks, all trained (0: like other views)")
+    parser.add_argument("--steps-schedule", type=int, default=4, help="few-step schedule whose levels are trained")
+    parser.add_argument("--schedule-fraction", type=float, default=0.5, help="noise levels drawn from that schedule")
+    parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts")
+    parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale written to supergen.json")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--ckpt-every", type=int, default=100)
+    parser.add_argument("--export-every", type=int, default=500, help="also export the EMA pipeline this often (0: only at the end)")
+    parser.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many optimizer steps in this invocation")
+    args = parser.parse_args(argv)
+    args.steps_done = 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    log = LossLog(args.work / "loss.csv")
+    pipe = load_diffusers_pipeline(args.base)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    data = build_dataset(pipe, args, args.work)
+    logger.info("dataset: %d clips of %d latent frames, %d with a prompt switch", len(data["pre"]),
+                data["latents"].shape[2], int((data["switch_at"] < data["latents"].shape[2]).sum()))
+    ema = train(pipe, args, args.work, log, data)
+    export(pipe, ema, args.output, args.guidance)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The shipped ``toy-causal`` model: loads by name, streams with its own settings, and keeps its motion across blocks."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from supergen import StreamConfig, SuperGenPipeline
+from supergen.models import SHIPPED_MODELS
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scripts.bench_stream_quality import analyse, stream_blocks  # noqa: E402
+
+PROMPT = "a red circle moving left over a blue sky"
+
+
+@pytest.fixture(scope="module")
+def causal():
+    return SuperGenPipeline.from_pretrained("toy-causal", device="cpu")
+
+
+def test_toy_causal_ships_small_and_loads_with_its_stream_settings(causal):
+    folder = SHIPPED_MODELS["toy-causal"]
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 20e6
+    assert list((folder / "transformer").glob("*.safetensors"))
+    assert (causal.adapter.native_height, causal.adapter.native_width) == (32, 32)
+    # The recommended settings come from its supergen.json, not StreamConfig's generic defaults.
+    import json
+
+    hints = json.loads((folder / "supergen.json").read_text())["stream"]
+    assert causal.default_stream_config == StreamConfig(**hints)
+    with causal.stream(PROMPT, num_blocks=2) as stream:
+        blocks = list(stream)
+    assert [b.frames.shape for b in blocks] == [(5, 32, 32, 3), (6, 32, 32, 3)]
+    assert stream.metrics["stream"]["on_prompt_change"] == hints["on_prompt_change"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 18 goal not reached by the shipped toy-causal (docs/benchmarks.md, 'Streaming quality'): its "
+    "shape barely moves (0.02 px a frame inside blocks), so the direction holds across 18% of boundaries "
+    "over 120 blocks, not >= 90%; strict, so a model that reaches it turns this into a failure to update"))
+def test_toy_causal_keeps_its_direction_across_block_boundaries_where_toy_does_not(causal):
+    # The bound the issue asks for: toy-causal keeps the direction across most block boundaries, toy
+    # (trained on 9-frame clips) across almost none. 12 blocks, the same settings for both models.
+    config = causal.default_stream_config
+    toy = SuperGenPipeline.from_pretrained("toy", device="cpu")
+    scores = {}
+    for name, pipe in (("toy-causal", causal), ("toy", toy)):
+        frames, prompts, _ = stream_blocks(pipe, PROMPT, config, 12, seed=0)
+        scores[name] = analyse(frames, prompts, chunk=4)
+    assert scores["toy-causal"]["continuity"] >= 0.8, scores["toy-causal"]
+    assert scores["toy"]["continuity"] <= 0.3, scores["toy"]
+    assert scores["toy-causal"]["direction"] >= 0.8
+    assert scores["toy-causal"]["one_object"] >= 0.8
+    assert np.isfinite(scores["toy-causal"]["flicker"])
