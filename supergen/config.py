@@ -47,6 +47,11 @@ def _positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
+#: Steps the tile grid holds still between moves when the step cache is on and ``TilingConfig.shift_every``
+#: is not set (docs/benchmarks.md, "Region-aware step cache", shift schedule).
+CACHE_SHIFT_EVERY = 3
+
+
 @dataclass(kw_only=True)
 class TilingConfig:
     """How the refinement canvas is cut into tiles.
@@ -66,6 +71,13 @@ class TilingConfig:
         shift: ``wrap`` moves the whole grid every step with wrap-around at the
             canvas edges (SuperGen's way to hide seams without overlap).
         shift_stride: grid shift per step in pixels (default: tile / 16).
+        shift_every: the grid moves only every ``shift_every``-th refinement
+            step, by that many strides (it visits every k-th position of the
+            every-step grid). ``None`` (default): every step with the step
+            cache off (the video is the same as before this option existed),
+            every :data:`CACHE_SHIFT_EVERY` steps with it on, so that the steps
+            in between see the grid of the step before and tiles can be
+            reused (the cache never reuses a tile across a grid move).
         rope: ``local`` gives every tile the positions of a native-size video;
             ``absolute`` offsets them by the tile's place on the canvas.
         tile_batch_size: tiles sent through the model in one batch.
@@ -84,6 +96,7 @@ class TilingConfig:
     blend: str = "cosine"
     shift: str = "wrap"
     shift_stride: int | None = None
+    shift_every: int | None = None
     rope: str = "local"
     tile_batch_size: int = 1
     strength: float = 0.9
@@ -91,7 +104,7 @@ class TilingConfig:
     sketch_steps: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tile_height", "tile_width", "tile_frames", "shift_stride", "sketch_steps"):
+        for name in ("tile_height", "tile_width", "tile_frames", "shift_stride", "shift_every", "sketch_steps"):
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name, value)
@@ -243,6 +256,13 @@ class CacheConfig:
     @property
     def enabled(self) -> bool:
         return self.mode != "off" and self.threshold > 0
+
+    def grid_shift_every(self, tiling: "TilingConfig") -> int:
+        """Steps between grid moves for a run with this cache: ``tiling.shift_every`` when set, else 1 with
+        the cache off and :data:`CACHE_SHIFT_EVERY` with it on."""
+        if tiling.shift_every is not None:
+            return tiling.shift_every
+        return CACHE_SHIFT_EVERY if self.enabled else 1
 
     def check_schedule(self, num_steps: int) -> None:
         """Refuse a warm-up longer than the ``num_steps`` refinement steps; warn when nothing can be skipped."""

@@ -321,7 +321,7 @@ class SuperGenPipeline:
         return self._footprint
 
     # --- generation -------------------------------------------------------
-    def _planner(self, request: TiledRequest, tiling: TilingConfig) -> TilePlanner:
+    def _planner(self, request: TiledRequest, tiling: TilingConfig, cache: CacheConfig | None = None) -> TilePlanner:
         return TilePlanner(
             canvas=request.canvas,
             tile=request.tile,
@@ -330,12 +330,15 @@ class SuperGenPipeline:
             blend=tiling.blend,
             shift=tiling.shift,
             shift_stride=request.shift_stride,
+            shift_every=(cache or CacheConfig()).grid_shift_every(tiling),
         )
 
-    def plan(self, height=None, width=None, num_frames=None, tiling: TilingConfig | None = None) -> TilePlanner:
-        """The refinement tile planner a request would use (validates the request)."""
+    def plan(self, height=None, width=None, num_frames=None, tiling: TilingConfig | None = None,
+             cache: CacheConfig | None = None) -> TilePlanner:
+        """The refinement tile planner a request would use (validates the request); ``cache`` decides the
+        default grid schedule (see ``TilingConfig.shift_every``)."""
         tiling = tiling or TilingConfig()
-        return self._planner(self.check_request(height, width, num_frames, tiling), tiling)
+        return self._planner(self.check_request(height, width, num_frames, tiling), tiling, cache)
 
     @torch.no_grad()
     @_hooks_attached
@@ -463,7 +466,7 @@ class SuperGenPipeline:
         t_start = time.perf_counter()
 
         cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length, image=image)
-        planner = self._planner(request, tiling)
+        planner = self._planner(request, tiling, cache)
         logger.info(
             "target %dx%dx%df, %s; sketch %dx%d, strength %.2f, upscale %s, rope %s",
             request.height,

@@ -146,6 +146,8 @@ class TilePlanner:
         blend: ``cosine`` or ``uniform``.
         shift: ``wrap`` or ``none``.
         shift_stride: (H, W) cells the grid moves per step (``wrap`` only).
+        shift_every: the grid moves on every ``shift_every``-th step only, by
+            that many strides (1: every step).
     """
 
     def __init__(
@@ -157,7 +159,10 @@ class TilePlanner:
         blend: str = "cosine",
         shift: str = "none",
         shift_stride: tuple[int, int] | None = None,
+        shift_every: int = 1,
     ):
+        if not isinstance(shift_every, int) or isinstance(shift_every, bool) or shift_every < 1:
+            raise ValueError(f"shift_every={shift_every!r} must be an integer >= 1 (steps between grid moves)")
         for axis, (c, t, o, a) in enumerate(zip(canvas, tile, overlap, align)):
             name = "FHW"[axis]
             if t > c:
@@ -177,6 +182,7 @@ class TilePlanner:
         if shift_stride is None:
             shift_stride = tuple(max(a, (t // 16) // a * a) for t, a in zip(self.tile[1:], self.align[1:]))
         self.shift_stride = tuple(shift_stride)
+        self.shift_every = shift_every
         self.starts = [
             _axis_starts(c, t, o, a, w)
             for c, t, o, a, w in zip(self.canvas, self.tile, self.overlap, self.align, self.wrap)
@@ -194,8 +200,9 @@ class TilePlanner:
 
     def shift_at(self, step: int) -> tuple[int, int]:
         """Grid offset (H, W) in cells at a step."""
+        moved = step // self.shift_every * self.shift_every
         return tuple(
-            (step * stride) % length if wrap else 0
+            (moved * stride) % length if wrap else 0
             for stride, length, wrap in zip(self.shift_stride, self.canvas[1:], self.wrap[1:])
         )
 
@@ -239,4 +246,5 @@ class TilePlanner:
             f"cells on a {self.canvas[0]}x{self.canvas[1]}x{self.canvas[2]} canvas, overlap {self.overlap}, "
             f"blend {self.blend}, shift {self.shift}"
             + (f" by {self.shift_stride} cells/step" if any(self.wrap) else "")
+            + (f", moving every {self.shift_every} steps" if any(self.wrap) and self.shift_every > 1 else "")
         )
