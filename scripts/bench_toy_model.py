@@ -66,8 +66,8 @@ def last_step_boundaries(pipe: SuperGenPipeline, size: tuple[int, int], steps: i
                          cache=None) -> tuple[list, list]:
     """Pixel rows/cols where tiles start or end in the last refinement step's plan (``cache``: the run's
     CacheConfig, which sets the default grid schedule)."""
-    planner = pipe.plan(height=size[0], width=size[1], tiling=tiling, cache=cache)
     refine_steps = max(1, round(steps * tiling.strength))
+    planner = pipe.plan(height=size[0], width=size[1], tiling=tiling, cache=cache, steps=refine_steps)
     plan = planner.plan(refine_steps - 1)
     scale = pipe.adapter.geometry.scale_spatial
     rows, cols = set(), set()

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile-overlap", type=int, default=0, help="overlap between tiles, pixels")
     g.add_argument("--blend", choices=("cosine", "uniform"), default="cosine", help="weights where tiles overlap")
     g.add_argument("--shift", choices=("wrap", "none"), default="wrap", help="shift the tile grid every step")
+    g.add_argument("--shift-every", type=int, default=None,
+                   help="move the grid only every N-th step, by N strides (default: every step with the cache off, "
+                        "every 3rd with it on, so the cache can reuse tiles between moves)")
     g.add_argument("--rope", choices=("local", "absolute"), default="local", help="tile RoPE positions")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="how the sketch is up-scaled")
     g.add_argument("--tile-batch-size", type=int, default=1, help="tiles per model call")
@@ -126,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a skipped tile reuses: its cells' last prediction (output, what auto picks), that "
                         "prediction extrapolated to this step (taylor), its last output-minus-input (residual), or its "
                         "transformer blocks' residual run through the current output head (blocks, one process only)")
-    g.add_argument("--no-cache-sketch", dest="cache_sketch", action="store_false",
-                   help="run every step of the native-size sketch (by default the cache covers it too, with one "
-                        "whole-canvas decision per step)")
+    g.add_argument("--cache-sketch", dest="cache_sketch", action=argparse.BooleanOptionalAction, default=False,
+                   help="also cache the native-size sketch, one whole-canvas decision per step (off by default: the "
+                        "coherence guide carries the sketch's reuse error into the video)")
     g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
     g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
@@ -199,6 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         overlap=args.tile_overlap,
         blend=args.blend,
         shift=args.shift,
+        shift_every=args.shift_every,
         rope=args.rope,
         tile_batch_size=args.tile_batch_size,
         strength=args.strength,

@@ -216,9 +216,12 @@ class CacheConfig:
             applies; 0.5 measured best on the toy model (0.3-1.0 tried).
         sketch: also cache the native-size sketch (one whole-canvas decision
             per step, the same settings), as a whole-model cache accelerates a
-            plain run at the native size. On by default: at the tiling defaults
-            it is where the cache saves most (64x64 toy: 13.9% of all block
-            compute at 44.4 dB, objects and adherence unchanged).
+            plain run at the native size. Off by default since the ``x0``
+            coherence guide became the tiling default: the guide pulls the
+            refinement's low band onto the up-scaled sketch, so the sketch's
+            reuse error reaches the final video (toy, 64x64, one prompt: 44.4
+            dB against the uncached run on the same grid schedule with the
+            sketch computed, 38.3 dB with it cached; docs/benchmarks.md).
     """
 
     mode: str = "off"
@@ -230,7 +233,7 @@ class CacheConfig:
     regions_per_tile: int = 4
     reuse: str = "auto"
     taylor_damping: float = 0.5
-    sketch: bool = True
+    sketch: bool = False
 
     def __post_init__(self) -> None:
         _choice("cache mode", self.mode, CACHE_MODES)

@@ -321,7 +321,9 @@ class SuperGenPipeline:
         return self._footprint
 
     # --- generation -------------------------------------------------------
-    def _planner(self, request: TiledRequest, tiling: TilingConfig, cache: CacheConfig | None = None) -> TilePlanner:
+    def _planner(self, request: TiledRequest, tiling: TilingConfig, cache: CacheConfig | None = None,
+                 steps: int | None = None) -> TilePlanner:
+        every = (cache or CacheConfig()).grid_shift_every(tiling)
         return TilePlanner(
             canvas=request.canvas,
             tile=request.tile,
@@ -330,15 +332,17 @@ class SuperGenPipeline:
             blend=tiling.blend,
             shift=tiling.shift,
             shift_stride=request.shift_stride,
-            shift_every=(cache or CacheConfig()).grid_shift_every(tiling),
+            shift_every=every,
+            # The last refinement step moves the grid, so its tile boundaries are where the every-step grid's are.
+            shift_phase=0 if steps is None else (steps - 1) % every,
         )
 
     def plan(self, height=None, width=None, num_frames=None, tiling: TilingConfig | None = None,
-             cache: CacheConfig | None = None) -> TilePlanner:
+             cache: CacheConfig | None = None, steps: int | None = None) -> TilePlanner:
         """The refinement tile planner a request would use (validates the request); ``cache`` decides the
-        default grid schedule (see ``TilingConfig.shift_every``)."""
+        default grid schedule (see ``TilingConfig.shift_every``) and ``steps`` (refinement steps) its phase."""
         tiling = tiling or TilingConfig()
-        return self._planner(self.check_request(height, width, num_frames, tiling), tiling, cache)
+        return self._planner(self.check_request(height, width, num_frames, tiling), tiling, cache, steps)
 
     @torch.no_grad()
     @_hooks_attached
@@ -466,7 +470,7 @@ class SuperGenPipeline:
         t_start = time.perf_counter()
 
         cond = adapter.encode_prompt(prompt, negative_prompt, guidance_scale, max_sequence_length, image=image)
-        planner = self._planner(request, tiling, cache)
+        planner = self._planner(request, tiling, cache, refinement_steps(num_inference_steps, tiling.strength))
         logger.info(
             "target %dx%dx%df, %s; sketch %dx%d, strength %.2f, upscale %s, rope %s",
             request.height,
