@@ -219,9 +219,9 @@ class CacheConfig:
             plain run at the native size. Off by default since the ``x0``
             coherence guide became the tiling default: the guide pulls the
             refinement's low band onto the up-scaled sketch, so the sketch's
-            reuse error reaches the final video (toy, 64x64, one prompt: 44.4
+            reuse error reaches the final video (toy, 64x64, one prompt: 40.3
             dB against the uncached run on the same grid schedule with the
-            sketch computed, 38.3 dB with it cached; docs/benchmarks.md).
+            sketch computed, 36.9 dB with it cached; docs/benchmarks.md).
     """
 
     mode: str = "off"
