@@ -25,7 +25,16 @@ no calibration (the tile-wise, EasyCache-style rule the SuperGen paper uses):
 
 All state lives in canvas coordinates (per latent cell, or per region of
 cells), never per tile, so it stays valid when a wrap-shifted grid moves
-between steps: a tile reads the state of whatever cells it covers now. The
+between steps: a tile reads the state of whatever cells it covers now.
+A cell's output depends on where the tile boundaries lie, though (moving
+the grid by one stride changes the blended prediction by a third on the
+toy model), so every cell also remembers the grid position (the plan's
+shift) of its last computed step: a cell is only reused at the grid
+position it was computed at, and its response ``k`` is measured only
+between two computed steps at one grid position, so the predictor reads
+denoising change, not boundary movement. A grid that moves every step
+therefore computes every tile; ``TilePlanner(shift_every=k)`` holds the
+grid for ``k`` steps and leaves ``k - 1`` cacheable steps per move. The
 canvas-space reuse modes are a function of a cell's own state only, so
 under the region exchange the owner of a cell serves its reused prediction
 and a skipped tile runs nowhere and moves nothing.
@@ -205,6 +214,8 @@ class RegionCache:
         self._d_out = None  # per cell: mean_C |o1 - o2| between its last two computed steps (F, H, W)
         self._d_in = None  # per cell: mean_C |x1 - x2|
         self._computed = None  # per cell: computed steps so far (0, 1, 2+)
+        self._grid1 = None  # per cell: grid position (plan shift id) of its last computed step, -1 before any
+        self._responded = None  # per cell: whether d_out / d_in were measured between two steps at one grid position
         self._acc = None  # per cell: accumulated predicted relative change since the last compute
         self._run = None  # per cell: consecutive steps served from the cache
         self._variability = None  # per region: running estimate of the per-step relative change
@@ -243,12 +254,12 @@ class RegionCache:
     def _step_change(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted relative output change of this step: per cell of the box (F, H, W) and per region (flat).
 
-        Infinite where a region lacks two computed steps: such cells cannot be
-        predicted, so any tile over them runs.
+        Infinite where a region lacks two computed steps at one grid position:
+        such cells cannot be predicted, so any tile over them runs.
         """
         dx = (latents - self._x_prev).abs().mean(dim=(0, 1)).double()
         fields = torch.stack([
-            self._d_out, self._d_in, self._o1.abs().mean(dim=(0, 1)).double(), dx, (self._computed >= 2).double()
+            self._d_out, self._d_in, self._o1.abs().mean(dim=(0, 1)).double(), dx, self._responded.double()
         ])
         d_out, d_in, out_scale, d_x, ready = self._region_sums(fields)
         count = self._region_count.to(d_out.device)
@@ -285,7 +296,9 @@ class RegionCache:
         acc = self._acc + self._step_change(latents)[0]
         load = self._on_canvas(acc / self._to_cells(self._region_thresholds()))
         run = self._on_canvas(self._run)
-        blocked = ~torch.isfinite(load)
+        # A cell last computed at another grid position would be handed that grid's output.
+        moved = self._on_canvas(self._grid1 != self._grid_id(plan))
+        blocked = ~torch.isfinite(load) | moved
         finite = torch.where(blocked, torch.zeros_like(load), load)
         if self.scope == "canvas":
             parts = [(finite, blocked, run)]
@@ -300,6 +313,11 @@ class RegionCache:
             for (load_sum, blocked_cells), run_max, n in zip(sums.tolist(), longest.tolist(), cells)
         ]
         return skips * len(plan) if self.scope == "canvas" else skips
+
+    def _grid_id(self, plan: TilePlan) -> int:
+        """One integer per grid position (the plan's (H, W) shift)."""
+        shift_h, shift_w = plan.shift
+        return shift_h * self.canvas[2] + shift_w
 
     # --- outputs --------------------------------------------------------------
     def reused_prediction(self, latents: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
@@ -394,12 +412,17 @@ class RegionCache:
         else:
             self._acc = self._acc * (1.0 - fresh).clamp_min(0.0)
         full = fresh >= _FRESH
-        # The response of a cell is measured between its last two fully recomputed steps.
+        grid = self._grid_id(plan)
+        # The response of a cell is measured between its last two fully recomputed steps, when both saw
+        # the same grid: across a grid move the output change is mostly the tile boundary moving.
         d_out = (pred - self._o1).abs().mean(dim=(0, 1)).double()
         d_in = (x - self._x1).abs().mean(dim=(0, 1)).double()
         had = self._computed >= 1
-        self._d_out = torch.where(full & had, d_out, self._d_out)
-        self._d_in = torch.where(full & had, d_in, self._d_in)
+        same = full & had & (self._grid1 == grid)
+        self._d_out = torch.where(same, d_out, self._d_out)
+        self._d_in = torch.where(same, d_in, self._d_in)
+        self._responded = self._responded | same
+        self._grid1 = torch.where(full, torch.full_like(self._grid1, grid), self._grid1)
         self._o2 = torch.where(full, self._o1, self._o2)
         self._o1 = torch.where(full, pred, self._o1)
         self._t2 = torch.where(full & had, self._t1, self._t2)
@@ -429,6 +452,8 @@ class RegionCache:
         self._d_in = torch.zeros(shape, **cells)
         self._acc = torch.zeros(shape, **cells)
         self._computed = torch.zeros(shape, dtype=torch.int64, device=x.device)
+        self._grid1 = torch.full(shape, -1, dtype=torch.int64, device=x.device)
+        self._responded = torch.zeros(shape, dtype=torch.bool, device=x.device)
         self._run = torch.zeros(shape, dtype=torch.int64, device=x.device)
 
     def describe(self) -> str:

@@ -72,6 +72,7 @@ class Row:
     base_sketch_blocks: int = 0
     reused: float = 0.0
     psnr: list[float] = field(default_factory=list)
+    psnr_same_grid: list[float] = field(default_factory=list)
     objects: float = 0.0
     adherence: float = 0.0
     subject_reuse: float | None = None
@@ -86,14 +87,19 @@ class Row:
 
     @property
     def psnr_mean(self) -> float:
-        finite = [p for p in self.psnr if math.isfinite(p)]
-        if not self.psnr:
-            return math.nan
-        # A prompt whose cached run is bit-identical adds no error: average the MSEs, not the dBs.
-        if len(finite) < len(self.psnr) and not finite:
-            return math.inf
-        mse = np.mean([10 ** (-p / 10) if math.isfinite(p) else 0.0 for p in self.psnr])
-        return math.inf if mse == 0 else -10 * math.log10(mse)
+        return mean_psnr(self.psnr)
+
+    @property
+    def psnr_same_grid_mean(self) -> float:
+        return mean_psnr(self.psnr_same_grid)
+
+
+def mean_psnr(values: list[float]) -> float:
+    """PSNR of the mean MSE over prompts (a prompt whose cached run is bit-identical adds no error)."""
+    if not values:
+        return math.nan
+    mse = np.mean([10 ** (-p / 10) if math.isfinite(p) else 0.0 for p in values])
+    return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 class Counter:
@@ -297,31 +303,45 @@ def untiled(sg: SuperGenPipeline, prompts: list[str], spare: str, steps: int) ->
 # --- tiled ---------------------------------------------------------------------------------------
 
 def tiled(sg: SuperGenPipeline, prompts: list[str], steps: int, size: int, strength: float, shift: str,
-          settings: list[tuple[str, str, CacheConfig]]) -> list[Row]:
+          settings: list[tuple]) -> list[Row]:
+    """Rows of the tiled part. ``settings``: (method, setting, cache, shift_every) with shift_every ``None``
+    for the pipeline's default schedule. PSNR is taken against the uncached run at the tiling defaults (the
+    grid moving every step: what the cache-off default makes) and, in ``psnr_same_grid``, against the
+    uncached run with the row's own grid schedule (the error of the reuse alone)."""
     part = f"tiled {size}x{size}, strength {strength:g}, shift {shift}"
     layers = len(sg.pipe.transformer.blocks)
-    tiling = TilingConfig(strength=strength, shift=shift)
 
-    def run(prompt, cache):
+    def run(prompt, cache, every):
+        tiling = TilingConfig(strength=strength, shift=shift, shift_every=every)
         return sg(prompt, height=size, width=size, num_inference_steps=steps, seed=0, tiling=tiling, cache=cache,
                   progress=False)
 
     refs = {}
+    same_grid: dict[int, dict[str, np.ndarray]] = {1: refs}
 
-    def measure(method, setting, cache):
+    def reference(prompt, every):
+        if every not in same_grid:
+            same_grid[every] = {}
+        if prompt not in same_grid[every]:
+            same_grid[every][prompt] = run(prompt, None, every).frames
+        return same_grid[every][prompt]
+
+    def measure(method, setting, cache, every=None):
         row = Row(part, method, setting)
         videos, reused, split = [], [], []
         start = time.perf_counter()
         for prompt in prompts:
-            out = run(prompt, cache)
+            out = run(prompt, cache, every)
+            schedule = (cache or CacheConfig()).grid_shift_every(TilingConfig(shift_every=every))
             tiles = out.metrics["tiles"]
             # Refinement only: the sketch is the same uncached run in every row. CFG batched: 2 per tile-step.
             row.blocks += tiles["tile_steps_computed"] * 2 * layers
             row.sketch_blocks += out.metrics["sketch"]["steps_computed"] * 2 * layers
             reused.append(tiles["tile_steps_skipped"] / tiles["tile_steps_total"])
-            if cache is None:
+            if cache is None and schedule == 1:
                 refs[prompt] = out.frames
             row.psnr.append(psnr(out.frames, refs[prompt]))
+            row.psnr_same_grid.append(psnr(out.frames, out.frames if cache is None else reference(prompt, schedule)))
             videos.append(out.frames)
             if cache is not None:
                 split.append(region_split(out.metrics, subject_mask(refs[prompt], prompt)))
@@ -331,27 +351,36 @@ def tiled(sg: SuperGenPipeline, prompts: list[str], steps: int, size: int, stren
             row.subject_reuse = float(np.nanmean([s for s, _ in split]))
             row.background_reuse = float(np.nanmean([b for _, b in split]))
         fidelity(row, videos, prompts)
-        print(f"  {part} {method} {setting}: reused {row.reused:.1%}, PSNR {row.psnr_mean:.2f}", file=sys.stderr,
-              flush=True)
+        print(f"  {part} {method} {setting}: reused {row.reused:.1%}, PSNR {row.psnr_mean:.2f} "
+              f"(same grid {row.psnr_same_grid_mean:.2f}), objects {row.objects:.2f}, adherence {row.adherence:.2f}",
+              file=sys.stderr, flush=True)
         return row
 
     base = measure("none", "-", None)
-    rows = [base] + [measure(method, setting, cache) for method, setting, cache in settings]
+    rows = [base] + [measure(*s) for s in settings]
     for row in rows:
         row.base_blocks, row.base_sketch_blocks = base.blocks, base.sketch_blocks
     return rows
 
 
-def tiled_settings(thresholds: list[float], reuse: list[str], max_skips: int) -> list[tuple[str, str, CacheConfig]]:
+def tiled_settings(thresholds: list[float], reuse: list[str], max_skips: int,
+                   shift_every: list[int | None], sketch: bool = True) -> list[tuple]:
     out = []
-    for mode, method in (("region", "region cache"), ("canvas", "canvas decision")):
-        for r in reuse:
-            for t in thresholds:
-                out.append((method, f"{r}, thr {t:g}", CacheConfig(mode=mode, threshold=t, reuse=r, max_skips=max_skips)))
-    # No predictor: every other step after the warm-up reused everywhere. What any predictor's skips at
-    # that budget would cost, whatever it predicted.
-    out.append(("forced schedule", "output, every other step",
-                CacheConfig(mode="canvas", threshold=1e6, max_skips=1, adaptive=False)))
+    for every in shift_every:
+        grid = ("" if every is None else f", grid moves every {every}") + ("" if sketch else ", sketch uncached")
+        if every not in (None, 1):
+            out.append(("none", f"grid moves every {every}", None, every))
+        for mode, method in (("region", "region cache"), ("canvas", "canvas decision")):
+            for r in reuse:
+                for t in thresholds:
+                    out.append((method, f"{r}, thr {t:g}{grid}",
+                                CacheConfig(mode=mode, threshold=t, reuse=r, max_skips=max_skips, sketch=sketch),
+                                every))
+        # No predictor: every step the cache may reuse (after the warm-up, not across a grid move) is
+        # reused everywhere. What any predictor's skips at that budget would cost, whatever it predicted.
+        out.append(("forced schedule", f"output, every reusable step{grid}",
+                    CacheConfig(mode="canvas", threshold=1e6, max_skips=max_skips, adaptive=False, sketch=sketch),
+                    every))
     return out
 
 
@@ -364,12 +393,12 @@ def _fmt_psnr(value: float) -> str:
 def table(rows: list[Row]) -> str:
     lines = [
         "| part | method | setting | block compute run | saved | self-attn saved | saved with sketch | reused "
-        "| PSNR mean (dB) | PSNR min | objects/frame | adherence | subject / background reused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| PSNR mean (dB) | PSNR min | PSNR vs same grid | objects/frame | adherence | subject / background reused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.part} | {r.method} | {r.setting} | failed: {r.error} | | | | | | | | | |")
+            lines.append(f"| {r.part} | {r.method} | {r.setting} | failed: {r.error} | | | | | | | | | | |")
             continue
         split = ("" if r.subject_reuse is None else f"{r.subject_reuse:.0%} / {r.background_reuse:.0%}")
         reused = "" if math.isnan(r.reused) else f"{r.reused:.1%}"
@@ -379,7 +408,9 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.part} | {r.method} | {r.setting} | {r.blocks}/{r.base_blocks} | {r.saved:.1%} | {attn} | "
             f"{with_sketch} | {reused} | "
-            f"{_fmt_psnr(r.psnr_mean)} | {_fmt_psnr(min(r.psnr))} | {r.objects:.2f} | {r.adherence:.2f} | {split} |"
+            f"{_fmt_psnr(r.psnr_mean)} | {_fmt_psnr(min(r.psnr))} | "
+            f"{'' if not r.psnr_same_grid else _fmt_psnr(r.psnr_same_grid_mean)} | {r.objects:.2f} | "
+            f"{r.adherence:.2f} | {split} |"
         )
     return "\n".join(lines)
 
@@ -427,6 +458,11 @@ def main() -> int:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.6, 1.2])
     parser.add_argument("--reuse", nargs="+", default=["output"])
     parser.add_argument("--max-skips", type=int, default=3)
+    parser.add_argument("--shift-every", nargs="+", default=["default"],
+                        help="tiled: grid schedules to sweep (integers; 'default': the pipeline's choice)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sketch", choices=("on", "off"), default="on",
+                        help="tiled sweep rows: cache the native-size sketch too (CacheConfig.sketch)")
     parser.add_argument("--no-sweep", action="store_true", help="tiled: no threshold sweep rows (with --sketch-rows)")
     parser.add_argument("--sketch-rows", action="store_true",
                         help="add rows with the cache at its defaults on the sketch too (CacheConfig.sketch)")
@@ -441,6 +477,7 @@ def main() -> int:
         print(comparisons(rows))
         return 0
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     sg = SuperGenPipeline.from_pretrained(args.model)
     prompts, spare = bench_prompts(args.prompts)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -452,7 +489,9 @@ def main() -> int:
     if args.part == "untiled":
         rows = untiled(sg, prompts, spare, args.steps)
     else:
-        settings = [] if args.no_sweep else tiled_settings(args.thresholds, args.reuse, args.max_skips)
+        every = [None if e == "default" else int(e) for e in args.shift_every]
+        settings = [] if args.no_sweep else tiled_settings(args.thresholds, args.reuse, args.max_skips, every,
+                                                         sketch=args.sketch == "on")
         if args.sketch_rows:
             defaults = CacheConfig(mode="region", sketch=True)
             settings += [("region cache + sketch cache", f"defaults (thr {defaults.threshold:g})", defaults)]

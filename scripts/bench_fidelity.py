@@ -40,7 +40,7 @@ for path in (REPO, REPO / "scripts"):
 
 from bench_toy_model import last_step_boundaries, parse_size, pick_prompts  # noqa: E402
 
-from supergen import CoherenceConfig, SuperGenPipeline, TilingConfig  # noqa: E402
+from supergen import CacheConfig, CoherenceConfig, SuperGenPipeline, TilingConfig  # noqa: E402
 from supergen.metrics import adherence, object_counts, seam_score, temporal_flicker  # noqa: E402
 from supergen.tiling import resize_video  # noqa: E402
 from supergen.toyworld import render_batch  # noqa: E402
@@ -53,6 +53,7 @@ class Setting:
     tiling: dict = field(default_factory=dict)
     coherence: CoherenceConfig = field(default_factory=CoherenceConfig)  # the defaults; rows that differ say so
     upscale_only: bool = False
+    cache: CacheConfig = field(default_factory=CacheConfig)  # off
 
 
 def _coherent(**kw) -> Setting:
@@ -75,22 +76,30 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
-TILING_KEYS = {"strength": float, "rope": str, "overlap": int, "shift": str, "upscale": str}
+TILING_KEYS = {"strength": float, "rope": str, "overlap": int, "shift": str, "upscale": str, "shift_every": int}
 COHERENCE_KEYS = {"guide": str, "guide_exponent": float, "views": str, "view_exponent": float, "view_until": float}
+#: ``cache=region`` turns the step cache on; ``cache_threshold=0.3``, ``cache_sketch=0`` set its fields.
+CACHE_KEYS = {"cache": ("mode", str), "cache_threshold": ("threshold", float),
+              "cache_sketch": ("sketch", lambda v: v not in ("0", "false", "off"))}
 
 
 def parse_setting(text: str) -> tuple[str, Setting]:
-    """``key=value,...`` over TilingConfig and CoherenceConfig fields (unnamed ones keep the defaults)."""
-    tiling, coherence = {}, {}
+    """``key=value,...`` over TilingConfig, CoherenceConfig and (``cache*``) CacheConfig fields (unnamed ones keep
+    the defaults)."""
+    tiling, coherence, cache = {}, {}, {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key in TILING_KEYS:
             tiling[key] = TILING_KEYS[key](value)
         elif key in COHERENCE_KEYS:
             coherence[key] = COHERENCE_KEYS[key](value)
+        elif key in CACHE_KEYS:
+            name, kind = CACHE_KEYS[key]
+            cache[name] = kind(value)
         else:
-            raise argparse.ArgumentTypeError(f"{key!r} is not one of {', '.join({**TILING_KEYS, **COHERENCE_KEYS})}")
-    return text, Setting(tiling=tiling, coherence=CoherenceConfig(**coherence))
+            keys = {**TILING_KEYS, **COHERENCE_KEYS, **CACHE_KEYS}
+            raise argparse.ArgumentTypeError(f"{key!r} is not one of {', '.join(keys)}")
+    return text, Setting(tiling=tiling, coherence=CoherenceConfig(**coherence), cache=CacheConfig(**cache))
 
 
 def luminance(frames: np.ndarray) -> np.ndarray:
@@ -131,7 +140,8 @@ def run_setting(pipe, setting: Setting, prompts, size, steps, guidance):
             forwards.append(0.0)
         else:
             out = pipe(prompt, height=size[0], width=size[1], num_inference_steps=steps, guidance_scale=guidance,
-                       seed=seed, tiling=TilingConfig(**setting.tiling), coherence=setting.coherence, progress=False)
+                       seed=seed, tiling=TilingConfig(**setting.tiling), coherence=setting.coherence,
+                       cache=setting.cache, progress=False)
             tiles = out.metrics["tiles"]
             forwards.append((tiles["tile_steps_computed"] + tiles["view_forwards"]) / max(1, tiles["tile_steps_total"]))
             videos.append(out.frames)
@@ -240,7 +250,7 @@ def main(argv=None) -> None:
             setting = SETTINGS[name]
             tiling = TilingConfig(**setting.tiling)
             videos, forwards, sec = run_setting(pipe, setting, prompts, size, args.steps, guidance)
-            boundaries = last_step_boundaries(pipe, size, args.steps, tiling)
+            boundaries = last_step_boundaries(pipe, size, args.steps, tiling, setting.cache)
             row = summarise(videos, prompts, native_facts, boundaries)
             if setting.upscale_only:
                 sketch_detail = row["detail"]

@@ -62,10 +62,12 @@ def generate(pipe: SuperGenPipeline, prompts, size: tuple[int, int], steps: int,
     return videos, float(np.mean(seconds))
 
 
-def last_step_boundaries(pipe: SuperGenPipeline, size: tuple[int, int], steps: int, tiling: TilingConfig) -> tuple[list, list]:
-    """Pixel rows/cols where tiles start or end in the last refinement step's plan."""
-    planner = pipe.plan(height=size[0], width=size[1], tiling=tiling)
+def last_step_boundaries(pipe: SuperGenPipeline, size: tuple[int, int], steps: int, tiling: TilingConfig,
+                         cache=None) -> tuple[list, list]:
+    """Pixel rows/cols where tiles start or end in the last refinement step's plan (``cache``: the run's
+    CacheConfig, which sets the default grid schedule)."""
     refine_steps = max(1, round(steps * tiling.strength))
+    planner = pipe.plan(height=size[0], width=size[1], tiling=tiling, cache=cache, steps=refine_steps)
     plan = planner.plan(refine_steps - 1)
     scale = pipe.adapter.geometry.scale_spatial
     rows, cols = set(), set()

@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a skipped tile reuses: its cells' last prediction (output, what auto picks), that "
                         "prediction extrapolated to this step (taylor), its last output-minus-input (residual), or its "
                         "transformer blocks' residual run through the current output head (blocks, one process only)")
-    g.add_argument("--no-cache-sketch", dest="cache_sketch", action="store_false",
-                   help="run every step of the native-size sketch (by default the cache covers it too, with one "
-                        "whole-canvas decision per step)")
+    g.add_argument("--cache-sketch", dest="cache_sketch", action=argparse.BooleanOptionalAction, default=False,
+                   help="also cache the native-size sketch, one whole-canvas decision per step (off by default: the "
+                        "coherence guide carries the sketch's reuse error into the video)")
     g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
     g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")

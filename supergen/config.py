@@ -54,6 +54,11 @@ def _positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
+#: Steps the tile grid holds still between moves when the step cache is on and ``TilingConfig.shift_every``
+#: is not set (docs/benchmarks.md, "Region-aware step cache", shift schedule).
+CACHE_SHIFT_EVERY = 3
+
+
 @dataclass(kw_only=True)
 class TilingConfig:
     """How the refinement canvas is cut into tiles.
@@ -73,6 +78,13 @@ class TilingConfig:
         shift: ``wrap`` moves the whole grid every step with wrap-around at the
             canvas edges (SuperGen's way to hide seams without overlap).
         shift_stride: grid shift per step in pixels (default: tile / 16).
+        shift_every: the grid moves only every ``shift_every``-th refinement
+            step, by that many strides (it visits every k-th position of the
+            every-step grid). ``None`` (default): every step with the step
+            cache off (the video is the same as before this option existed),
+            every :data:`CACHE_SHIFT_EVERY` steps with it on, so that the steps
+            in between see the grid of the step before and tiles can be
+            reused (the cache never reuses a tile across a grid move).
         rope: ``local`` gives every tile the positions of a native-size video;
             ``absolute`` offsets them by the tile's place on the canvas.
         tile_batch_size: tiles sent through the model in one batch.
@@ -93,6 +105,9 @@ class TilingConfig:
     blend: str = field(default="cosine", metadata=cli("--blend", "weights where tiles overlap", choices=BLEND_MODES))
     shift: str = field(default="wrap", metadata=cli("--shift", "shift the tile grid every step", choices=SHIFT_MODES))
     shift_stride: int | None = None
+    shift_every: int | None = field(default=None, metadata=cli(
+        "--shift-every", "move the grid only every N-th step, by N strides (default: every step with the cache off, "
+        "every 3rd with it on, so the cache can reuse tiles between moves)", type=int))
     rope: str = field(default="local", metadata=cli("--rope", "tile RoPE positions", choices=ROPE_MODES))
     tile_batch_size: int = field(default=1, metadata=cli("--tile-batch-size", "tiles per model call"))
     strength: float = field(default=0.9, metadata=cli(
@@ -102,7 +117,7 @@ class TilingConfig:
     sketch_steps: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tile_height", "tile_width", "tile_frames", "shift_stride", "sketch_steps"):
+        for name in ("tile_height", "tile_width", "tile_frames", "shift_stride", "shift_every", "sketch_steps"):
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name, value)
@@ -221,9 +236,12 @@ class CacheConfig:
             applies; 0.5 measured best on the toy model (0.3-1.0 tried).
         sketch: also cache the native-size sketch (one whole-canvas decision
             per step, the same settings), as a whole-model cache accelerates a
-            plain run at the native size. On by default: at the tiling defaults
-            it is where the cache saves most (64x64 toy: 13.9% of all block
-            compute at 44.4 dB, objects and adherence unchanged).
+            plain run at the native size. Off by default since the ``x0``
+            coherence guide became the tiling default: the guide pulls the
+            refinement's low band onto the up-scaled sketch, so the sketch's
+            reuse error reaches the final video (toy, 64x64, one prompt: 40.3
+            dB against the uncached run on the same grid schedule with the
+            sketch computed, 36.9 dB with it cached; docs/benchmarks.md).
     """
 
     mode: str = "off"
@@ -235,7 +253,7 @@ class CacheConfig:
     regions_per_tile: int = 4
     reuse: str = "auto"
     taylor_damping: float = 0.5
-    sketch: bool = True
+    sketch: bool = False
 
     def __post_init__(self) -> None:
         _choice("cache mode", self.mode, CACHE_MODES)
@@ -261,6 +279,13 @@ class CacheConfig:
     @property
     def enabled(self) -> bool:
         return self.mode != "off" and self.threshold > 0
+
+    def grid_shift_every(self, tiling: "TilingConfig") -> int:
+        """Steps between grid moves for a run with this cache: ``tiling.shift_every`` when set, else 1 with
+        the cache off and :data:`CACHE_SHIFT_EVERY` with it on."""
+        if tiling.shift_every is not None:
+            return tiling.shift_every
+        return CACHE_SHIFT_EVERY if self.enabled else 1
 
     def check_schedule(self, num_steps: int) -> None:
         """Refuse a warm-up longer than the ``num_steps`` refinement steps; warn when nothing can be skipped."""

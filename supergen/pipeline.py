@@ -400,7 +400,9 @@ class SuperGenPipeline:
         return self._footprint
 
     # --- generation -------------------------------------------------------
-    def _planner(self, request: TiledRequest, tiling: TilingConfig) -> TilePlanner:
+    def _planner(self, request: TiledRequest, tiling: TilingConfig, cache: CacheConfig | None = None,
+                 steps: int | None = None) -> TilePlanner:
+        every = (cache or CacheConfig()).grid_shift_every(tiling)
         return TilePlanner(
             canvas=request.canvas,
             tile=request.tile,
@@ -409,12 +411,17 @@ class SuperGenPipeline:
             blend=tiling.blend,
             shift=tiling.shift,
             shift_stride=request.shift_stride_cells,
+            shift_every=every,
+            # The last refinement step moves the grid, so its tile boundaries are where the every-step grid's are.
+            shift_phase=0 if steps is None else (steps - 1) % every,
         )
 
-    def plan(self, height=None, width=None, num_frames=None, tiling: TilingConfig | None = None) -> TilePlanner:
-        """The refinement tile planner a request would use (validates the request)."""
+    def plan(self, height=None, width=None, num_frames=None, tiling: TilingConfig | None = None,
+             cache: CacheConfig | None = None, steps: int | None = None) -> TilePlanner:
+        """The refinement tile planner a request would use (validates the request); ``cache`` decides the
+        default grid schedule (see ``TilingConfig.shift_every``) and ``steps`` (refinement steps) its phase."""
         tiling = tiling or TilingConfig()
-        return self._planner(self.check_request(height, width, num_frames, tiling), tiling)
+        return self._planner(self.check_request(height, width, num_frames, tiling), tiling, cache, steps)
 
     def __call__(
         self,
@@ -506,7 +513,8 @@ class SuperGenPipeline:
         with run.stage("encode"):
             cond = adapter.encode_prompt(config.prompt, config.negative_prompt, run.guidance_scale,
                                          config.max_sequence_length, image=image)
-        run.planner = self._planner(run.request, run.tiling)
+        run.planner = self._planner(run.request, run.tiling, config.cache,
+                                    refinement_steps(config.num_inference_steps, run.tiling.strength))
         run.log_plan()
         sampler_args = dict(adapter=adapter, cond=cond, guidance_scale=run.guidance_scale,
                             guidance_scale_2=config.guidance_scale_2, tile_batch_size=run.tiling.tile_batch_size,

@@ -102,3 +102,19 @@ def test_resizers_shapes_and_range():
     torch.testing.assert_close(resize_latents(lat, (3, 8, 12)), lat)
     for a, b in itertools.pairwise([up_lat.mean(), lat.mean()]):
         assert abs(float(a - b)) < 0.05
+
+
+def test_grid_moving_every_k_steps_visits_every_kth_position_of_the_every_step_grid():
+    every_step = TilePlanner((1, 16, 24), (1, 8, 8), align=(1, 2, 2), shift="wrap", shift_stride=(2, 2))
+    held = TilePlanner((1, 16, 24), (1, 8, 8), align=(1, 2, 2), shift="wrap", shift_stride=(2, 2), shift_every=3)
+    assert TilePlanner((1, 16, 24), (1, 8, 8), align=(1, 2, 2), shift="wrap", shift_stride=(2, 2),
+                       shift_every=1).shift_at(7) == every_step.shift_at(7)
+    for step in range(20):
+        assert held.shift_at(step) == every_step.shift_at(step - step % 3)
+    # With a phase the grid moves on steps phase, phase + k, ...: the last of 18 steps with phase 17 % 3.
+    last = TilePlanner((1, 16, 24), (1, 8, 8), align=(1, 2, 2), shift="wrap", shift_stride=(2, 2), shift_every=3,
+                       shift_phase=17 % 3)
+    assert [last.shift_at(s) for s in range(18)] == [every_step.shift_at(max(0, s - (s - 2) % 3)) for s in range(18)]
+    assert last.shift_at(17) == every_step.shift_at(17) and last.shift_at(1) == (0, 0)
+    with pytest.raises(ValueError, match="shift_every=0"):
+        TilePlanner((1, 16, 24), (1, 8, 8), shift="wrap", shift_every=0)

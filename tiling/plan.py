@@ -5,6 +5,12 @@ overlap, alignment, blend, shift); :meth:`TilePlanner.plan` gives the
 :class:`TilePlan` of one denoising step. With ``shift='wrap'`` the spatial
 grid moves by ``shift_stride`` cells every step and tiles wrap around the
 canvas edges (the canvas is treated as a torus in H and W); time never wraps.
+With ``shift_every=k`` the grid moves only on the steps ``s`` with
+``(s - shift_phase) % k == 0``, to where the every-step grid is at ``s``, and
+holds still in between: the steps in between see the same tiles as the step
+before (a step cache can reuse a tile's output there without handing it
+another grid position's). A phase of ``(steps - 1) % k`` makes the last step
+a move, so the last step's tile boundaries are the every-step grid's.
 
 Blend weights are normalised per plan so that on every cell the weights of
 the tiles covering it sum to one: blending the outputs of a point-wise model
@@ -146,6 +152,10 @@ class TilePlanner:
         blend: ``cosine`` or ``uniform``.
         shift: ``wrap`` or ``none``.
         shift_stride: (H, W) cells the grid moves per step (``wrap`` only).
+        shift_every: the grid moves on every ``shift_every``-th step only
+            (1: every step), to the every-step grid's position at that step.
+        shift_phase: the first step that moves (steps before it stay at the
+            initial grid).
     """
 
     def __init__(
@@ -157,7 +167,11 @@ class TilePlanner:
         blend: str = "cosine",
         shift: str = "none",
         shift_stride: tuple[int, int] | None = None,
+        shift_every: int = 1,
+        shift_phase: int = 0,
     ):
+        if not isinstance(shift_every, int) or isinstance(shift_every, bool) or shift_every < 1:
+            raise ValueError(f"shift_every={shift_every!r} must be an integer >= 1 (steps between grid moves)")
         for axis, (c, t, o, a) in enumerate(zip(canvas, tile, overlap, align)):
             name = "FHW"[axis]
             if t > c:
@@ -177,6 +191,8 @@ class TilePlanner:
         if shift_stride is None:
             shift_stride = tuple(max(a, (t // 16) // a * a) for t, a in zip(self.tile[1:], self.align[1:]))
         self.shift_stride = tuple(shift_stride)
+        self.shift_every = shift_every
+        self.shift_phase = shift_phase % shift_every
         self.starts = [
             _axis_starts(c, t, o, a, w)
             for c, t, o, a, w in zip(self.canvas, self.tile, self.overlap, self.align, self.wrap)
@@ -194,8 +210,9 @@ class TilePlanner:
 
     def shift_at(self, step: int) -> tuple[int, int]:
         """Grid offset (H, W) in cells at a step."""
+        moved = max(0, step - (step - self.shift_phase) % self.shift_every)
         return tuple(
-            (step * stride) % length if wrap else 0
+            (moved * stride) % length if wrap else 0
             for stride, length, wrap in zip(self.shift_stride, self.canvas[1:], self.wrap[1:])
         )
 
@@ -239,4 +256,6 @@ class TilePlanner:
             f"cells on a {self.canvas[0]}x{self.canvas[1]}x{self.canvas[2]} canvas, overlap {self.overlap}, "
             f"blend {self.blend}, shift {self.shift}"
             + (f" by {self.shift_stride} cells/step" if any(self.wrap) else "")
+            + (f", moving every {self.shift_every} steps from step {self.shift_phase}"
+               if any(self.wrap) and self.shift_every > 1 else "")
         )
