@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from supergen.config import CoherenceConfig, ParallelConfig, TilingConfig
+from supergen.config import CacheConfig, CoherenceConfig, ParallelConfig, TilingConfig
 
 logger = logging.getLogger("supergen")
 
@@ -61,7 +61,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         if not spec:
             continue
         flag = spec.pop("flag")
-        if isinstance(f.default, bool):
+        if spec.get("action") == "boolean_optional":  # --name / --no-name
+            spec["action"] = argparse.BooleanOptionalAction
+            parser.add_argument(flag, default=f.default, **spec)
+        elif isinstance(f.default, bool):
             parser.add_argument(flag, action="store_false" if f.default else "store_true", **spec)
         else:
             spec.setdefault("type", type(f.default))
@@ -102,26 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(g, TilingConfig)
     _add_config_flags(g, CoherenceConfig)
     _add_config_flags(g, ParallelConfig)
-    g.add_argument("--cache", choices=("off", "region", "canvas"), default="off",
-                   help="step cache of the refinement: region (per-tile decisions), canvas (one decision), off")
-    # Literals (this parser loads no torch); tests/test_cache.py checks they match CacheConfig's defaults.
-    g.add_argument("--cache-threshold", type=float, default=0.3,
-                   help="accumulated predicted relative change at which a tile is recomputed (0: never skip)")
-    g.add_argument("--cache-warmup", type=int, default=3,
-                   help="first refinement steps always computed")
-    g.add_argument("--cache-cooldown", type=int, default=1,
-                   help="last refinement steps always computed (>= 1)")
-    g.add_argument("--cache-max-skips", type=int, default=3,
-                   help="most consecutive reuses of one region")
-    g.add_argument("--no-cache-adaptive", dest="cache_adaptive", action="store_false",
-                   help="one threshold everywhere instead of per-region adaptive thresholds")
-    g.add_argument("--cache-reuse", choices=("auto", "output", "taylor", "residual", "blocks"), default="auto",
-                   help="what a skipped tile reuses: its cells' last prediction (output, what auto picks), that "
-                        "prediction extrapolated to this step (taylor), its last output-minus-input (residual), or its "
-                        "transformer blocks' residual run through the current output head (blocks, one process only)")
-    g.add_argument("--cache-sketch", dest="cache_sketch", action=argparse.BooleanOptionalAction, default=False,
-                   help="also cache the native-size sketch, one whole-canvas decision per step (off by default: the "
-                        "coherence guide carries the sketch's reuse error into the video)")
+    _add_config_flags(g, CacheConfig)
     g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
     g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
@@ -187,7 +171,7 @@ def _discarded_on_failure(writer):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from supergen.config import CacheConfig, GenerationConfig, ParallelConfig
+    from supergen.config import GenerationConfig
     from supergen.io import VideoWriter, check_output_path, write_json, write_skip_map
     from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline, check_request_for
@@ -195,16 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     tiling = _config_from_args(TilingConfig, args)
     coherence = _config_from_args(CoherenceConfig, args)
-    cache = CacheConfig(
-        mode=args.cache,
-        threshold=args.cache_threshold,
-        warmup=args.cache_warmup,
-        cooldown=args.cache_cooldown,
-        max_skips=args.cache_max_skips,
-        adaptive=args.cache_adaptive,
-        reuse=args.cache_reuse,
-        sketch=args.cache_sketch,
-    )
+    cache = _config_from_args(CacheConfig, args)
     check_output_path(args.output)
     if args.skip_map:
         check_output_path(args.skip_map, suffixes=(".png",))

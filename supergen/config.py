@@ -244,16 +244,27 @@ class CacheConfig:
             sketch computed, 36.9 dB with it cached; docs/benchmarks.md).
     """
 
-    mode: str = "off"
-    threshold: float = 0.3
-    warmup: int = 3
-    cooldown: int = 1
-    max_skips: int = 3
-    adaptive: bool = True
+    mode: str = field(default="off", metadata=cli(
+        "--cache", "step cache of the refinement: region (per-tile decisions), canvas (one decision), off",
+        choices=CACHE_MODES))
+    threshold: float = field(default=0.3, metadata=cli(
+        "--cache-threshold", "accumulated predicted relative change at which a tile is recomputed (0: never skip)"))
+    warmup: int = field(default=3, metadata=cli("--cache-warmup", "first refinement steps always computed"))
+    cooldown: int = field(default=1, metadata=cli("--cache-cooldown", "last refinement steps always computed (>= 1)"))
+    max_skips: int = field(default=3, metadata=cli("--cache-max-skips", "most consecutive reuses of one region"))
+    adaptive: bool = field(default=True, metadata=cli(
+        "--no-cache-adaptive", "one threshold everywhere instead of per-region adaptive thresholds",
+        dest="cache_adaptive"))
     regions_per_tile: int = 4
-    reuse: str = "auto"
+    reuse: str = field(default="auto", metadata=cli(
+        "--cache-reuse", "what a skipped tile reuses: its cells' last prediction (output, what auto picks), that "
+        "prediction extrapolated to this step (taylor), its last output-minus-input (residual), or its transformer "
+        "blocks' residual run through the current output head (blocks, one process only)", choices=CACHE_REUSE))
     taylor_damping: float = 0.5
-    sketch: bool = False
+    sketch: bool = field(default=False, metadata=cli(
+        "--cache-sketch", "also cache the native-size sketch, one whole-canvas decision per step (off by default: "
+        "the coherence guide carries the sketch's reuse error into the video)", dest="cache_sketch",
+        action="boolean_optional"))
 
     def __post_init__(self) -> None:
         _choice("cache mode", self.mode, CACHE_MODES)

@@ -26,7 +26,16 @@ import threading
 import time
 from pathlib import Path
 
-from supergen.config import COHERENCE_GUIDES, COHERENCE_VIEWS, CoherenceConfig, GenerationConfig, TilingConfig
+from supergen.config import (
+    COHERENCE_GUIDES,
+    COHERENCE_VIEWS,
+    ROPE_MODES,
+    SHIFT_MODES,
+    CacheConfig,
+    CoherenceConfig,
+    GenerationConfig,
+    TilingConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +176,7 @@ class DemoBackend:
         return str(path), status
 
     def _cache_kwargs(self, cache: str) -> dict:
-        if cache == "off":
-            return {}
-        from supergen.config import CacheConfig
-
-        return {"cache": CacheConfig(mode=cache)}
+        return {} if cache == "off" else {"cache": CacheConfig(mode=cache)}
 
     def generate_stream(self, session, prompt, height, width, blocks, steps, seed, fps=16):
         """Yield ``(chunk_mp4, final_mp4, status)`` as blocks finish; the last item carries the final video.
@@ -311,10 +316,10 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
                     coherence_guide = gr.Radio(list(COHERENCE_GUIDES), value=CoherenceConfig.guide,
                                                label="Sketch guidance (one subject, not one per tile)")
                     global_views = gr.Radio(list(COHERENCE_VIEWS), value=CoherenceConfig.views, label="Global views")
-                    cache = gr.Radio(["off", "region"], value="off", label="Region cache")
-                    overlap = gr.Number(value=0, precision=0, label="Tile overlap (px)")
-                    shift = gr.Radio(["wrap", "none"], value="wrap", label="Grid shift")
-                    rope = gr.Radio(["local", "absolute"], value="local", label="Tile RoPE")
+                    cache = gr.Radio(["off", "region"], value=CacheConfig.mode, label="Region cache")
+                    overlap = gr.Number(value=TilingConfig.overlap, precision=0, label="Tile overlap (px)")
+                    shift = gr.Radio(list(SHIFT_MODES), value=TilingConfig.shift, label="Grid shift")
+                    rope = gr.Radio(list(ROPE_MODES), value=TilingConfig.rope, label="Tile RoPE")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")

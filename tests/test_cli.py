@@ -162,14 +162,14 @@ def test_generate_flags_come_from_the_config_fields():
     import dataclasses
 
     from supergen.cli import _config_from_args, build_parser
-    from supergen.config import CoherenceConfig, ParallelConfig, TilingConfig
+    from supergen.config import CacheConfig, CoherenceConfig, ParallelConfig, TilingConfig
 
     parser = build_parser()
     args = parser.parse_args(["generate", "--prompt", "p"])
     generate = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("generate"))
     actions = {a.option_strings[0]: a for a in generate._actions if a.option_strings}
     flagged = 0
-    for cls in (TilingConfig, CoherenceConfig, ParallelConfig):
+    for cls in (TilingConfig, CoherenceConfig, ParallelConfig, CacheConfig):
         assert _config_from_args(cls, args) == cls()
         for f in dataclasses.fields(cls):
             spec = f.metadata.get("cli")
@@ -177,11 +177,13 @@ def test_generate_flags_come_from_the_config_fields():
                 continue
             flagged += 1
             action = actions[spec["flag"]]
-            assert action.default == f.default and action.help == spec["help"]
+            assert action.default == f.default and action.help.startswith(spec["help"])
             assert action.choices == spec.get("choices")
-    assert flagged >= 20
+    assert flagged >= 28
     changed = parser.parse_args(["generate", "--prompt", "p", "--tile-overlap", "8", "--coherence-guide", "skip",
-                                 "--ulysses", "2", "--timeout", "30"])
+                                 "--ulysses", "2", "--timeout", "30", "--cache", "region", "--no-cache-adaptive",
+                                 "--cache-sketch"])
+    assert _config_from_args(CacheConfig, changed) == CacheConfig(mode="region", adaptive=False, sketch=True)
     assert _config_from_args(TilingConfig, changed).overlap == 8
     assert _config_from_args(CoherenceConfig, changed).guide == "skip"
     assert _config_from_args(ParallelConfig, changed) == ParallelConfig(ulysses=2, timeout_s=30.0)
