@@ -163,6 +163,23 @@ def validate_request(
     bad size and a value that would work.
     """
     tiling = tiling or TilingConfig()
+    height, width, num_frames = _target_size(spec, height, width, num_frames, tiling)
+    tile_px = _tile_size(spec, tiling, height, width, num_frames)
+    geo = spec.geometry
+    canvas = geo.latent_shape(height, width, num_frames)
+    tile = geo.latent_shape(*tile_px)
+    overlap, stride = _overlap_and_stride_cells(geo, tiling, canvas, tile)
+    # The sketch keeps the target's aspect ratio at (about) the native area.
+    nh, nw, _ = spec.native_size
+    mult_h, mult_w = geo.pixel_multiple
+    scale = min(1.0, math.sqrt((nh * nw) / (height * width)))
+    sketch_h = min(height, max(mult_h, round(height * scale / mult_h) * mult_h))
+    sketch_w = min(width, max(mult_w, round(width * scale / mult_w) * mult_w))
+    return TiledRequest(height, width, num_frames, canvas, tile, overlap, stride, sketch_h, sketch_w)
+
+
+def _target_size(spec: ModelSpec, height, width, num_frames, tiling: TilingConfig) -> tuple[int, int, int]:
+    """The target (height, width, frames) in pixels, defaults filled in, each checked against the geometry."""
     geo = spec.geometry
     nh, nw, nf = spec.native_size
     t = geo.scale_temporal
@@ -200,6 +217,15 @@ def validate_request(
             f"rope='absolute' is not available for {spec.pipeline_class}: its adapter cannot offset RoPE "
             "positions per tile; use rope='local'"
         )
+    return height, width, num_frames
+
+
+def _tile_size(spec: ModelSpec, tiling: TilingConfig, height: int, width: int,
+               num_frames: int) -> tuple[int, int, int]:
+    """The tile (height, width, frames) in pixels (default: native), checked against the canvas and geometry."""
+    geo = spec.geometry
+    nh, nw, nf = spec.native_size
+    mult_h, mult_w = geo.pixel_multiple
     tile_h = tiling.tile_height or nh
     tile_w = tiling.tile_width or nw
     tile_f = tiling.tile_frames or min(nf, num_frames)
@@ -215,8 +241,11 @@ def validate_request(
             raise ValueError(f"{name} {tile} is not a multiple of {mult} (VAE x patch)")
     if (tile_f - 1) % geo.scale_temporal:
         raise ValueError(f"tile_frames {tile_f} must be {geo.scale_temporal}k+1 (VAE temporal factor)")
-    canvas = geo.latent_shape(height, width, num_frames)
-    tile = geo.latent_shape(tile_h, tile_w, tile_f)
+    return tile_h, tile_w, tile_f
+
+
+def _overlap_and_stride_cells(geo, tiling: TilingConfig, canvas, tile):
+    """The tiling's pixel overlaps and grid stride in latent cells, rounded up to the patch (the planner's unit)."""
     pt, ph, pw = geo.patch
 
     def cells(pixels: int, scale: int, patch: int) -> int:
@@ -235,11 +264,7 @@ def validate_request(
     stride = None
     if tiling.shift_stride is not None:
         stride = tuple(max(p, cells(tiling.shift_stride, geo.scale_spatial, p)) for p in (ph, pw))
-    # The sketch keeps the target's aspect ratio at (about) the native area.
-    scale = min(1.0, math.sqrt((nh * nw) / (height * width)))
-    sketch_h = min(height, max(mult_h, round(height * scale / mult_h) * mult_h))
-    sketch_w = min(width, max(mult_w, round(width * scale / mult_w) * mult_w))
-    return TiledRequest(height, width, num_frames, canvas, tile, overlap, stride, sketch_h, sketch_w)
+    return overlap, stride
 
 
 def check_request_for(
