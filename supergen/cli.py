@@ -172,7 +172,7 @@ def _discarded_on_failure(writer):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from supergen.config import GenerationConfig
-    from supergen.io import VideoWriter, check_output_path, write_json, write_skip_map
+    from supergen.io import VideoWriter, check_output_path, write_json
     from supergen.parallel import distributed_session
     from supergen.pipeline import SuperGenPipeline, check_request_for
     from supergen.samplers.schedule import refinement_steps
@@ -234,6 +234,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)
     if args.metrics_json:
         write_json(args.metrics_json, metrics)
+    _report(args, request, metrics, cache)
+    return 0
+
+
+def _report(args: argparse.Namespace, request, metrics: dict, cache) -> None:
+    """The run's summary lines (and the skip map) on rank 0."""
+    from supergen.io import write_skip_map
+    from supergen.samplers.schedule import refinement_steps
+
     tiles = metrics["tiles"]
     refined = refinement_steps(args.steps, args.strength)
     ranks = ""
@@ -258,7 +267,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.skip_map:
         write_skip_map(args.skip_map, metrics["cache"]["region_skip_map"],
                        title=f"{args.prompt[:40]}: cache {cache.mode}, threshold {cache.threshold:g}")
-    return 0
 
 
 def _check_run_args(args: argparse.Namespace) -> None:
