@@ -56,7 +56,7 @@ def build_wan13b(device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from supergen.models import _build_tokenizer
+    from supergen.backbones.tiny import build_tokenizer as _build_tokenizer
 
     tokenizer = _build_tokenizer()
     with torch.device(device):

@@ -26,6 +26,7 @@ from supergen.backbones.base import (
     PipelineScheduler,
     cfg_combine,
 )
+from supergen.backbones.tiny import build_tokenizer, tiny_t5
 
 
 class CogVideoXStepper(PipelineScheduler):
@@ -240,3 +241,73 @@ class CogVideoXAdapter(BackboneAdapter):
         with self.vae_tiling(tiled):
             z = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
         return (self.pipeline.vae_scaling_factor_image * z).float()
+
+
+# --- the tiny built-in model(s) of this family (``--model tiny-...``; see supergen.models) ---------------
+
+
+def build_tiny_cogvideox(seed: int = 0, image_to_video: bool = False):
+    """Build a tiny ``CogVideoXPipeline`` (CogVideoX-5B layout: RoPE, v-prediction DDIM).
+
+    Native 64x96 pixels, 9 frames: latent 3x8x12 with 4 channels, patch 2x2.
+    ``image_to_video`` builds ``CogVideoXImageToVideoPipeline`` instead, whose
+    transformer takes the image latents as 4 more input channels.
+    """
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = tiny_t5(tokenizer)
+        vae = AutoencoderKLCogVideoX(
+            block_out_channels=(8, 8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            temporal_compression_ratio=4,
+            sample_height=64,
+            sample_width=96,
+        ).eval()
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=8 if image_to_video else 4,
+            out_channels=4,
+            time_embed_dim=16,
+            text_embed_dim=32,
+            num_layers=2,
+            sample_height=8,
+            sample_width=12,
+            sample_frames=9,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=226,
+            use_rotary_positional_embeddings=True,
+        ).eval()
+    # CogVideoX-2b's released scheduler config (v-prediction, zero-SNR, trailing spacing).
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    pipeline_cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    return pipeline_cls(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def build_tiny_cogvideox_i2v(seed: int = 0):
+    """Build a tiny ``CogVideoXImageToVideoPipeline`` (see :func:`build_tiny_cogvideox`)."""
+    return build_tiny_cogvideox(seed=seed, image_to_video=True)

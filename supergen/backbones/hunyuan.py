@@ -31,6 +31,7 @@ from supergen.backbones.base import (
     ModelConfigs,
     PipelineScheduler,
 )
+from supergen.backbones.tiny import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +145,93 @@ class HunyuanVideoAdapter(BackboneAdapter):
         with self.vae_tiling(tiled):
             z = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
         return (z * vae.config.scaling_factor).float()
+
+
+# --- the tiny built-in model(s) of this family (``--model tiny-...``; see supergen.models) ---------------
+
+
+def build_tiny_hunyuanvideo(seed: int = 0):
+    """Build a tiny ``HunyuanVideoPipeline`` (Llama + CLIP text encoders, guidance-distilled transformer).
+
+    Native 64x96 pixels, 9 frames: latent 3x8x12 with 4 channels, patch 1x2x2.
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    markers = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    for marker in markers:
+        template = template.replace(marker, " ")
+    # The template is tokenized in front of every prompt; training on it keeps it near the
+    # real tokenizer's 95 tokens (crop_start), so the prompt is not truncated away.
+    tokenizer = build_tokenizer(vocab_size=1024, extra_corpus="\n" + template.replace("{}", ""), extra_special=markers)
+    tokenizer_2 = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = LlamaModel(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+            )
+        ).eval()
+        text_encoder_2 = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer_2),
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=8,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+            )
+        ).eval()
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+        ).eval()
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=10,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=2,
+            patch_size_t=1,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 4, 4),
+        ).eval()
+    # HunyuanVideo's released scheduler: flow-matching Euler with shift 7.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )

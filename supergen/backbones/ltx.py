@@ -28,6 +28,7 @@ from supergen.backbones.base import (
     PipelineScheduler,
     cfg_combine,
 )
+from supergen.backbones.tiny import build_tokenizer, tiny_t5
 
 #: LTXPipeline's default frame rate; it only enters RoPE's temporal scale.
 FRAME_RATE = 25
@@ -174,3 +175,52 @@ class LTXAdapter(BackboneAdapter):
         with self.vae_tiling(tiled):
             z = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode()
         return pipe._normalize_latents(z, vae.latents_mean, vae.latents_std, vae.config.scaling_factor).float()
+
+
+# --- the tiny built-in model(s) of this family (``--model tiny-...``; see supergen.models) ---------------
+
+
+def build_tiny_ltx(seed: int = 0):
+    """Build a tiny ``LTXPipeline`` with LTX-Video's real VAE compression (32x spatial, 8x temporal).
+
+    Native 128x192 pixels, 9 frames: latent 2x4x6 with 8 channels, packed into
+    48 tokens (transformer patch 1x1x1).
+    """
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = tiny_t5(tokenizer)
+        vae = AutoencoderKLLTXVideo(
+            latent_channels=8,
+            block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, False),
+            decoder_spatio_temporal_scaling=(True, True, True, False),
+            patch_size=4,
+            patch_size_t=1,
+        ).eval()
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=2,
+            caption_channels=32,
+        ).eval()
+    # LTX-Video's released scheduler: resolution-dependent shift (mu from the sequence length).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTXPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )

@@ -22,6 +22,7 @@ from supergen.backbones.base import (
     ModelConfigs,
     cfg_combine,
 )
+from supergen.backbones.tiny import build_tokenizer
 
 
 class WanAdapter(BackboneAdapter):
@@ -333,3 +334,152 @@ class WanAdapter(BackboneAdapter):
         z = dist.mode()
         mean, std = self._latent_stats(z)
         return ((z - mean) / std).float()
+
+
+# --- the tiny built-in model(s) of this family (``--model tiny-...``; see supergen.models) ---------------
+
+
+def build_tiny_wan(seed: int = 0, image_to_video: bool = False):
+    """Build the tiny ``WanPipeline`` (random weights, deterministic from ``seed``).
+
+    Native size 64x96 pixels, 9 frames (3 latent frames of 8x12 cells,
+    patch 1x2x2: 72 tokens). Small enough that a 3x-area tiled run takes seconds
+    on a laptop CPU, while every class is the real Diffusers/transformers one.
+    ``image_to_video`` builds ``WanImageToVideoPipeline`` instead (Wan2.1 I2V
+    layout: a tiny CLIP vision encoder, 16 + 4 mask + 16 condition input channels).
+    """
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ).eval()
+        z_dim = 16
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            z_dim=z_dim,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * z_dim,
+            latents_std=[1.0] * z_dim,
+        ).eval()
+        image_kwargs = {}
+        if image_to_video:
+            image_encoder = CLIPVisionModel(
+                CLIPVisionConfig(
+                    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=8, projection_dim=16,
+                )
+            ).eval()
+            # Image tokens enter cross-attention through added K/V projections, as in Wan2.1 I2V.
+            image_kwargs = dict(image_dim=16, added_kv_proj_dim=24)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=z_dim + 4 + z_dim if image_to_video else z_dim,
+            out_channels=z_dim,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=48,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=256,
+            **image_kwargs,
+        ).eval()
+    # Wan's released Diffusers checkpoints use UniPC with flow sigmas.
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    if image_to_video:
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+        )
+        return WanImageToVideoPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler,
+            image_processor=image_processor, image_encoder=image_encoder,
+        )
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def build_tiny_wan_i2v(seed: int = 0):
+    """Build a tiny ``WanImageToVideoPipeline`` (see :func:`build_tiny_wan`)."""
+    return build_tiny_wan(seed=seed, image_to_video=True)
+
+
+def build_toy_wan(seed: int = 0):
+    """Build the *untrained* toy ``WanPipeline`` that ``scripts/train_toy_model.py`` trains.
+
+    Native size 32x32 pixels, 9 frames: a VAE with 2x spatial and 2x temporal
+    compression and 8 latent channels gives a 5x16x16 latent, and a 1x2x2
+    patch makes that 320 tokens: small enough to train on a CPU in about an
+    hour. A VAE with 4x spatial compression learned far too slowly for that
+    budget (after 250 steps it still drew blurred blobs), and a 1x4x4 patch
+    (80 tokens, each 8x8 pixels) trained 3x faster per step but drew blobs
+    instead of shapes: its output layer has to paint a shape's outline inside
+    a token from one 96-wide vector. The text
+    encoder is the tiny model's UMT5 and stays frozen (random): the toy world
+    has only a few dozen distinct words, and their embeddings are distinct.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tiny = build_tiny_wan(seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        z_dim = 8
+        vae = AutoencoderKLWan(
+            base_dim=16,
+            z_dim=z_dim,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[True],
+            latents_mean=[0.0] * z_dim,
+            latents_std=[1.0] * z_dim,
+            scale_factor_spatial=2,
+            scale_factor_temporal=2,
+        )
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=24,
+            in_channels=z_dim,
+            out_channels=z_dim,
+            text_dim=tiny.text_encoder.config.d_model,
+            freq_dim=32,
+            ffn_dim=256,
+            num_layers=4,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=256,
+        )
+    # Small latents need less shift towards high noise than Wan's 480p default of 3-5.
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=2.0
+    )
+    return WanPipeline(
+        tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
