@@ -184,19 +184,22 @@ def load_diffusers_pipeline(name_or_path: str | os.PathLike, torch_dtype: torch.
 # with the real output widths and compression factors: a tiled step only times the transformer.
 REAL_CONFIGS: dict[str, dict] = {
     "wan2.1-1.3b": dict(
+        family="wan",
         native=WanAdapter.profile.native_sizes["wan2.1-1.3b"],
         transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                          out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                          cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
     ),
     "cogvideox-5b": dict(
+        family="cogvideox",
         native=CogVideoXAdapter.profile.native_sizes["cogvideox-5b"],
         transformer=dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
                          time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_height=60, sample_width=90,
                          sample_frames=49, patch_size=2, use_rotary_positional_embeddings=True),
     ),
-    "hunyuanvideo": dict(native=HunyuanVideoAdapter.profile.native_sizes["hunyuanvideo"], transformer=dict()),
-    "ltx-video": dict(native=LTXAdapter.profile.native_sizes["ltx-video"], transformer=dict()),
+    "hunyuanvideo": dict(family="hunyuanvideo", native=HunyuanVideoAdapter.profile.native_sizes["hunyuanvideo"],
+                         transformer=dict()),
+    "ltx-video": dict(family="ltx", native=LTXAdapter.profile.native_sizes["ltx-video"], transformer=dict()),
 }
 
 
@@ -221,87 +224,115 @@ def build_random_pipeline(name: str, device: str | torch.device = "cpu", dtype: 
     """
     if name not in REAL_CONFIGS:
         raise ValueError(f"unknown real configuration {name!r}; known: {', '.join(REAL_CONFIGS)}")
-    if released_vae and not name.startswith("wan"):
-        raise ValueError(f"released_vae is only available for the Wan configurations, not {name!r}")
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        AutoencoderKLHunyuanVideo,
-        AutoencoderKLLTXVideo,
-        AutoencoderKLWan,
-        CogVideoXDPMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-        HunyuanVideoTransformer3DModel,
-        LTXPipeline,
-        LTXVideoTransformer3DModel,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, T5Config, T5EncoderModel
-
     spec = REAL_CONFIGS[name]
+    if released_vae and spec["family"] != "wan":
+        raise ValueError(f"released_vae is only available for the Wan configurations, not {name!r}")
+    make_scheduler, make_pipeline = _RANDOM_FAMILIES[spec["family"]]
     transformer_config = {**spec["transformer"], **(transformer_overrides or {})}
     tokenizer = build_tokenizer()
-
-    def t5():
-        return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=64, num_layers=1,
-                                       num_heads=1, relative_attention_num_buckets=8, pad_token_id=0,
-                                       eos_token_id=1, decoder_start_token_id=0))
-
     # Schedulers hold small CPU tables: built outside the device context (they cannot live on "meta").
-    if name.startswith("wan"):
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    elif name.startswith("cogvideox"):
-        scheduler = CogVideoXDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                          timestep_spacing="trailing", clip_sample=False)
-    elif name == "hunyuanvideo":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
-    else:
-        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
-                                                    base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    scheduler = make_scheduler()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
-            if name.startswith("wan"):
-                transformer = WanTransformer3DModel(**transformer_config).eval()
-                small_vae = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-                vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True],
-                                       **({} if released_vae else small_vae)).eval()
-                pipe = WanPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
-                                   scheduler=scheduler)
-            elif name.startswith("cogvideox"):
-                transformer = CogVideoXTransformer3DModel(**transformer_config).eval()
-                vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1,
-                                             norm_num_groups=4).eval()
-                pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=t5(), vae=vae, transformer=transformer,
-                                         scheduler=scheduler)
-            elif name == "hunyuanvideo":
-                transformer = HunyuanVideoTransformer3DModel(**transformer_config).eval()
-                vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 8, 8),
-                                                layers_per_block=1, norm_num_groups=4).eval()
-                llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=64,
-                                               num_hidden_layers=3, num_attention_heads=32, num_key_value_heads=1,
-                                               max_position_embeddings=512, pad_token_id=0)).eval()
-                clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64,
-                                                    num_hidden_layers=1, num_attention_heads=12,
-                                                    max_position_embeddings=77, bos_token_id=1,
-                                                    eos_token_id=1)).eval()
-                pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                                            scheduler=scheduler,
-                                            text_encoder_2=clip, tokenizer_2=tokenizer)
-            else:
-                transformer = LTXVideoTransformer3DModel(**transformer_config).eval()
-                vae = AutoencoderKLLTXVideo(latent_channels=128, block_out_channels=(8, 8, 8, 8),
-                                            decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-                                            decoder_layers_per_block=(1, 1, 1, 1, 1)).eval()
-                pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=t5(), tokenizer=tokenizer,
-                                   transformer=transformer)
+            return make_pipeline(transformer_config, tokenizer, scheduler, released_vae)
     finally:
         torch.set_default_dtype(previous)
-    return pipe
+
+
+# --- one builder per family: (scheduler, pipeline around a real-size transformer) -------------------------
+
+
+def _real_t5(tokenizer):
+    """One T5 layer with the real output width (4096), so text embeddings have the released shape."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=64, num_layers=1,
+                                   num_heads=1, relative_attention_num_buckets=8, pad_token_id=0,
+                                   eos_token_id=1, decoder_start_token_id=0))
+
+
+def _wan_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def _random_wan(transformer_config, tokenizer, scheduler, released_vae):
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel(**transformer_config).eval()
+    small_vae = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True],
+                           **({} if released_vae else small_vae)).eval()
+    return WanPipeline(tokenizer=tokenizer, text_encoder=_real_t5(tokenizer), vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+
+
+def _cogvideox_scheduler():
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                 prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                 timestep_spacing="trailing", clip_sample=False)
+
+
+def _random_cogvideox(transformer_config, tokenizer, scheduler, released_vae):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel(**transformer_config).eval()
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1,
+                                 norm_num_groups=4).eval()
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=_real_t5(tokenizer), vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+def _hunyuan_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=7.0)
+
+
+def _random_hunyuanvideo(transformer_config, tokenizer, scheduler, released_vae):
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    transformer = HunyuanVideoTransformer3DModel(**transformer_config).eval()
+    vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4).eval()
+    llama = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=32, num_key_value_heads=1,
+                                   max_position_embeddings=512, pad_token_id=0)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=12,
+                                        max_position_embeddings=77, bos_token_id=1, eos_token_id=1)).eval()
+    return HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=scheduler, text_encoder_2=clip, tokenizer_2=tokenizer)
+
+
+def _ltx_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                           base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+
+
+def _random_ltx(transformer_config, tokenizer, scheduler, released_vae):
+    from diffusers import AutoencoderKLLTXVideo, LTXPipeline, LTXVideoTransformer3DModel
+
+    transformer = LTXVideoTransformer3DModel(**transformer_config).eval()
+    vae = AutoencoderKLLTXVideo(latent_channels=128, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1)).eval()
+    return LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=_real_t5(tokenizer), tokenizer=tokenizer,
+                       transformer=transformer)
+
+
+_RANDOM_FAMILIES = {
+    "wan": (_wan_scheduler, _random_wan),
+    "cogvideox": (_cogvideox_scheduler, _random_cogvideox),
+    "hunyuanvideo": (_hunyuan_scheduler, _random_hunyuanvideo),
+    "ltx": (_ltx_scheduler, _random_ltx),
+}
