@@ -26,6 +26,7 @@ COHERENCE_VIEWS = ("none", "dilated")
 CACHE_MODES = ("off", "region", "canvas")
 CACHE_REUSE = ("auto", "output", "taylor", "residual", "blocks")
 EXCHANGE_MODES = ("region", "allgather")
+BACKENDS = ("auto", "nccl", "gloo")
 PARALLEL_MODES = ("auto", "tile")
 STREAM_SCHEDULES = ("block", "rolling")
 PROMPT_CHANGE_MODES = ("keep", "recache", "flush")
@@ -340,7 +341,7 @@ class ParallelConfig:
 
     backend: str = field(default="auto", metadata=cli(
         "--backend", "torch.distributed backend under torchrun (auto: NCCL with CUDA, else gloo)",
-        choices=("auto", "nccl", "gloo")))
+        choices=BACKENDS))
     timeout_s: float = field(default=DEFAULT_TIMEOUT_S, metadata=cli(
         "--timeout", "seconds a collective may wait under torchrun before a hung rank fails the job"))
     exchange: str = field(default="region", metadata=cli(
@@ -360,7 +361,7 @@ class ParallelConfig:
         type=int, metavar="N"))
 
     def __post_init__(self) -> None:
-        _choice("backend", self.backend, ("auto", "nccl", "gloo"))
+        _choice("backend", self.backend, BACKENDS)
         _choice("exchange", self.exchange, EXCHANGE_MODES)
         _choice("parallel", self.parallel, PARALLEL_MODES)
         for name in ("cfg_parallel", "ulysses", "ring"):

@@ -41,7 +41,7 @@ from supergen.samplers.tiled import TiledSampler, TileStats
 from supergen.tiling import TilePlanner, resize_latents, resize_video
 from supergen.tiling.coherence import DilatedViews
 from supergen.validation import (
-    check_call_arguments,
+    check_bool,
     check_frame_size,
     check_generator,
     check_stream_arguments,
@@ -503,17 +503,14 @@ class SuperGenPipeline:
                 uint8 frames are streamed into it as they are decoded (under torchrun frame by frame from
                 every rank's band, so rank 0 never holds the float video) and ``frames`` comes back ``None``.
         """
-        check_call_arguments(
-            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, seed=seed, generator=generator,
-            tiling=tiling, cache=cache, parallel=parallel, max_sequence_length=max_sequence_length, progress=progress,
-            coherence=coherence,
-        )
+        # GenerationConfig checks the arguments' types and ranges (``resolve`` the generator and the sizes).
         config = GenerationConfig(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
-            seed=seed, tiling=tiling or TilingConfig(), coherence=coherence or CoherenceConfig(),
-            cache=cache or CacheConfig(), parallel=parallel or ParallelConfig(), max_sequence_length=max_sequence_length,
+            seed=seed, tiling=TilingConfig() if tiling is None else tiling,
+            coherence=CoherenceConfig() if coherence is None else coherence,
+            cache=CacheConfig() if cache is None else cache, parallel=ParallelConfig() if parallel is None else parallel,
+            max_sequence_length=max_sequence_length,
         )
         return self.generate(config, generator=generator, image=image, output_type=output_type, progress=progress,
                              context=context, max_memory=max_memory, writer=writer)
@@ -566,8 +563,7 @@ class SuperGenPipeline:
         if not isinstance(config, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
         check_generator(generator)
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress must be True or False, got {type(progress).__name__}")
+        check_bool("progress", progress)
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type={output_type!r} must be uint8, float or latent")
         if writer is not None and output_type != "uint8":

@@ -72,6 +72,11 @@ def check_instance(name: str, value: Any, cls: type, optional: bool = True) -> N
         raise TypeError(f"{name} must be a {cls.__name__}{' or None' if optional else ''}, got {type(value).__name__}{hint}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_kind(value)}")
+
+
 def check_generator(generator: Any) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -126,8 +131,7 @@ def check_call_arguments(
     check_instance("cache", cache, CacheConfig)
     check_instance("parallel", parallel, ParallelConfig)
     check_int("max_sequence_length", max_sequence_length, minimum=1, optional=True)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {_kind(progress)}")
+    check_bool("progress", progress)
 
 
 def check_stream_arguments(*, prompt, negative_prompt, num_blocks, stream, height, width, guidance_scale, seed,

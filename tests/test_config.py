@@ -20,6 +20,7 @@ from supergen.config import CacheConfig, GenerationConfig, StreamConfig, TilingC
         (dict(tile_height=64, overlap=64), "overlap=64 must be smaller than tile_height=64"),
         (dict(tile_frames=9, frame_overlap=9), "frame_overlap"),
         (dict(tile_batch_size=0), "tile_batch_size"),
+        (dict(shift_every=0), "shift_every=0 must be an integer >= 1"),
     ],
 )
 def test_tiling_config_errors(kwargs, match):
@@ -58,7 +59,8 @@ def test_cache_schedule_check():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(window=2, block_frames=3), "shorter than one block"), (dict(window=6, sink=7), "sink=7")],
+    [(dict(window=2, block_frames=3), "shorter than one block"), (dict(window=6, sink=7), "sink=7"),
+     (dict(on_prompt_change="forget"), "on_prompt_change")],
 )
 def test_stream_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -70,3 +72,7 @@ def test_generation_config_defaults_nest():
     assert cfg.tiling.strength == 0.9 and cfg.cache.mode == "off"
     with pytest.raises(ValueError, match="num_inference_steps"):
         GenerationConfig(prompt="a cat", num_inference_steps=0)
+    with pytest.raises(TypeError, match=r"tiling must be a TilingConfig or None, got dict; build one with"):
+        GenerationConfig(prompt="a cat", tiling={})
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        GenerationConfig(prompt=None)

@@ -254,3 +254,8 @@ def test_the_check_from_configs_imports_no_model_code():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["height 100 is not a multiple of 16 (VAE 8 x patch 2); try 96", "[]"]
+
+
+def test_generate_takes_a_generation_config(tiny):
+    with pytest.raises(TypeError, match="config must be a GenerationConfig, got dict"):
+        tiny.generate({"prompt": "a red circle"})

@@ -5,8 +5,8 @@ self-attention (``attn1``) for one that attends to [sink | rolling window |
 current segment] through a :class:`~supergen.cache.kv.RollingKVCache`, and the
 cross-attention (``attn2``) processor for one that computes text keys/values
 once per prompt. RoPE frame positions of the current segment come from the
-adapter's :class:`~supergen.backbones.wan.WanRopePositions` hook (attached for each forward). ``remove()``
-puts the original processors back.
+adapter's :class:`~supergen.backbones.hooks.WanRopePositions` hook (attached while the stream lives). ``remove()``
+puts the original processors back and detaches it.
 
 :class:`WanUncachedStreamModel` is the same stream without a cache: every
 forward re-runs the whole history through Diffusers' stock attention processor
@@ -154,6 +154,9 @@ class _StreamModelBase:
         self.grid_hw = (latent_hw[0] // ph, latent_hw[1] // pw)
         self.tokens_per_frame = self.grid_hw[0] * self.grid_hw[1]
         self._saved_processors: list[tuple[torch.nn.Module, object]] = []
+        # The adapter's hooks (RoPE positions) stay attached for the stream's life, not per forward.
+        adapter.hooks.attach()
+        self._hooks_held = True
         self._per_frame_timesteps = "enable_diffusion_forcing" in inspect.signature(self.transformer.forward).parameters
 
     @property
@@ -184,6 +187,9 @@ class _StreamModelBase:
         for attn, processor in reversed(self._saved_processors):
             attn.set_processor(processor)
         self._saved_processors.clear()
+        if self._hooks_held:
+            self._hooks_held = False
+            self.adapter.hooks.detach()
 
     def _run(self, x: torch.Tensor, timesteps_F: torch.Tensor, frame_positions: torch.Tensor) -> torch.Tensor:
         """One transformer forward of ``x`` (1,C,F,H,W) with per-frame timesteps, CFG combined."""
@@ -220,8 +226,7 @@ class _StreamModelBase:
         )
         hook.repeat = n
         try:
-            with self.adapter.attached():
-                out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
+            out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
         finally:
             hook.positions = None
         if self.cfg:
