@@ -176,17 +176,21 @@ def few_step_sigmas(pipe, steps: int) -> torch.Tensor:
     return scheduler.sigmas[:-1].float()
 
 
-def draw_view(gen: torch.Generator, args, latent_frames: int) -> dict:
-    """The shape of one step's sequences: sink frames, clean blocks, noisy blocks, whether it starts the clip."""
+def draw_view(gen: torch.Generator, args, latent_frames: int, rollout: bool = False) -> dict:
+    """The shape of one step's sequences: sink frames, clean blocks, noisy blocks, whether it starts the clip.
+
+    A ``rollout`` view continues a clean context by one block (never the
+    clip's first block, whose content the context does not determine).
+    """
     b = args.block
     max_blocks = args.max_context_blocks + 1
     total_blocks = int(torch.randint(2, max_blocks + 1, (1,), generator=gen))
-    from_start = bool(torch.rand((), generator=gen) < args.start_fraction)
+    from_start = bool(torch.rand((), generator=gen) < args.start_fraction) and not rollout
     sink_blocks = 0
     if not from_start:
         sink_blocks = int(torch.randint(0, args.max_sink_blocks + 1, (1,), generator=gen))
         sink_blocks = min(sink_blocks, total_blocks - 1)
-    noisy = min(args.noisy_blocks, total_blocks - sink_blocks)
+    noisy = 1 if rollout else min(args.noisy_blocks, total_blocks - sink_blocks)
     if from_start and args.start_blocks:
         # The stream's first block has no context: its motion comes from the prompt alone, so
         # views from the start train every block, the first one included.
@@ -200,11 +204,12 @@ def draw_view(gen: torch.Generator, args, latent_frames: int) -> dict:
             "from_start": from_start}
 
 
-def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: torch.Tensor, shift: float):
+def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: torch.Tensor, shift: float,
+               rollout: bool = False):
     """One step's inputs: latents x (B,C,F,H,W), per-frame timesteps, targets, loss weights, text."""
     latents = data["latents"]
     n_clips, _, latent_frames = latents.shape[:3]
-    view = draw_view(gen, args, latent_frames)
+    view = draw_view(gen, args, latent_frames, rollout)
     b, nb = args.block, view["noisy"]
     clip_idx = torch.randint(n_clips, (args.batch,), generator=gen)
     xs, conds, weights = [], [], []
@@ -243,8 +248,33 @@ def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: 
     context = clean + ctx_noise * torch.randn(clean.shape, generator=gen)
     x = torch.cat([context, xt], dim=2)
     t_F = torch.cat([torch.zeros(args.batch, clean.shape[2]), s_F * 1000], dim=1)
-    return {"x": x, "t_F": t_F, "target": noise - x0, "weight": torch.stack(weights), "cond": torch.stack(conds),
-            "view": view}
+    return {"x": x, "t_F": t_F, "target": noise - x0, "x0": x0, "noise": noise, "weight": torch.stack(weights),
+            "cond": torch.stack(conds), "view": view}
+
+
+@torch.no_grad()
+def roll_out(forward, batch: dict, sigma_table: torch.Tensor, exit_step: int) -> None:
+    """Self-Forcing's rollout on one block: the noisy block becomes the few-step sampler's own state.
+
+    From pure noise, ``exit_step`` Euler steps of the schedule with the model
+    itself (no gradient, as Self-Forcing does before its exit step) bring the
+    block to ``sigma_table[exit_step]``; the step trained next starts there,
+    from what inference would hold, not from a noised ground truth. Its
+    target is the velocity that takes that state to the ground truth, which
+    the clean context determines in this world (the shape keeps its speed).
+    """
+    sig = torch.cat([sigma_table, sigma_table.new_zeros(1)])
+    x, t_F = batch["x"], batch["t_F"]
+    n = batch["x0"].shape[2]
+    xt = batch["noise"]
+    for i in range(exit_step):
+        t_F[:, -n:] = sig[i] * 1000
+        v = forward(torch.cat([x[:, :, :-n], xt], dim=2), t_F)
+        xt = xt + (sig[i + 1] - sig[i]) * v
+    s = sig[exit_step]
+    t_F[:, -n:] = s * 1000
+    batch["x"] = torch.cat([x[:, :, :-n], xt], dim=2)
+    batch["target"] = (xt - batch["x0"]) / s
 
 
 def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
@@ -272,7 +302,8 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     running = None
     for step in range(start, args.steps):
         gen = torch.Generator().manual_seed(step_seed(args.seed, 11, step))
-        batch = make_batch(data, text, gen, args, sigma_table, shift)
+        rollout = args.rollout_fraction > 0 and bool(torch.rand((), generator=gen) < args.rollout_fraction)
+        batch = make_batch(data, text, gen, args, sigma_table, shift, rollout)
         view = batch["view"]
         nb, blocks = view["noisy"], view["blocks"]
         frame_mask = teacher_forcing_mask(blocks, nb, args.block)
@@ -282,9 +313,14 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
         tables = rope_tables(model.rope, positions, grid_hw)
         for proc in procs:
             proc.mask, proc.rope = token_mask, tables
-        timestep = batch["t_F"].repeat_interleave(tpf, dim=1)
-        pred = model(hidden_states=batch["x"], timestep=timestep, encoder_hidden_states=batch["cond"],
-                     return_dict=False)[0][:, :, clean_f:]
+
+        def forward(x, t_F):
+            return model(hidden_states=x, timestep=t_F.repeat_interleave(tpf, dim=1),
+                         encoder_hidden_states=batch["cond"], return_dict=False)[0][:, :, clean_f:]
+
+        if rollout:
+            roll_out(forward, batch, sigma_table, int(torch.randint(len(sigma_table), (1,), generator=gen)))
+        pred = forward(batch["x"], batch["t_F"])
         per_frame = ((pred - batch["target"]) ** 2).mean(dim=(1, 3, 4))  # (B, nb*block)
         w = batch["weight"].repeat_interleave(args.block, dim=1)
         loss = (per_frame * w).sum() / w.sum().clamp_min(1.0)
@@ -360,6 +396,8 @@ def main(argv=None) -> None:
                         help="views from the clip's start have this many blocks, all trained (0: like other views)")
     parser.add_argument("--steps-schedule", type=int, default=4, help="few-step schedule whose levels are trained")
     parser.add_argument("--schedule-fraction", type=float, default=0.5, help="noise levels drawn from that schedule")
+    parser.add_argument("--rollout-fraction", type=float, default=0.0,
+                        help="steps trained on the few-step sampler's own state (Self-Forcing rollout, one block)")
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=8)

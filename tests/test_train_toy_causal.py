@@ -77,3 +77,43 @@ def test_causal_training_is_reproducible_and_resumes_to_the_same_weights(tmp_pat
     with pipe.stream("a red circle moving left over a blue sky", num_blocks=2) as stream:
         frames = [b.frames for b in stream]
     assert [f.shape for f in frames] == [(5, 32, 32, 3), (6, 32, 32, 3)]
+
+
+def test_rollout_with_the_exact_velocity_lands_on_the_noised_ground_truth():
+    # On a straight flow path the velocity noise - x0 is constant, so the few-step sampler run with it
+    # must reach (1 - s) x0 + s noise at every exit level s, and the target there is that same velocity.
+    from scripts.train_toy_causal import roll_out
+
+    gen = torch.Generator().manual_seed(0)
+    context, x0, noise = (torch.randn(2, 8, f, 4, 4, generator=gen) for f in (6, 3, 3))
+    sigmas = torch.tensor([1.0, 0.857, 0.667, 0.4])
+    calls = []
+
+    def exact(x, t_F):
+        calls.append(t_F[:, -3:].clone())
+        assert torch.equal(x[:, :, :6], context)
+        return noise - x0
+
+    for exit_step in range(len(sigmas)):
+        calls.clear()
+        batch = {"x": torch.cat([context, noise], dim=2), "t_F": torch.zeros(2, 9), "x0": x0, "noise": noise}
+        roll_out(exact, batch, sigmas, exit_step)
+        s = sigmas[exit_step]
+        assert len(calls) == exit_step
+        assert [float(c[0, 0]) for c in calls] == [float(v * 1000) for v in sigmas[:exit_step]]
+        torch.testing.assert_close(batch["x"][:, :, 6:], (1 - s) * x0 + s * noise, rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch["target"], noise - x0, rtol=0, atol=1e-4)
+        assert torch.all(batch["t_F"][:, -3:] == s * 1000) and torch.all(batch["t_F"][:, :6] == 0)
+
+
+def test_rollout_training_runs_and_resumes_to_the_same_weights(tmp_path):
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    _train(straight, "--rollout-fraction", "1")
+    for _ in range(2):
+        _train(pieces, "--rollout-fraction", "1", "--max-steps", "2")
+    assert _rows(pieces) == _rows(straight)
+    rows = _rows(straight)
+    assert len(rows) == 4 and all(float(loss) > 0 for _, _, loss in rows)
+    a = load_file(next((straight / "export" / "transformer").glob("*.safetensors")))
+    b = load_file(next((pieces / "export" / "transformer").glob("*.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
