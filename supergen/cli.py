@@ -174,7 +174,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from supergen.config import GenerationConfig
     from supergen.io import VideoWriter, check_output_path, write_json
     from supergen.parallel import distributed_session
-    from supergen.pipeline import SuperGenPipeline, check_request_for
+    from supergen.pipeline import SuperGenPipeline
+    from supergen.request import check_request_for
     from supergen.samplers.schedule import refinement_steps
 
     tiling = _config_from_args(TilingConfig, args)
@@ -329,8 +330,7 @@ def _check_resources_before_loading(args: argparse.Namespace, request, tiling, d
 def _check_stream_before_loading(args: argparse.Namespace, config) -> None:
     """Frame size and memory of a stream from the model folder's files (a hub id is checked after loading)."""
     from supergen.resources import check_stream_request, dtype_bytes_for, model_footprint_for, parse_memory
-    from supergen.validation import check_frame_size, resolve_device
-    from supergen.pipeline import _default_device
+    from supergen.validation import check_frame_size, default_device, resolve_device
 
     found = model_footprint_for(args.model)
     if found is None:
@@ -340,7 +340,7 @@ def _check_stream_before_loading(args: argparse.Namespace, config) -> None:
     height = native_h if args.height is None else args.height
     width = native_w if args.width is None else args.width
     check_frame_size(spec.geometry, height, width)
-    device = resolve_device(args.device) if args.device is not None else _default_device()
+    device = resolve_device(args.device) if args.device is not None else default_device()
     guidance = args.guidance if args.guidance is not None else hints.get("guidance_scale", 1.0)
     check_stream_request(
         spec, config, height, width, footprint, device=device, dtype_bytes=dtype_bytes_for(_dtype(args.dtype), device),

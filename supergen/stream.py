@@ -258,7 +258,7 @@ class VideoStream:
     @property
     def metrics(self) -> dict:
         """Run metrics in the design's schema, with the per-block ``blocks`` list."""
-        from supergen.pipeline import _peak_memory_bytes
+        from supergen.run_metrics import peak_memory_bytes
 
         wall = (time.perf_counter() - self._started) if self._started is not None else 0.0
         n_blocks = len(self.blocks)
@@ -288,7 +288,7 @@ class VideoStream:
             "decode_s": self.decode_s,
             "time_to_first_frame_s": self._first_frame_s,
             "fps": self._frames_out / wall if wall > 0 else 0.0,
-            "peak_mem_bytes": _peak_memory_bytes(self.adapter.device),
+            "peak_mem_bytes": peak_memory_bytes(self.adapter.device),
             "tiles": {
                 "count": 1,
                 "tile_steps_total": n_blocks * self.config.steps,
