@@ -74,7 +74,8 @@ def _hooks_attached(method):
 
 
 def _or_default_configs(**configs) -> dict:
-    """The nested configs of a :class:`GenerationConfig`, each ``None`` replaced by its default (``TilingConfig()``...)."""
+    """The nested configs of a :class:`GenerationConfig`, each ``None`` replaced by its default (``TilingConfig()``,
+    ...)."""
     factories = {f.name: f.default_factory for f in dataclasses.fields(GenerationConfig)}
     return {name: factories[name]() if value is None else value for name, value in configs.items()}
 
