@@ -71,8 +71,37 @@ def context_parallel_support(model: torch.nn.Module) -> tuple[bool, bool]:
     return plan and capable, backend in RING_BACKENDS
 
 
+class _Traces:
+    """What applying CP changes on a model's modules and processors, recorded before, put back by :meth:`restore`.
+
+    Diffusers' ``remove_context_parallel`` takes its hooks off but leaves, on every module of the plan, an
+    empty hook registry (``_diffusers_hook``) and the unwrapped ``forward`` as an instance attribute; and
+    ``_parallel_config = None`` shadows the class attribute. Only what was not there before is removed, so
+    hooks of other parties (the adapter's, a user's cache) stay as they are.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.modules = [(m, hasattr(m, "_diffusers_hook"), "forward" in m.__dict__) for m in model.modules()]
+        self.configs = [(obj, "_parallel_config" in vars(obj), vars(obj).get("_parallel_config"))
+                        for obj in (model, *_processors(model))]
+
+    def restore(self) -> None:
+        for module, had_registry, had_forward in self.modules:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None or registry.hooks or had_registry:
+                continue
+            del module._diffusers_hook
+            if not had_forward:
+                module.__dict__.pop("forward", None)
+        for obj, had_config, config in self.configs:
+            if had_config:
+                obj._parallel_config = config
+            else:
+                vars(obj).pop("_parallel_config", None)
+
+
 class ContextParallelHandle:
-    """Diffusers' CP hooks on one transformer; :meth:`remove` leaves the model as it was."""
+    """Diffusers' CP hooks on one transformer; :meth:`remove` leaves the model exactly as it was."""
 
     def __init__(self, model: torch.nn.Module, mesh, plan: ParallelPlan, ctx: DistributedContext):
         from diffusers import ContextParallelConfig
@@ -82,6 +111,7 @@ class ContextParallelHandle:
         if getattr(model, "_parallel_config", None) is not None:
             raise ValueError(f"{type(model).__name__} already has Diffusers parallelism enabled; load it without it")
         self.model = model
+        self._traces = _Traces(model)
         cp = ContextParallelConfig(ring_degree=plan.ring, ulysses_degree=plan.ulysses, mesh=mesh)
         config = DiffusersParallelConfig(context_parallel_config=cp)
         config.setup(ctx.rank, ctx.world_size, ctx.device, mesh=mesh)
@@ -94,9 +124,7 @@ class ContextParallelHandle:
         from diffusers.hooks.context_parallel import remove_context_parallel
 
         remove_context_parallel(self.model, self.model._cp_plan)
-        for processor in _processors(self.model):
-            processor._parallel_config = None
-        self.model._parallel_config = None
+        self._traces.restore()
 
 
 class CfgSplit:

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -69,7 +68,7 @@ if str(REPO) not in sys.path:
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
-from scripts.train_toy_model import LossLog, budget_spent, clips_to_video, encode_prompts, resume, save_checkpoint, step_seed, stop_run  # noqa: E402
+from scripts.train_toy_model import LossLog, budget_spent, clips_to_video, cosine_lr, encode_prompts, optimizer_step, resume, save_checkpoint, step_seed, stop_run  # noqa: E402
 from supergen.models import TOY_NATIVE_SIZE, load_diffusers_pipeline, write_native_size  # noqa: E402
 from supergen.toyworld import (  # noqa: E402
     COLOURS,
@@ -324,15 +323,8 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
         per_frame = ((pred - batch["target"]) ** 2).mean(dim=(1, 3, 4))  # (B, nb*block)
         w = batch["weight"].repeat_interleave(args.block, dim=1)
         loss = (per_frame * w).sum() / w.sum().clamp_min(1.0)
-        warm = min(1.0, (step + 1) / args.warmup)
-        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update_parameters(model)
+        lr = cosine_lr(args.lr, step, args.steps, warmup=args.warmup)
+        optimizer_step(model, opt, loss, lr, ema=ema)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % args.log_every == 0:
             now = time.perf_counter() - t0

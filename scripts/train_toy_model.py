@@ -79,6 +79,25 @@ def resume(ckpt: Path, log: "LossLog", phase: str, **parts) -> tuple[int, float]
     return state["step"], state["elapsed"]
 
 
+def cosine_lr(base: float, step: int, steps: int, warmup: int | None = None) -> float:
+    """``base`` decayed on a cosine to 10% over ``steps`` (the last steps do not undo what was learned), after
+    a linear warm-up of ``warmup`` steps."""
+    warm = 1.0 if warmup is None else min(1.0, (step + 1) / warmup)
+    return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def optimizer_step(model: torch.nn.Module, opt, loss: torch.Tensor, lr: float, ema=None) -> None:
+    """One update of ``model`` at learning rate ``lr``, gradients clipped to norm 1; ``ema`` follows it."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if ema is not None:
+        ema.update_parameters(model)
+
+
 def budget_spent(args) -> bool:
     """Count one optimizer step against ``--max-steps``; True once this invocation has used them all."""
     args.steps_done += 1
@@ -136,14 +155,8 @@ def train_vae(pipe, args, work: Path, log: LossLog) -> None:
         fit_loss = (weight * (recon - video) ** 2).mean() / weight.mean()
         kl = 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
         loss = fit_loss + args.vae_kl * kl
-        # Cosine decay to 10% keeps the last steps from undoing what was learned.
-        lr = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        lr = cosine_lr(args.vae_lr, step, args.vae_steps)
+        optimizer_step(vae, opt, loss, lr)
         running = rec_loss.item() if running is None else 0.95 * running + 0.05 * rec_loss.item()
         if (step + 1) % args.log_every == 0:
             now = time.perf_counter() - t0
@@ -230,15 +243,8 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
         xt = (1 - s) * x0 + s * noise
         pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=cond, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
-        warm = min(1.0, (step + 1) / 200)
-        lr = args.dit_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.dit_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update_parameters(model)
+        lr = cosine_lr(args.dit_lr, step, args.dit_steps, warmup=200)
+        optimizer_step(model, opt, loss, lr, ema=ema)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % args.log_every == 0:
             now = time.perf_counter() - t0

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from supergen.config import CacheConfig, CoherenceConfig, ParallelConfig, TilingConfig
+from supergen.config import CacheConfig, CoherenceConfig, ParallelConfig, StreamConfig, TilingConfig
 
 logger = logging.getLogger("supergen")
 
@@ -55,13 +55,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field of the config ``cls`` that names one (``supergen.config.cli``): default, type,
-    choices and help come from the field."""
+    choices and help come from the field. A ``model_default`` flag defaults to ``None`` (the model's
+    recommendation, else the field's default; :func:`_config_from_args` fills it in) and its help says so."""
     for f in dataclasses.fields(cls):
         spec = dict(f.metadata.get("cli", {}))
         if not spec:
             continue
         flag = spec.pop("flag")
-        if spec.get("action") == "boolean_optional":  # --name / --no-name
+        if spec.pop("model_default"):
+            spec["help"] += f" (default: the model's recommended value (supergen.json 'stream'), else {f.default})"
+            spec.setdefault("type", type(f.default))
+            parser.add_argument(flag, default=None, **spec)
+        elif spec.get("action") == "boolean_optional":  # --name / --no-name
             spec["action"] = argparse.BooleanOptionalAction
             parser.add_argument(flag, default=f.default, **spec)
         elif isinstance(f.default, bool):
@@ -71,14 +76,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, default=f.default, **spec)
 
 
-def _config_from_args(cls, args: argparse.Namespace):
-    """The config ``cls`` from the flags :func:`_add_config_flags` added."""
+def _config_from_args(cls, args: argparse.Namespace, base=None):
+    """The config ``cls`` from the flags :func:`_add_config_flags` added; a ``model_default`` flag left out keeps
+    ``base``'s value (the model's recommended config; default: ``cls()``)."""
     values = {}
     for f in dataclasses.fields(cls):
         spec = f.metadata.get("cli")
         if spec:
-            values[f.name] = getattr(args, spec.get("dest") or spec["flag"].lstrip("-").replace("-", "_"))
-    return cls(**values)
+            value = getattr(args, spec.get("dest") or spec["flag"].lstrip("-").replace("-", "_"))
+            if not (spec["model_default"] and value is None):
+                values[f.name] = value
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,12 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
+    _add_stream_parser(sub)
+    _add_demo_parser(sub)
+    return parser
 
+
+def _add_prompts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance above 1)")
+
+
+def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate a video above the model's native resolution by tiled refinement",
                        formatter_class=_HelpFormatter)
     _add_common(g)
-    g.add_argument("--prompt", required=True, help="what the video shows")
-    g.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance above 1)")
+    _add_prompts(g)
     g.add_argument("--image", default=None, help="first frame (picture file) for image-to-video models")
     g.add_argument("--height", type=int, default=None, help="pixels (default: 2x the model's native height)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: 2x the model's native width)")
@@ -102,36 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "otherwise; HunyuanVideo: its embedded, distilled guidance)")
     g.add_argument("--guidance-2", type=float, default=None, help="guidance of Wan2.2's low-noise expert")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (same seed, same video, any world size)")
-    _add_config_flags(g, TilingConfig)
-    _add_config_flags(g, CoherenceConfig)
-    _add_config_flags(g, ParallelConfig)
-    _add_config_flags(g, CacheConfig)
+    for cls in (TilingConfig, CoherenceConfig, ParallelConfig, CacheConfig):
+        _add_config_flags(g, cls)
     g.add_argument("--skip-map", default=None, help="write a PNG heat map of where the cache reused outputs")
     g.add_argument("--output", default="out.mp4", help="mp4 path (written atomically, by rank 0)")
     g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     g.add_argument("--metrics-json", default=None, help="write run metrics to this JSON file")
 
+
+def _add_stream_parser(sub) -> None:
     st = sub.add_parser("stream", help="stream video block by block with a rolling KV cache (frames written as they come)",
                         formatter_class=_HelpFormatter)
     _add_common(st)
-    st.add_argument("--prompt", required=True, help="what the video shows")
-    st.add_argument("--negative-prompt", default=None, help="what to steer away from (with guidance above 1)")
+    _add_prompts(st)
     st.add_argument("--blocks", type=int, default=None, help="blocks to make (default: endless, stop with Ctrl-C)")
-    # Stream settings default to the model's recommendation (its supergen.json "stream"), else StreamConfig's.
-    st.add_argument("--block-frames", type=int, default=None, help="latent frames per block (default: 3)")
-    st.add_argument("--window", type=int, default=None,
-                    help="recent clean latent frames kept in the KV cache (default: 9)")
-    st.add_argument("--sink", type=int, default=None,
-                    help="first latent frames pinned in the cache (attention sink; default: 3)")
-    st.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: 4)")
-    st.add_argument("--schedule", choices=("block", "rolling"), default=None,
-                    help="block (default): one block at a time; rolling: a joint window of blocks at staggered "
-                    "noise levels")
-    st.add_argument("--kv-write", choices=("rerun", "last_step"), default=None,
-                    help="write a finished block's keys/values by a clean re-run (default), or from its last "
-                    "denoising step")
-    st.add_argument("--on-prompt-change", choices=("keep", "recache", "flush"), default=None,
-                    help="what a prompt change (demo: apply prompt) does to the cached context")
+    _add_config_flags(st, StreamConfig)
     st.add_argument("--height", type=int, default=None, help="pixels (default: the model's native height)")
     st.add_argument("--width", type=int, default=None, help="pixels (default: the model's native width)")
     st.add_argument("--guidance", type=float, default=None,
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     st.add_argument("--metrics-json", default=None, help="write run metrics (with per-block entries) to this JSON file")
 
+
+def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="serve the Gradio demo (needs the [demo] extra)", formatter_class=_HelpFormatter)
     _add_common(d)
     # The demo is for people: default to the model that draws something (tiny draws noise).
@@ -151,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
     d.add_argument("--port", type=int, default=7860, help="TCP port to listen on")
     d.add_argument("--concurrency", type=int, default=1, help="generations run at once; other visitors queue")
-    return parser
 
 
 def _dtype(name: str):
@@ -172,14 +176,51 @@ def _discarded_on_failure(writer):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from supergen.config import GenerationConfig
-    from supergen.io import VideoWriter, check_output_path, write_json
+    from supergen.io import VideoWriter, write_json
     from supergen.parallel import distributed_session
-    from supergen.pipeline import SuperGenPipeline, check_request_for
-    from supergen.samplers.schedule import refinement_steps
+    from supergen.request import check_request_for
 
     tiling = _config_from_args(TilingConfig, args)
     coherence = _config_from_args(CoherenceConfig, args)
     cache = _config_from_args(CacheConfig, args)
+    _check_generate_args(args, cache)
+    # Unknown names and sizes the model cannot take fail before any weights load (a folder's
+    # configs are enough); a hub id is checked after loading, by check_request.
+    planned = check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
+    image = None if args.image is None else _load_image(args.image)
+
+    parallel = _config_from_args(ParallelConfig, args)
+    # The same request the Python API and the demo run.
+    config = GenerationConfig(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        guidance_scale_2=args.guidance_2, seed=args.seed, tiling=tiling, coherence=coherence, cache=cache,
+        parallel=parallel,
+    )
+
+    writer = VideoWriter(args.output, fps=args.fps, lazy=True)
+    with distributed_session(parallel) as ctx, _discarded_on_failure(writer):
+        request, result = _generate_in(ctx, args, config, planned, image, writer)
+    # One process writes after generation; under torchrun rank 0 streams the decoded frames into the
+    # (lazily opened) writer, and the file appears only here, after every rank has finished: a failure
+    # anywhere before this point leaves no file behind.
+    if not ctx.is_main:
+        return 0
+    if result.frames is not None:
+        writer.append(result.frames)
+    writer.close(keep=True)
+    metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)
+    if args.metrics_json:
+        write_json(args.metrics_json, metrics)
+    _report(args, request, metrics, cache)
+    return 0
+
+
+def _check_generate_args(args: argparse.Namespace, cache) -> None:
+    """The output paths, the skip map's needs, the step count and the cache's schedule, before anything loads."""
+    from supergen.io import check_output_path
+    from supergen.samplers.schedule import refinement_steps
+
     check_output_path(args.output)
     if args.skip_map:
         check_output_path(args.skip_map, suffixes=(".png",))
@@ -195,47 +236,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     _check_run_args(args)
     cache.check_schedule(refinement_steps(args.steps, args.strength))
-    # Unknown names and sizes the model cannot take fail before any weights load (a folder's
-    # configs are enough); a hub id is checked after loading, by check_request below.
-    planned = check_request_for(args.model, args.height, args.width, args.num_frames, tiling)
-    image = None if args.image is None else _load_image(args.image)
 
-    parallel = _config_from_args(ParallelConfig, args)
-    # The same request the Python API and the demo run.
-    config = GenerationConfig(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-        num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        guidance_scale_2=args.guidance_2, seed=args.seed, tiling=tiling, coherence=coherence, cache=cache,
-        parallel=parallel,
-    )
 
-    writer = VideoWriter(args.output, fps=args.fps, lazy=True)
-    with distributed_session(parallel) as ctx, _discarded_on_failure(writer):
-        if ctx.enabled:
-            _log_per_rank(args, ctx)
-            ctx.ensure_same("command-line arguments", {k: v for k, v in vars(args).items() if k != "device"})
-        started = time.perf_counter()
-        device = args.device if args.device is not None or not ctx.enabled else ctx.device
-        if planned is not None:
-            _check_resources_before_loading(args, planned, tiling, device, ctx)
-        pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=device)
-        request = pipe.check_request(args.height, args.width, args.num_frames, tiling)
-        logger.info("model %s loaded in %.1fs: %s", args.model, time.perf_counter() - started, pipe.adapter.describe())
-        result = pipe.generate(config, image=image, context=ctx, max_memory=args.max_memory,
-                               writer=writer if ctx.enabled else None)
-    # One process writes after generation; under torchrun rank 0 streams the decoded frames into the
-    # (lazily opened) writer, and the file appears only here, after every rank has finished: a failure
-    # anywhere before this point leaves no file behind.
-    if not ctx.is_main:
-        return 0
-    if result.frames is not None:
-        writer.append(result.frames)
-    writer.close(keep=True)
-    metrics = dict(result.metrics, output=args.output, prompt=args.prompt, seed=args.seed)
-    if args.metrics_json:
-        write_json(args.metrics_json, metrics)
-    _report(args, request, metrics, cache)
-    return 0
+def _generate_in(ctx, args: argparse.Namespace, config, planned, image, writer):
+    """Load the model on this rank's device and run ``config``; returns (the checked request, the result)."""
+    from supergen.pipeline import SuperGenPipeline
+
+    if ctx.enabled:
+        _log_per_rank(args, ctx)
+        ctx.ensure_same("command-line arguments", {k: v for k, v in vars(args).items() if k != "device"})
+    started = time.perf_counter()
+    device = args.device if args.device is not None or not ctx.enabled else ctx.device
+    if planned is not None:
+        _check_resources_before_loading(args, planned, config.tiling, device, ctx)
+    pipe = SuperGenPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype), device=device)
+    request = pipe.check_request(args.height, args.width, args.num_frames, config.tiling)
+    logger.info("model %s loaded in %.1fs: %s", args.model, time.perf_counter() - started, pipe.adapter.describe())
+    result = pipe.generate(config, image=image, context=ctx, max_memory=args.max_memory,
+                           writer=writer if ctx.enabled else None)
+    return request, result
 
 
 def _report(args: argparse.Namespace, request, metrics: dict, cache) -> None:
@@ -329,8 +348,7 @@ def _check_resources_before_loading(args: argparse.Namespace, request, tiling, d
 def _check_stream_before_loading(args: argparse.Namespace, config) -> None:
     """Frame size and memory of a stream from the model folder's files (a hub id is checked after loading)."""
     from supergen.resources import check_stream_request, dtype_bytes_for, model_footprint_for, parse_memory
-    from supergen.validation import check_frame_size, resolve_device
-    from supergen.pipeline import _default_device
+    from supergen.validation import check_frame_size, default_device, resolve_device
 
     found = model_footprint_for(args.model)
     if found is None:
@@ -340,7 +358,7 @@ def _check_stream_before_loading(args: argparse.Namespace, config) -> None:
     height = native_h if args.height is None else args.height
     width = native_w if args.width is None else args.width
     check_frame_size(spec.geometry, height, width)
-    device = resolve_device(args.device) if args.device is not None else _default_device()
+    device = resolve_device(args.device) if args.device is not None else default_device()
     guidance = args.guidance if args.guidance is not None else hints.get("guidance_scale", 1.0)
     check_stream_request(
         spec, config, height, width, footprint, device=device, dtype_bytes=dtype_bytes_for(_dtype(args.dtype), device),
@@ -359,25 +377,48 @@ def _log_per_rank(args: argparse.Namespace, ctx) -> None:
 
 def stream_config_for(args: argparse.Namespace):
     """The stream flags given, over the model's recommended settings (supergen.json), over StreamConfig's."""
-    import dataclasses
     from pathlib import Path
 
-    from supergen.config import StreamConfig
     from supergen.models import read_model_hints, resolve_model
 
     source = Path(resolve_model(args.model))
     hints = read_model_hints(source).get("stream", {}) if source.is_dir() else {}
-    given = {name: getattr(args, name) for name in ("block_frames", "window", "sink", "steps", "schedule", "kv_write",
-                                                    "on_prompt_change")}
-    return dataclasses.replace(StreamConfig(**hints), **{k: v for k, v in given.items() if v is not None})
+    return _config_from_args(StreamConfig, args, base=StreamConfig(**hints))
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from supergen.io import VideoWriter, check_output_path, write_json
-    from supergen.models import resolve_model
-    from supergen.pipeline import SuperGenPipeline
+    from supergen.io import VideoWriter, write_json
 
     config = stream_config_for(args)
+    _check_stream_args(args, config)
+    pipe = _load_stream_pipeline(args)
+    stream = pipe.stream(
+        args.prompt, num_blocks=args.blocks, stream=config, height=args.height, width=args.width,
+        guidance_scale=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
+        max_memory=args.max_memory,
+    )
+    logger.info("streaming %s to %s", "until Ctrl-C" if args.blocks is None else f"{args.blocks} blocks", args.output)
+    writer = VideoWriter(args.output, fps=args.fps)
+    exit_code = _write_stream(stream, writer)
+    # A stopped stream keeps what was made: the file is finalised and renamed into place.
+    writer.close(keep=True)
+    interrupted = exit_code != 0
+    metrics = dict(stream.metrics, output=args.output, prompt=args.prompt, seed=args.seed, interrupted=interrupted)
+    if args.metrics_json:
+        write_json(args.metrics_json, metrics)
+    print(
+        f"wrote {args.output}: {writer.frames} frames in {len(metrics['blocks'])} blocks; "
+        f"first frame after {metrics['time_to_first_frame_s'] or 0:.2f}s, {metrics['fps']:.1f} frames/s"
+        + (" (interrupted)" if interrupted else "")
+    )
+    return exit_code
+
+
+def _check_stream_args(args: argparse.Namespace, config) -> None:
+    """What a stream can be refused for before its model loads (a hub id's sizes are checked after loading)."""
+    from supergen.io import check_output_path
+    from supergen.models import resolve_model
+
     check_output_path(args.output)
     if args.metrics_json:
         check_output_path(args.metrics_json, suffixes=(".json",))
@@ -386,6 +427,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
     _check_run_args(args)
     resolve_model(args.model)
     _check_stream_before_loading(args, config)
+
+
+def _load_stream_pipeline(args: argparse.Namespace):
+    """The model to stream with, and ``--transformer-weights`` in its transformer (read before the model loads)."""
+    from supergen.pipeline import SuperGenPipeline
 
     if args.transformer_weights:
         from supergen.backbones.wan_convert import read_checkpoint
@@ -397,20 +443,14 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
         load_original_wan_checkpoint(pipe.pipe.transformer, checkpoint)
         logger.info("loaded transformer weights from %s", args.transformer_weights)
-    stream = pipe.stream(
-        args.prompt,
-        num_blocks=args.blocks,
-        stream=config,
-        height=args.height,
-        width=args.width,
-        guidance_scale=args.guidance,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        max_memory=args.max_memory,
-    )
-    logger.info("streaming %s to %s", "until Ctrl-C" if args.blocks is None else f"{args.blocks} blocks", args.output)
-    interrupted = False
-    writer = VideoWriter(args.output, fps=args.fps)
+    return pipe
+
+
+def _write_stream(stream, writer) -> int:
+    """Append every block to ``writer`` until the stream ends (0) or is interrupted (the shell's 130 / 143).
+
+    On any other error the partial file is discarded.
+    """
     # `kill`, a job scheduler's timeout or a container stop send SIGTERM: treat it
     # like Ctrl-C, so the frames made so far are finalised instead of lost.
     restore = _sigterm_as_interrupt()
@@ -424,26 +464,15 @@ def cmd_stream(args: argparse.Namespace) -> int:
                     m["kv_cache_bytes"] / 1024,
                 )
     except KeyboardInterrupt as exc:
-        interrupted = True
-        # The shell's convention: 128 + the signal's number (SIGINT 2, SIGTERM 15).
-        exit_code = 143 if isinstance(exc, Terminated) else 130
         logger.warning("interrupted: keeping the %d frames made so far", writer.frames)
+        # The shell's convention: 128 + the signal's number (SIGINT 2, SIGTERM 15).
+        return 143 if isinstance(exc, Terminated) else 130
     except BaseException:
         writer.close(keep=False)
         raise
     finally:
         restore()
-    # A stopped stream keeps what was made: the file is finalised and renamed into place.
-    writer.close(keep=True)
-    metrics = dict(stream.metrics, output=args.output, prompt=args.prompt, seed=args.seed, interrupted=interrupted)
-    if args.metrics_json:
-        write_json(args.metrics_json, metrics)
-    print(
-        f"wrote {args.output}: {writer.frames} frames in {len(metrics['blocks'])} blocks; "
-        f"first frame after {metrics['time_to_first_frame_s'] or 0:.2f}s, {metrics['fps']:.1f} frames/s"
-        + (" (interrupted)" if interrupted else "")
-    )
-    return exit_code if interrupted else 0
+    return 0
 
 
 class Terminated(KeyboardInterrupt):

@@ -39,10 +39,12 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
-def cli(flag: str, help: str, **argparse_kwargs) -> dict:
-    """Field metadata naming the field's ``supergen generate`` flag; :mod:`supergen.cli` builds its parser
-    from it, so each default, choice and help text is written once, here (``--help`` shows every default)."""
-    return {"cli": dict(flag=flag, help=help, **argparse_kwargs)}
+def cli(flag: str, help: str, model_default: bool = False, **argparse_kwargs) -> dict:
+    """Field metadata naming the field's ``supergen generate`` or ``supergen stream`` flag; :mod:`supergen.cli`
+    builds its parsers from it, so each default, choice and help text is written once, here (``--help`` shows
+    every default). ``model_default``: left out, the flag takes the model's recommended value (its
+    ``supergen.json`` ``"stream"`` settings), else the field's default."""
+    return {"cli": dict(flag=flag, help=help, model_default=model_default, **argparse_kwargs)}
 
 
 def _non_negative_int(name: str, value: int) -> None:
@@ -401,13 +403,22 @@ class StreamConfig:
             docs/benchmarks.md ("Streaming quality").
     """
 
-    block_frames: int = 3
-    window: int = 9
-    sink: int = 3
-    steps: int = 4
-    schedule: str = "block"
-    kv_write: str = "rerun"
-    on_prompt_change: str = "keep"
+    block_frames: int = field(default=3, metadata=cli("--block-frames", "latent frames per block", model_default=True))
+    window: int = field(default=9, metadata=cli(
+        "--window", "recent clean latent frames kept in the KV cache", model_default=True))
+    sink: int = field(default=3, metadata=cli(
+        "--sink", "first latent frames pinned in the cache (attention sink)", model_default=True))
+    steps: int = field(default=4, metadata=cli("--steps", "denoising steps per block", model_default=True))
+    schedule: str = field(default="block", metadata=cli(
+        "--schedule", "block: one block at a time; rolling: a joint window of blocks at staggered noise levels",
+        model_default=True, choices=STREAM_SCHEDULES))
+    kv_write: str = field(default="rerun", metadata=cli(
+        "--kv-write", "write a finished block's keys/values by a clean re-run (rerun), or from its last denoising "
+        "step (last_step)", model_default=True, choices=KV_WRITE_MODES))
+    on_prompt_change: str = field(default="keep", metadata=cli(
+        "--on-prompt-change", "what a prompt change (demo: apply prompt) does to the cached context: keep it, "
+        "re-run it under the new prompt (recache), or flush it to the sink (flush)", model_default=True,
+        choices=PROMPT_CHANGE_MODES))
 
     def __post_init__(self) -> None:
         _positive_int("block_frames", self.block_frames)

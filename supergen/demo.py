@@ -259,11 +259,81 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
     import gradio as gr
 
     nh, nw, nf = backend.native
+    with gr.Blocks(title="SuperGen") as app:
+        gr.Markdown(
+            f"# SuperGen\nModel `{backend.model}` (native {nw}x{nh}, {nf} frames). "
+            f"**stream** (model `{backend.stream_model}`): endless block-wise video, frames appear as each block "
+            "finishes. "
+            "**ultra-high resolution**: tiled refinement above the native size."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                inputs = _inputs(gr, backend)
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    apply = gr.Button("Apply prompt to next block", elem_id="apply-prompt")
+            with gr.Column(scale=2):
+                # Above the players and with their height capped, so it stays in view while frames arrive.
+                status = gr.Markdown(elem_id="status")
+                live = gr.Video(label="Live", streaming=True, autoplay=True, elem_id="live", height=VIDEO_HEIGHT)
+                final = gr.Video(label="Result (mp4)", elem_id="final", height=VIDEO_HEIGHT)
+        go.click(
+            _run_handler(gr, backend), [inputs[name] for name in RUN_INPUTS], [live, final, status],
+            api_name="generate", concurrency_limit=concurrency, concurrency_id="generation",
+        )
+        # Not a cancel: the run ends itself at the next block and still hands over the mp4 made so far.
+        stop.click(_stop_handler(gr, backend), None, [status], api_name="stop", queue=False)
+        # Not queued behind the running generation: a prompt change must reach it mid-stream.
+        apply.click(_prompt_handler(gr, backend), [inputs["prompt"]], [status], api_name="set_prompt", queue=False)
+    app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+    return app
+
+
+#: The ``/generate`` endpoint's inputs, in the order of its parameters (``gradio_client`` calls them by name).
+RUN_INPUTS = ("mode", "prompt", "height", "width", "frames", "blocks", "steps", "seed", "cache", "overlap", "shift",
+              "rope", "strength", "coherence_guide", "global_views")
+
+
+def _inputs(gr, backend: DemoBackend) -> dict:
+    """The request's fields, by the name of the ``/generate`` parameter each one fills."""
+    nh, nw, nf = backend.native
+    fields = {"prompt": gr.Textbox(label="Prompt", value="a red circle moving left over a blue sky", elem_id="prompt"),
+              "mode": gr.Radio(list(MODES), value="stream", label="Mode", elem_id="mode")}
+    with gr.Row():
+        fields["height"] = gr.Number(value=nh, precision=0, label="Height (px)", elem_id="height")
+        fields["width"] = gr.Number(value=nw, precision=0, label="Width (px)", elem_id="width")
+    with gr.Row():
+        fields["blocks"] = gr.Slider(1, 200, value=8, step=1, label="Blocks (stream length)", elem_id="blocks")
+        fields["frames"] = gr.Number(value=nf, precision=0, label="Frames (tiled)", elem_id="frames")
+    with gr.Row():
+        fields["steps"] = gr.Slider(1, 50, value=4, step=1, label="Steps", elem_id="steps")
+        fields["seed"] = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+    with gr.Accordion("Tiling and cache (ultra-high resolution)", open=False):
+        fields.update(
+            strength=gr.Slider(0.1, 1.0, value=TilingConfig.strength, step=0.05, label="Refinement strength"),
+            coherence_guide=gr.Radio(list(COHERENCE_GUIDES), value=CoherenceConfig.guide,
+                                     label="Sketch guidance (one subject, not one per tile)"),
+            global_views=gr.Radio(list(COHERENCE_VIEWS), value=CoherenceConfig.views, label="Global views"),
+            cache=gr.Radio(["off", "region"], value=CacheConfig.mode, label="Region cache"),
+            overlap=gr.Number(value=TilingConfig.overlap, precision=0, label="Tile overlap (px)"),
+            shift=gr.Radio(list(SHIFT_MODES), value=TilingConfig.shift, label="Grid shift"),
+            rope=gr.Radio(list(ROPE_MODES), value=TilingConfig.rope, label="Tile RoPE"),
+        )
+    return fields
+
+
+def _session(request) -> str:
+    return request.session_hash if request is not None else "api"
+
+
+def _run_handler(gr, backend: DemoBackend):
+    """The ``/generate`` endpoint: a stream's blocks as they finish, or a tiled run's video at its end."""
 
     def run(mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope,
             strength=TilingConfig.strength, coherence_guide=CoherenceConfig.guide, global_views=CoherenceConfig.views,
             request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-        session = request.session_hash if request is not None else "api"
+        session = _session(request)
         try:
             if mode == "stream":
                 yield from backend.generate_stream(session, prompt, height, width, blocks, steps, seed)
@@ -283,67 +353,23 @@ def build_app(backend: DemoBackend, concurrency: int = 1, max_queue: int = 16):
             logger.exception("generation failed")
             raise gr.Error(f"generation failed: {type(err).__name__}: {one_line(err)}") from None
 
+    return run
+
+
+def _prompt_handler(gr, backend: DemoBackend):
     def set_prompt(prompt, request: gr.Request):
-        backend.set_live_prompt(request.session_hash if request is not None else "api", prompt)
+        backend.set_live_prompt(_session(request), prompt)
         return f"next block uses: {prompt!r}"
 
+    return set_prompt
+
+
+def _stop_handler(gr, backend: DemoBackend):
     def stop_run(request: gr.Request):
-        backend.request_stop(request.session_hash if request is not None else "api")
+        backend.request_stop(_session(request))
         return "stopping at the next block..."
 
-    with gr.Blocks(title="SuperGen") as app:
-        gr.Markdown(
-            f"# SuperGen\nModel `{backend.model}` (native {nw}x{nh}, {nf} frames). "
-            f"**stream** (model `{backend.stream_model}`): endless block-wise video, frames appear as each block "
-            "finishes. "
-            "**ultra-high resolution**: tiled refinement above the native size."
-        )
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value="a red circle moving left over a blue sky", elem_id="prompt")
-                mode = gr.Radio(list(MODES), value="stream", label="Mode", elem_id="mode")
-                with gr.Row():
-                    height = gr.Number(value=nh, precision=0, label="Height (px)", elem_id="height")
-                    width = gr.Number(value=nw, precision=0, label="Width (px)", elem_id="width")
-                with gr.Row():
-                    blocks = gr.Slider(1, 200, value=8, step=1, label="Blocks (stream length)", elem_id="blocks")
-                    frames = gr.Number(value=nf, precision=0, label="Frames (tiled)", elem_id="frames")
-                with gr.Row():
-                    steps = gr.Slider(1, 50, value=4, step=1, label="Steps", elem_id="steps")
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                with gr.Accordion("Tiling and cache (ultra-high resolution)", open=False):
-                    strength = gr.Slider(0.1, 1.0, value=TilingConfig.strength, step=0.05, label="Refinement strength")
-                    coherence_guide = gr.Radio(list(COHERENCE_GUIDES), value=CoherenceConfig.guide,
-                                               label="Sketch guidance (one subject, not one per tile)")
-                    global_views = gr.Radio(list(COHERENCE_VIEWS), value=CoherenceConfig.views, label="Global views")
-                    cache = gr.Radio(["off", "region"], value=CacheConfig.mode, label="Region cache")
-                    overlap = gr.Number(value=TilingConfig.overlap, precision=0, label="Tile overlap (px)")
-                    shift = gr.Radio(list(SHIFT_MODES), value=TilingConfig.shift, label="Grid shift")
-                    rope = gr.Radio(list(ROPE_MODES), value=TilingConfig.rope, label="Tile RoPE")
-                with gr.Row():
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    apply = gr.Button("Apply prompt to next block", elem_id="apply-prompt")
-            with gr.Column(scale=2):
-                # Above the players and with their height capped, so it stays in view while frames arrive.
-                status = gr.Markdown(elem_id="status")
-                live = gr.Video(label="Live", streaming=True, autoplay=True, elem_id="live", height=VIDEO_HEIGHT)
-                final = gr.Video(label="Result (mp4)", elem_id="final", height=VIDEO_HEIGHT)
-        event = go.click(
-            run,
-            [mode, prompt, height, width, frames, blocks, steps, seed, cache, overlap, shift, rope, strength,
-             coherence_guide, global_views],
-            [live, final, status],
-            api_name="generate",
-            concurrency_limit=concurrency,
-            concurrency_id="generation",
-        )
-        # Not a cancel: the run ends itself at the next block and still hands over the mp4 made so far.
-        stop.click(stop_run, None, [status], api_name="stop", queue=False)
-        # Not queued behind the running generation: a prompt change must reach it mid-stream.
-        apply.click(set_prompt, [prompt], [status], api_name="set_prompt", queue=False)
-    app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
-    return app
+    return stop_run
 
 
 def serve(model: str = "toy", host: str = "127.0.0.1", port: int = 7860, device: str | None = None,

@@ -192,7 +192,7 @@ def estimate_tiled(
     count_weights: bool = True,
     host_separate: bool = False,
 ) -> ResourceEstimate:
-    """Peak memory of each stage of a tiled request (:class:`~supergen.pipeline.TiledRequest`).
+    """Peak memory of each stage of a tiled request (:class:`~supergen.request.TiledRequest`).
 
     ``host_separate``: the device is not the host's memory (CUDA), so the
     frames converted on the host go to ``host_bytes`` instead of the stages.
@@ -377,7 +377,7 @@ def check_tiled_request(
     memory then already excludes them); a ``max_memory`` budget always counts
     them. ``budget`` overrides the device's (a multi-process job agrees on one).
     """
-    from supergen.pipeline import validate_request
+    from supergen.request import validate_request
     from supergen.tiling import TilePlanner
 
     geo = spec.geometry

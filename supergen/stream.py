@@ -89,34 +89,37 @@ class VideoStream:
         self._sink_latents: list[torch.Tensor] = []
         self._window_latents: list[torch.Tensor] = []
         self.prompt_changes: list[dict] = []
-        self.model = self.adapter.install_streaming(
+        self.model, self.decoder = self._install(cached)
+        self._log_start(cached)
+        self._gen = self._run()
+
+    def _install(self, cached: bool):
+        """The adapter's block-causal streaming model, conditioned on the prompt, and the causal VAE decoder;
+        the model is removed again if either fails."""
+        config = self.config
+        model = self.adapter.install_streaming(
             self.latent_hw,
             sink=config.sink,
             window=config.window,
             max_segment_frames=config.segment_frames,
-            guidance_scale=guidance_scale,
+            guidance_scale=self.guidance_scale,
             cached=cached,
         )
         try:
-            self.model.set_conditioning(self._encode(prompt, negative_prompt))
-            self.decoder = self.adapter.stream_decoder()
+            model.set_conditioning(self._encode(self.prompt, self._negative_prompt))
+            return model, self.adapter.stream_decoder()
         except BaseException:
-            self.model.remove()
+            model.remove()
             raise
+
+    def _log_start(self, cached: bool) -> None:
+        config = self.config
         logger.info(
             "stream %dx%d, blocks of %d latent frames, %s schedule with %d steps, sink %d + window %d latent frames, "
             "kv write %s, %s",
-            width,
-            height,
-            config.block_frames,
-            config.schedule,
-            config.steps,
-            config.sink,
-            config.window,
-            config.kv_write,
-            "KV-cached" if cached else "uncached (full history re-run)",
+            self.width, self.height, config.block_frames, config.schedule, config.steps, config.sink, config.window,
+            config.kv_write, "KV-cached" if cached else "uncached (full history re-run)",
         )
-        self._gen = self._run()
 
     # --- control ------------------------------------------------------------------
     def _encode(self, prompt: str, negative_prompt: str | None):
@@ -258,7 +261,7 @@ class VideoStream:
     @property
     def metrics(self) -> dict:
         """Run metrics in the design's schema, with the per-block ``blocks`` list."""
-        from supergen.pipeline import _peak_memory_bytes
+        from supergen.run_metrics import peak_memory_bytes
 
         wall = (time.perf_counter() - self._started) if self._started is not None else 0.0
         n_blocks = len(self.blocks)
@@ -288,7 +291,7 @@ class VideoStream:
             "decode_s": self.decode_s,
             "time_to_first_frame_s": self._first_frame_s,
             "fps": self._frames_out / wall if wall > 0 else 0.0,
-            "peak_mem_bytes": _peak_memory_bytes(self.adapter.device),
+            "peak_mem_bytes": peak_memory_bytes(self.adapter.device),
             "tiles": {
                 "count": 1,
                 "tile_steps_total": n_blocks * self.config.steps,

@@ -151,6 +151,11 @@ def check_stream_arguments(*, prompt, negative_prompt, num_blocks, stream, heigh
     check_int("max_sequence_length", max_sequence_length, minimum=1, optional=True)
 
 
+def default_device() -> torch.device:
+    """Where a run goes when no device is named: the current CUDA device when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def resolve_device(device: Any) -> torch.device:
     """A ``torch.device`` this process can use, or a ``ValueError`` saying why not (before any weights load)."""
     if isinstance(device, torch.device):

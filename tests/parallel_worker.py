@@ -9,6 +9,7 @@ Usage: python tests/parallel_worker.py SCENARIO OUTDIR
   coherence sketch guidance and global views (all-gather scheme, views spread over ranks); rank 0 saves latents
   hybrid    tile x CFG x Ulysses plans from $SUPERGEN_TEST_PLANS (see there); rank 0 saves latents and metrics
   backbones every non-Wan backbone of tests/test_backbones.py at twice its native area; rank 0 saves latents
+  cp-state  Ulysses 2 (Diffusers' context parallelism); every rank saves the pipeline's hooks during and after
 """
 
 import json
@@ -138,10 +139,40 @@ def main(scenario: str, out: Path) -> None:
                          output_type="latent", tiling=TilingConfig(upscale="latent"), context=ctx, **case.inputs())
                 if ctx.is_main:
                     np.save(out / f"{case.name}.npy", res.frames.numpy())
+        elif scenario == "cp-state":
+            _context_parallel_state(pipe, ctx, out)
         else:
             raise SystemExit(f"unknown scenario {scenario}")
     if scenario in ("fault", "stall") and ctx.is_main:
         write_video(out / "fault.mp4", res.frames)
+
+
+def _context_parallel_state(pipe, ctx, out: Path) -> None:
+    """Every module's hooks and parallel configs before, during and after a Ulysses-2 run, as JSON per rank."""
+    from supergen.backbones.hooks import state_of
+
+    def state() -> dict:
+        return {name: {k: repr(v) for k, v in state_of(module).items()}
+                for name, module in pipe.pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+    # Transformers puts its own output-capture hooks on an encoder's layers at its first use, for good.
+    with torch.no_grad():
+        pipe.adapter.encode_prompt(PROMPT, None, 5.0)
+    before = state()
+    during = []
+    probe = pipe.pipe.transformer.register_forward_pre_hook(  # the sketch runs before CP is installed
+        lambda module, args: during.extend(getattr(getattr(module, "_diffusers_hook", None), "_hook_order", ())))
+    try:
+        res = pipe(PROMPT, tiling=CACHE_TILING, coherence=NO_COHERENCE, context=ctx, output_type="latent",
+                   parallel=ParallelConfig(ulysses=2), **KW)
+    finally:
+        probe.remove()
+    after = state()
+    changed = sorted(f"{component}.{name}: {before[component].get(name)} -> {after[component].get(name)}"
+                     for component in before for name in set(before[component]) | set(after[component])
+                     if before[component].get(name) != after[component].get(name))
+    report = dict(changed=changed, during=sorted(set(during)), plan=res.metrics["parallel_plan"]["describe"])
+    (out / f"cp-state-{ctx.rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -187,3 +187,28 @@ def test_generate_flags_come_from_the_config_fields():
     assert _config_from_args(TilingConfig, changed).overlap == 8
     assert _config_from_args(CoherenceConfig, changed).guide == "skip"
     assert _config_from_args(ParallelConfig, changed) == ParallelConfig(ulysses=2, timeout_s=30.0)
+
+
+def test_stream_flags_come_from_the_stream_config():
+    """Every StreamConfig field has its stream flag; left out, it takes the model's recommendation (toy-causal's
+    supergen.json says on_prompt_change=flush), else the field's default, and the help says so."""
+    import dataclasses
+
+    from supergen.cli import _config_from_args, build_parser, stream_config_for
+    from supergen.config import StreamConfig
+
+    parser = build_parser()
+    stream = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("stream"))
+    actions = {a.option_strings[0]: a for a in stream._actions if a.option_strings}
+    for f in dataclasses.fields(StreamConfig):
+        spec = f.metadata["cli"]
+        action = actions[spec["flag"]]
+        assert action.default is None and action.help.startswith(spec["help"])
+        assert action.help.endswith(f"(default: the model's recommended value (supergen.json 'stream'), else {f.default})")
+        assert action.choices == spec.get("choices")
+    plain = parser.parse_args(["stream", "--prompt", "p", "--output", "o.mp4"])
+    assert _config_from_args(StreamConfig, plain) == StreamConfig()
+    changed = parser.parse_args(["stream", "--prompt", "p", "--output", "o.mp4", "--window", "12", "--kv-write",
+                                 "last_step", "--steps", "2", "--model", "toy-causal"])
+    assert stream_config_for(changed) == StreamConfig(window=12, kv_write="last_step", steps=2,
+                                                      on_prompt_change="flush")

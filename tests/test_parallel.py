@@ -478,3 +478,16 @@ def test_hybrid_plans_make_the_same_frames_as_one_process(tmp_path, hybrid_refer
         else:
             # Tiles and CFG branches move, the arithmetic does not: bit for bit.
             np.testing.assert_array_equal(out, ref.frames.numpy())
+
+
+def test_context_parallel_leaves_the_pipeline_as_it_was(tmp_path, tiny):
+    """Diffusers' CP hooks sit on the transformer while a Ulysses run refines, and nothing of them is left after:
+    no hook, no empty hook registry, no wrapped forward, no parallel config, on any module of the pipeline
+    (``tiny``: the model is built before the ranks load it)."""
+    codes, errs, _ = _launch("cp-state", 2, tmp_path)
+    assert codes == [0, 0], "\n".join(errs)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"cp-state-{rank}.json").read_text())
+        assert "ulysses 2" in report["plan"]
+        assert any(name.startswith("cp_") for name in report["during"]), report["during"]  # the probe saw them
+        assert report["changed"] == []

@@ -114,13 +114,17 @@ def state_of(module: torch.nn.Module) -> dict:
     state = {}
     for name, sub in module.named_modules():
         registry = getattr(sub, "_diffusers_hook", None)
+        processor = getattr(sub, "processor", None)
         state[name] = (
             type(sub).__name__,
             tuple(sub._forward_hooks),
             tuple(sub._forward_pre_hooks),
             "forward" in sub.__dict__,
             None if registry is None else tuple(registry._hook_order),
-            type(getattr(sub, "processor", None)).__name__,
+            type(processor).__name__,
+            # Diffusers' context parallelism sets these on the model and its attention processors.
+            "_parallel_config" in sub.__dict__,
+            "_parallel_config" in getattr(processor, "__dict__", {}),
         )
     return state
 

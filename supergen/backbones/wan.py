@@ -161,9 +161,33 @@ class WanAdapter(BackboneAdapter):
         model, scale = self.expert_for(timestep, guidance_scale, guidance_scale_2)
         n = latents.shape[0]
         do_cfg = scale > 1.0 and cond.negative is not None
+        x, text, t = self._model_inputs(model, latents, timestep, cond, condition, do_cfg)
+        hook = self._rope_hooks.get(id(model))
+        if positions is not None and hook is None:
+            raise ValueError(f"{type(model).__name__} exposes no `rope` module, so tile positions cannot be set")
+        # Residuals travel tile-major (N, branches, tokens, dim); the model batch is branch-major.
+        residual = None if block_residual is None else block_residual.transpose(0, 1).flatten(0, 1)
+        split = self.cfg_split if do_cfg else None
+        batches = self._model_batches(x, text, t, residual, do_cfg, split)
+        outs, residuals = self._forward(model, batches, n, positions, cond.extra.get("image_embeds"),
+                                        return_block_residual)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if split is not None:
+            uncond, cond_out = split.combine(out)
+            out = cfg_combine(uncond, cond_out, scale)
+        elif do_cfg:
+            uncond, cond_out = out.chunk(2)
+            out = cfg_combine(uncond, cond_out, scale)
+        if return_block_residual:
+            branches = 2 if do_cfg else 1
+            return out, torch.cat(residuals).unflatten(0, (branches, n)).transpose(0, 1)
+        return out
+
+    def _model_inputs(self, model, latents, timestep, cond, condition, do_cfg: bool):
+        """The transformer's hidden states, text and timesteps for ``latents`` (with CFG: negative branch first)."""
+        n = latents.shape[0]
         x = latents if condition is None else torch.cat([latents, condition], dim=1)
         x = x.to(model.dtype)
-        image_embeds = cond.extra.get("image_embeds")
         text = cond.positive.expand(n, -1, -1)
         if do_cfg:
             x = torch.cat([x, x])
@@ -174,29 +198,32 @@ class WanAdapter(BackboneAdapter):
             t = timestep.reshape(1, 1).expand(x.shape[0], tokens)
         else:
             t = timestep.expand(x.shape[0])
-        hook = self._rope_hooks.get(id(model))
-        if positions is not None and hook is None:
-            raise ValueError(f"{type(model).__name__} exposes no `rope` module, so tile positions cannot be set")
-        branches = 2 if do_cfg else 1
-        # Residuals travel tile-major (N, branches, tokens, dim); the model batch is branch-major.
-        residual = None if block_residual is None else block_residual.transpose(0, 1).flatten(0, 1)
-        batches = [(x, text, t, residual)]
-        split = self.cfg_split if do_cfg else None
+        return x, text, t
+
+    def _model_batches(self, x, text, t, residual, do_cfg: bool, split) -> list[tuple]:
+        """The forwards to run, as (hidden states, text, timesteps, block residual): both branches in one batch,
+        one batch per branch (``batch_cfg=False``), or this rank's branch alone (CFG parallel, ``split``)."""
         if split is not None:
             # CFG parallel: this rank's branch alone (branch-major batch: negative first), as batch_cfg=False runs it.
             if residual is not None:
                 raise ValueError("block reuse cannot run with CFG parallel; use cache reuse='output'")
-            batches = [(x.chunk(2)[split.branch], text.chunk(2)[split.branch], t.chunk(2)[split.branch], None)]
-        elif do_cfg and not self.batch_cfg:
+            return [(x.chunk(2)[split.branch], text.chunk(2)[split.branch], t.chunk(2)[split.branch], None)]
+        if do_cfg and not self.batch_cfg:
             parts = (residual.chunk(2) if residual is not None else (None, None),)
-            batches = list(zip(x.chunk(2), text.chunk(2), t.chunk(2), *parts))
+            return list(zip(x.chunk(2), text.chunk(2), t.chunk(2), *parts))
+        return [(x, text, t, residual)]
+
+    def _forward(self, model, batches: list[tuple], n: int, positions, image_embeds, record: bool):
+        """Each batch through ``model`` with its tile positions and block-residual mode set (and cleared after);
+        returns the outputs and, per batch, what the blocks recorded."""
+        hook = self._rope_hooks.get(id(model))
         blocks = self._block_hooks[id(model)]
         outs, residuals = [], []
         for part_x, part_text, part_t, part_residual in batches:
             if hook is not None:
                 hook.positions = positions
                 hook.repeat = part_x.shape[0] // n
-            blocks.mode = "inject" if part_residual is not None else "record" if return_block_residual else None
+            blocks.mode = "inject" if part_residual is not None else "record" if record else None
             blocks.value = part_residual
             try:
                 with self.hooks.attached():
@@ -216,16 +243,7 @@ class WanAdapter(BackboneAdapter):
                 blocks.mode = blocks.value = None
                 if hook is not None:
                     hook.positions = None
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        if split is not None:
-            uncond, cond_out = split.combine(out)
-            out = cfg_combine(uncond, cond_out, scale)
-        elif do_cfg:
-            uncond, cond_out = out.chunk(2)
-            out = cfg_combine(uncond, cond_out, scale)
-        if return_block_residual:
-            return out, torch.cat(residuals).unflatten(0, (branches, n)).transpose(0, 1)
-        return out
+        return outs, residuals
 
     # --- streaming ------------------------------------------------------------
     def check_streaming(self) -> None:
