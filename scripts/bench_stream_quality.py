@@ -207,6 +207,84 @@ def bench_long(pipe, config, blocks):
             "rss_growth_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0}
 
 
+@torch.no_grad()
+def teacher_forced(model: str, clips: int, context_blocks: int = 2, steps: int = 4, seed: int = 0) -> dict:
+    """The model's continuation on its own: a ground-truth context, one block sampled after it.
+
+    A stream's motion needs two things, a first block that moves and a
+    continuation that carries the context's motion on; this measures the
+    second alone. Each world clip (``sample_stream_params``) gives
+    ``context_blocks`` clean latent blocks, the next block is sampled from pure
+    noise in ``steps`` steps of the stream's schedule with the block-causal
+    attention the stream uses (``scripts/train_toy_causal.py``'s mask and RoPE
+    packing), and the decoded block is tracked: the shape's step per frame
+    along the prompt (the world's is 1.4..1.9 px). It also reports the
+    x0 error at sigma 1 with each clip's own context and with another clip's,
+    so the gap says how much the model reads its context.
+    """
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from scripts.train_toy_causal import _MaskedSelfAttn, few_step_sigmas, rope_tables, teacher_forcing_mask
+    from scripts.train_toy_model import clips_to_video, encode_prompts
+    from supergen.models import load_diffusers_pipeline
+    from supergen.toyworld import render_stream_clip, sample_stream_params
+
+    pipe = load_diffusers_pipeline(model)
+    net = pipe.transformer.eval()
+    procs = []
+    for blk in net.blocks:
+        procs.append(_MaskedSelfAttn())
+        blk.attn1.set_processor(procs[-1])
+    b = 3
+    cfg = pipe.vae.config
+    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    rng = np.random.default_rng(seed)
+    params = [sample_stream_params(rng) for _ in range(clips)]
+    t_scale = cfg.scale_factor_temporal
+    videos = np.stack([render_stream_clip(p, 32, 32, t_scale * b * (context_blocks + 1) - 1) for p in params])
+    z = (pipe.vae.encode(clips_to_video(videos)).latent_dist.mode() - mean) / std
+    text = encode_prompts(pipe, sorted({p.prompt for p in params}))
+    cond = torch.stack([text[p.prompt] for p in params])
+    gh, gw = z.shape[-2] // net.config.patch_size[1], z.shape[-1] // net.config.patch_size[2]
+    tpf, n_ctx = gh * gw, context_blocks * b
+    mask = teacher_forcing_mask(context_blocks + 1, 1, b).repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
+    positions = torch.cat([torch.arange(n_ctx + b), torch.arange(n_ctx, n_ctx + b)])
+    for proc in procs:
+        proc.mask, proc.rope = mask[None, None], rope_tables(net.rope, positions, (gh, gw))
+
+    def velocity(context, x, sigma):
+        t_F = torch.cat([torch.zeros(clips, n_ctx + b), torch.full((clips, b), float(sigma) * 1000)], dim=1)
+        seq = torch.cat([context, x], dim=2)
+        return net(hidden_states=seq, timestep=t_F.repeat_interleave(tpf, 1), encoder_hidden_states=cond,
+                   return_dict=False)[0][:, :, -b:]
+
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z[:, :, :b].shape, generator=gen)
+    x0 = z[:, :, n_ctx:]
+    errors = {name: float(((noise - velocity(ctx, noise, 1.0) - x0) ** 2).mean())
+              for name, ctx in (("own", z), ("other", z.roll(1, 0)))}
+    sig = torch.cat([few_step_sigmas(pipe, steps), torch.zeros(1)])
+    x = noise
+    for i in range(steps):
+        x = x + (sig[i + 1] - sig[i]) * velocity(z, x, sig[i])
+    video = pipe.vae.decode(torch.cat([z[:, :, :n_ctx], x], dim=2) * std + mean).sample
+    frames = ((video.permute(0, 2, 3, 4, 1).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    first = t_scale * (n_ctx - 1)  # the last context frame; the generated block follows it
+    moved, truth = [], []
+    for p, f, v in zip(params, frames, videos):
+        unit = np.array(_UNIT[p.direction])
+        for clip, out in ((f, moved), (v, truth)):
+            steps_px = wrapped_steps(shape_track(clip[first:], p.colour), 32, 32)
+            along = [float(s @ unit) for s in steps_px if not np.isnan(s).any()]
+            out.append(float(np.mean(along)) if along else float("nan"))
+    for blk in net.blocks:
+        blk.attn1.set_processor(WanAttnProcessor())
+    return {"clips": clips, "px_per_frame": float(np.nanmean(moved)), "truth_px_per_frame": float(np.nanmean(truth)),
+            "moving_share": float(np.mean([m >= MIN_BOUNDARY_STEP_PX for m in moved])),
+            "x0_mse_own_context": errors["own"], "x0_mse_other_context": errors["other"]}
+
+
 def sweep(default: StreamConfig):
     b = default.block_frames
     half = max(b, round(default.window / 2 / b) * b)
@@ -243,6 +321,8 @@ def main() -> None:
     parser.add_argument("--switch-after", type=int, default=12)
     parser.add_argument("--long", type=int, default=0, help="also stream this many blocks for latency/memory")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--teacher-forced", type=int, default=0,
+                        help="also sample one block after a ground-truth context for this many world clips")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -276,6 +356,13 @@ def main() -> None:
         for mode, r in sw.items():
             print(f"| {mode} | {r['within_2_blocks']:.2f} | {r['never']} | {r['median_blocks']:.1f} | "
                   f"{r['colour_within_2_blocks']:.2f} | {r['adherence_after']:.2f} |", flush=True)
+    if args.teacher_forced:
+        tf = teacher_forced(args.model, args.teacher_forced, steps=base.steps)
+        report["teacher_forced"] = tf
+        print("\n| clips | px/frame along the prompt (truth) | clips moving >= 0.5 px/frame | x0 MSE at sigma 1, own / "
+              "another clip's context |\n|---:|---:|---:|---:|")
+        print(f"| {tf['clips']} | {tf['px_per_frame']:.2f} ({tf['truth_px_per_frame']:.2f}) | {tf['moving_share']:.2f} | "
+              f"{tf['x0_mse_own_context']:.3f} / {tf['x0_mse_other_context']:.3f} |", flush=True)
     if args.long:
         report["long"] = bench_long(pipe, base, args.long)
         print("\nlong stream:", json.dumps(report["long"]))
