@@ -69,6 +69,7 @@ if str(REPO) not in sys.path:
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 from scripts.train_toy_model import LossLog, budget_spent, clips_to_video, cosine_lr, encode_prompts, optimizer_step, resume, save_checkpoint, step_seed, stop_run  # noqa: E402
+from supergen.io import normal_modes  # noqa: E402
 from supergen.models import TOY_NATIVE_SIZE, load_diffusers_pipeline, write_native_size  # noqa: E402
 from supergen.toyworld import (  # noqa: E402
     COLOURS,
@@ -362,6 +363,7 @@ def export(pipe, ema, output: Path, guidance: float) -> None:
     hints = json.loads((tmp / "supergen.json").read_text())
     hints["stream"] = dict(STREAM_DEFAULTS)
     (tmp / "supergen.json").write_text(json.dumps(hints, indent=2) + "\n")
+    normal_modes(tmp)
     shutil.rmtree(output, ignore_errors=True)
     tmp.replace(output)
     pipe.transformer.load_state_dict(live)

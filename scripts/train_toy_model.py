@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from supergen.io import normal_modes  # noqa: E402
 from supergen.models import TOY_NATIVE_SIZE, build_toy_wan, write_native_size  # noqa: E402
 from supergen.toyworld import all_prompts, render_batch  # noqa: E402
 
@@ -271,6 +272,7 @@ def export(pipe, ema, output: Path, work: Path, guidance: float) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     write_native_size(tmp, *TOY_NATIVE_SIZE, guidance_scale=guidance)
+    normal_modes(tmp)
     shutil.rmtree(output, ignore_errors=True)
     tmp.replace(output)
     pipe.transformer.load_state_dict(live)

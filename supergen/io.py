@@ -58,6 +58,22 @@ def _umask() -> int:
     return mask
 
 
+def normal_modes(folder: str | os.PathLike) -> Path:
+    """Give ``folder`` and everything under it the modes plain ``mkdir``/``open`` would have (umask applied).
+
+    ``tempfile.mkdtemp`` makes folders 0700 and ``save_pretrained`` writes its
+    safetensors 0600; a model folder published from either must still be
+    readable by whoever may read its parent.
+    """
+    root = Path(folder)
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    return root
+
+
 def _publish(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` onto ``target`` with the mode a plain ``open(target, "w")`` would have left.
 

@@ -27,6 +27,7 @@ from supergen.backbones.hunyuan import build_tiny_hunyuanvideo
 from supergen.backbones.ltx import build_tiny_ltx
 from supergen.backbones.tiny import build_tokenizer
 from supergen.backbones.wan import build_tiny_wan, build_tiny_wan_i2v, build_toy_wan
+from supergen.io import normal_modes
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def tiny_model_path(name: str, seed: int = 0) -> Path:
         TINY_BUILDERS[name](seed=seed).save_pretrained(tmp)
         height, width, frames = TINY_NATIVE_SIZES[name]
         write_native_size(tmp, height, width, frames)
+        normal_modes(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -105,3 +105,19 @@ def test_unwritable_folder_is_refused(tmp_path):
             check_output_path(folder / "x.mp4")
     finally:
         folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_built_in_models_are_published_with_the_umask_modes(tmp_path, umask, monkeypatch, mask):
+    # mkdtemp makes the staging folder 0700 and save_pretrained writes safetensors 0600; the published
+    # model folder must read like one made by mkdir/open.
+    from supergen.models import tiny_model_path
+
+    umask(mask)
+    monkeypatch.setenv("SUPERGEN_CACHE", str(tmp_path / "cache"))
+    folder = tiny_model_path("tiny-wan")
+    paths = [folder, *folder.rglob("*")]
+    assert any(p.suffix == ".safetensors" for p in paths)
+    for p in paths:
+        assert _mode(p) == (0o777 if p.is_dir() else 0o666) & ~mask, p
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]

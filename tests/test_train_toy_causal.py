@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +119,8 @@ def test_rollout_training_runs_and_resumes_to_the_same_weights(tmp_path):
     a = load_file(next((straight / "export" / "transformer").glob("*.safetensors")))
     b = load_file(next((pieces / "export" / "transformer").glob("*.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The exported model reads like one written by open/mkdir (save_pretrained writes safetensors 0600).
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [straight / "export", *(straight / "export").rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~mask, p
