@@ -176,6 +176,77 @@ def few_step_sigmas(pipe, steps: int) -> torch.Tensor:
     return scheduler.sigmas[:-1].float()
 
 
+@torch.no_grad()
+def build_first_blocks(args, work: Path, sigma_table: torch.Tensor) -> dict | None:
+    """Teacher trajectories for the stream's first block (CausVid's ODE initialisation), cached in ``work``.
+
+    The first block has no context, so nothing in the data determines it and a
+    regression onto real clips would only teach their mean. A teacher does
+    determine it: ``--teacher`` (the bidirectional toy, at its native
+    length, ``--teacher-steps`` Euler steps with CFG ``--teacher-guidance``)
+    maps each noise to one clip. Its states at the few-step schedule's levels
+    and its final clip, cut to the first block's latent frames, are the pairs
+    the student regresses on: from the teacher's state at sigma_i, the
+    velocity to the teacher's clip.
+    """
+    if not args.first_blocks:
+        return None
+    cache = work / "first_blocks.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    from supergen.toyworld import all_prompts
+
+    teacher = load_diffusers_pipeline(args.teacher)
+    net = teacher.transformer.eval()
+    height, width, frames = TOY_NATIVE_SIZE
+    t_scale = teacher.vae.config.scale_factor_temporal
+    latent_frames = (frames - 1) // t_scale + 1
+    prompts = all_prompts()
+    rng = np.random.default_rng(step_seed(args.seed, 12, 0))
+    picked = [prompts[i] for i in rng.integers(len(prompts), size=args.first_blocks)]
+    text = encode_prompts(teacher, sorted(set(picked)))
+    gen = torch.Generator().manual_seed(step_seed(args.seed, 12, 1))
+    c = net.config.in_channels
+    # The teacher's sigma grid: each interval of the student's schedule cut into equal sub-steps.
+    levels = torch.cat([sigma_table, sigma_table.new_zeros(1)])
+    sub = max(1, args.teacher_steps // len(sigma_table))
+    grid = torch.cat([torch.linspace(float(levels[i]), float(levels[i + 1]), sub + 1)[:-1] for i in range(len(sigma_table))]
+                     + [levels.new_zeros(1)])
+    states, finals = [], []
+    for start in range(0, args.first_blocks, 32):
+        chunk = picked[start : start + 32]
+        cond = torch.stack([text[q] for q in chunk])
+        empty = text[""][None].expand_as(cond)
+        x = torch.randn(len(chunk), c, latent_frames, height // 2, width // 2, generator=gen)
+        at_levels = []
+        for i in range(len(grid) - 1):
+            if i % sub == 0:
+                at_levels.append(x[:, :, : args.block].clone())
+            t = grid[i].expand(len(chunk)) * 1000
+            v_c = net(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
+            v_u = net(hidden_states=x, timestep=t, encoder_hidden_states=empty, return_dict=False)[0]
+            x = x + (grid[i + 1] - grid[i]) * (v_u + args.teacher_guidance * (v_c - v_u))
+        states.append(torch.stack(at_levels, dim=1).to(torch.float16))  # (B, levels, C, block, H, W)
+        finals.append(x[:, :, : args.block].to(torch.float16))
+        logger.info("teacher first blocks %d/%d", start + len(chunk), args.first_blocks)
+    data = {"states": torch.cat(states), "x0": torch.cat(finals), "prompts": picked, "levels": sigma_table.clone()}
+    torch.save(data, cache)
+    return data
+
+
+def first_block_batch(pairs: dict, text: dict, gen: torch.Generator, args) -> dict:
+    """One step of first-block regression: the teacher's state at a schedule level, the velocity to its clip."""
+    idx = torch.randint(len(pairs["prompts"]), (args.batch,), generator=gen)
+    level = torch.randint(len(pairs["levels"]), (args.batch,), generator=gen)
+    xt = pairs["states"][idx, level].float()
+    x0 = pairs["x0"][idx].float()
+    s = pairs["levels"][level].float()
+    b = args.block
+    return {"x": xt, "t_F": (s * 1000)[:, None].expand(args.batch, b).clone(),
+            "target": (xt - x0) / s[:, None, None, None, None], "weight": torch.ones(args.batch, 1),
+            "cond": torch.stack([text[pairs["prompts"][i]] for i in idx.tolist()])}
+
+
 def draw_view(gen: torch.Generator, args, latent_frames: int, rollout: bool = False) -> dict:
     """The shape of one step's sequences: sink frames, clean blocks, noisy blocks, whether it starts the clip.
 
@@ -286,9 +357,10 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
         proc = _MaskedSelfAttn()
         blk.attn1.set_processor(proc)
         procs.append(proc)
-    text = encode_prompts(pipe, sorted(set(data["pre"]) | set(data["post"])))
     shift = pipe.scheduler.config.flow_shift
     sigma_table = few_step_sigmas(pipe, args.steps_schedule)
+    pairs = build_first_blocks(args, work, sigma_table)
+    text = encode_prompts(pipe, sorted(set(data["pre"]) | set(data["post"]) | set(pairs["prompts"] if pairs else ())))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
     ckpt = work / "causal.pt"
@@ -302,14 +374,20 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     running = None
     for step in range(start, args.steps):
         gen = torch.Generator().manual_seed(step_seed(args.seed, 11, step))
-        rollout = args.rollout_fraction > 0 and bool(torch.rand((), generator=gen) < args.rollout_fraction)
-        batch = make_batch(data, text, gen, args, sigma_table, shift, rollout)
-        view = batch["view"]
-        nb, blocks = view["noisy"], view["blocks"]
-        frame_mask = teacher_forcing_mask(blocks, nb, args.block)
-        token_mask = frame_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)[None, None]
-        clean_f = blocks * args.block
-        positions = torch.cat([torch.arange(clean_f), torch.arange(clean_f - nb * args.block, clean_f)])
+        first = pairs is not None and bool(torch.rand((), generator=gen) < args.first_block_fraction)
+        rollout = not first and args.rollout_fraction > 0 and bool(torch.rand((), generator=gen) < args.rollout_fraction)
+        if first:
+            # The stream's first block alone: no context, full attention inside the block, positions 0..b-1.
+            batch = first_block_batch(pairs, text, gen, args)
+            clean_f, token_mask, positions = 0, None, torch.arange(args.block)
+        else:
+            batch = make_batch(data, text, gen, args, sigma_table, shift, rollout)
+            view = batch["view"]
+            nb, blocks = view["noisy"], view["blocks"]
+            frame_mask = teacher_forcing_mask(blocks, nb, args.block)
+            token_mask = frame_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)[None, None]
+            clean_f = blocks * args.block
+            positions = torch.cat([torch.arange(clean_f), torch.arange(clean_f - nb * args.block, clean_f)])
         tables = rope_tables(model.rope, positions, grid_hw)
         for proc in procs:
             proc.mask, proc.rope = token_mask, tables
@@ -392,6 +470,13 @@ def main(argv=None) -> None:
     parser.add_argument("--schedule-fraction", type=float, default=0.5, help="noise levels drawn from that schedule")
     parser.add_argument("--rollout-fraction", type=float, default=0.0,
                         help="steps trained on the few-step sampler's own state (Self-Forcing rollout, one block)")
+    parser.add_argument("--first-blocks", type=int, default=0,
+                        help="teacher trajectories for the first block (CausVid's ODE initialisation; 0: none)")
+    parser.add_argument("--first-block-fraction", type=float, default=0.25,
+                        help="steps that regress the first block onto the teacher (with --first-blocks)")
+    parser.add_argument("--teacher", default="toy", help="bidirectional model whose trajectories the first block learns")
+    parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--teacher-guidance", type=float, default=3.0)
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=8)

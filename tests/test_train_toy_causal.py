@@ -108,14 +108,22 @@ def test_rollout_with_the_exact_velocity_lands_on_the_noised_ground_truth():
         assert torch.all(batch["t_F"][:, -3:] == s * 1000) and torch.all(batch["t_F"][:, :6] == 0)
 
 
-def test_rollout_training_runs_and_resumes_to_the_same_weights(tmp_path):
+# Rollout on half the steps, and first-block regression onto 4 teacher trajectories (4 Euler steps) on half.
+SELF_FORCING = ["--rollout-fraction", "0.5", "--first-blocks", "4", "--first-block-fraction", "0.5",
+                "--teacher-steps", "4"]
+
+
+def test_rollout_and_first_block_training_resume_to_the_same_weights(tmp_path):
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
-    _train(straight, "--rollout-fraction", "1")
+    _train(straight, *SELF_FORCING, "--steps", "6")
     for _ in range(2):
-        _train(pieces, "--rollout-fraction", "1", "--max-steps", "2")
+        _train(pieces, *SELF_FORCING, "--steps", "6", "--max-steps", "3")
     assert _rows(pieces) == _rows(straight)
     rows = _rows(straight)
-    assert len(rows) == 4 and all(float(loss) > 0 for _, _, loss in rows)
+    assert len(rows) == 6 and all(float(loss) > 0 for _, _, loss in rows)
+    pairs = torch.load(straight / "first_blocks.pt", weights_only=False)
+    assert pairs["states"].shape[:2] == (4, 4) and pairs["x0"].shape[2] == 3
+    assert len(pairs["prompts"]) == 4 and torch.equal(pairs["levels"], pairs["levels"].sort(descending=True).values)
     a = load_file(next((straight / "export" / "transformer").glob("*.safetensors")))
     b = load_file(next((pieces / "export" / "transformer").glob("*.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -124,3 +132,22 @@ def test_rollout_training_runs_and_resumes_to_the_same_weights(tmp_path):
     os.umask(mask)
     for p in [straight / "export", *(straight / "export").rglob("*")]:
         assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~mask, p
+
+
+def test_first_block_batch_targets_the_velocity_to_the_teachers_clip():
+    from types import SimpleNamespace
+
+    from scripts.train_toy_causal import first_block_batch
+
+    gen = torch.Generator().manual_seed(1)
+    levels = torch.tensor([1.0, 0.857, 0.667, 0.4])
+    pairs = {"states": torch.randn(5, 4, 8, 3, 4, 4, generator=gen).half(), "x0": torch.randn(5, 8, 3, 4, 4, generator=gen).half(),
+             "prompts": [f"p{i}" for i in range(5)], "levels": levels}
+    text = {f"p{i}": torch.full((2, 32), float(i)) for i in range(5)}
+    batch = first_block_batch(pairs, text, torch.Generator().manual_seed(0), SimpleNamespace(batch=6, block=3))
+    s = batch["t_F"][:, 0] / 1000
+    assert torch.all(batch["t_F"] == batch["t_F"][:, :1]) and all(any(abs(v - l) < 1e-6 for l in levels) for v in s)
+    # x_t - sigma * v lands on the teacher's clip of the same pair (the prompt tells which pair it was).
+    for k in range(6):
+        i = int(batch["cond"][k, 0, 0])
+        torch.testing.assert_close(batch["x"][k] - s[k] * batch["target"][k], pairs["x0"][i].float(), rtol=0, atol=1e-3)
