@@ -1000,7 +1000,7 @@ class SuperGenPipeline:
         return RegionCache(
             canvas=planner.canvas,
             region=region,
-            threshold=cache.threshold,
+            threshold=cache.threshold_for(grid_moves=any(planner.wrap)),
             schedule=CacheSchedule(num_steps=num_steps, warmup=cache.warmup, cooldown=cache.cooldown),
             max_skips=cache.max_skips,
             adaptive=cache.adaptive,
@@ -1010,6 +1010,7 @@ class SuperGenPipeline:
             box=box,
             reduce=reduce,
             taylor_damping=cache.taylor_damping,
+            across_moves=cache.grid == "shifting",
         )
 
     def _cache_metrics(self, cache: CacheConfig, region_cache: RegionCache | None) -> dict:
@@ -1018,6 +1019,8 @@ class SuperGenPipeline:
         metrics = {
             "mode": cache.mode if cache.enabled else "off",
             "threshold": cache.threshold,
+            "shift_threshold": cache.shift_threshold,
+            "grid": cache.grid,
             "warmup": cache.warmup,
             "cooldown": cache.cooldown,
             "max_skips": cache.max_skips,
@@ -1026,6 +1029,7 @@ class SuperGenPipeline:
         }
         if region_cache is not None:
             metrics.update(
+                threshold_used=region_cache.threshold,
                 region_grid=list(region_cache.grid),
                 region_skip_map=[m.tolist() for m in region_cache.region_reuse],
                 region_thresholds=region_cache.thresholds().tolist(),
