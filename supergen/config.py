@@ -56,8 +56,8 @@ def _positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
-#: Steps the tile grid holds still between moves when the step cache is on and ``TilingConfig.shift_every``
-#: is not set (docs/benchmarks.md, "Region-aware step cache", shift schedule).
+#: Steps the tile grid holds still between moves when the step cache is on with ``CacheConfig.grid="held"``
+#: and ``TilingConfig.shift_every`` is not set (docs/benchmarks.md, "Region-aware step cache", shift schedule).
 CACHE_SHIFT_EVERY = 3
 
 
@@ -110,8 +110,8 @@ class TilingConfig:
     shift: str = field(default="wrap", metadata=cli("--shift", "shift the tile grid every step", choices=SHIFT_MODES))
     shift_stride: int | None = None
     shift_every: int | None = field(default=None, metadata=cli(
-        "--shift-every", "move the grid only every N-th step, by N strides (default: every step with the cache off, "
-        "every 3rd with it on, so the cache can reuse tiles between moves)", type=int))
+        "--shift-every", "move the grid only every N-th step, by N strides (default: every step; every 3rd with "
+        "--cache-grid held, so that cache can reuse tiles between moves)", type=int))
     rope: str = field(default="local", metadata=cli("--rope", "tile RoPE positions", choices=ROPE_MODES))
     tile_batch_size: int = field(default=1, metadata=cli("--tile-batch-size", "tiles per model call"))
     strength: float = field(default=0.9, metadata=cli(
@@ -330,7 +330,7 @@ class CacheConfig:
 
     def grid_shift_every(self, tiling: "TilingConfig") -> int:
         """Steps between grid moves for a run with this cache: ``tiling.shift_every`` when set, else 1 with
-        the cache off and :data:`CACHE_SHIFT_EVERY` with it on."""
+        the cache off or on the shifting grid, :data:`CACHE_SHIFT_EVERY` with the cache on the held grid."""
         if tiling.shift_every is not None:
             return tiling.shift_every
         return CACHE_SHIFT_EVERY if self.enabled and self.grid == "held" else 1
