@@ -198,7 +198,10 @@ def calibrate_magcache(pipe, run, steps: int) -> list[float]:
     return [float(np.mean(vals)) for vals in zip(*ratios)]
 
 
-def untiled(sg: SuperGenPipeline, prompts: list[str], spare: str, steps: int) -> list[Row]:
+def untiled(sg: SuperGenPipeline, prompts: list[str], spare: str, steps: int,
+            methods: list[str] | None = None) -> list[Row]:
+    """Rows of the untiled part; ``methods``: only the rows whose method starts with one of these (the
+    uncached rows always run)."""
     from diffusers import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
@@ -266,10 +269,11 @@ def untiled(sg: SuperGenPipeline, prompts: list[str], spare: str, steps: int) ->
     runs = [("SuperGen cache (defaults)", "output, thr 0.3", ours(CacheConfig(mode="region", threshold=0.3)))]
     for t, ms, wu in ((0.1, 3, 3), (0.2, 3, 3), (0.5, 4, 3), (0.6, 6, 2), (1.0, 8, 2)):
         runs.append(("SuperGen cache", f"output, thr {t:g}, max skips {ms}, warm-up {wu}",
-                     ours(CacheConfig(mode="region", threshold=t, max_skips=ms, warmup=wu))))
+                     ours(CacheConfig(mode="region", threshold=t, max_skips=ms, warmup=wu, cooldown=1))))
     for t, ms, wu in ((0.1, 3, 3), (0.2, 5, 3), (0.25, 4, 3), (0.4, 5, 2), (0.6, 6, 2)):
         runs.append(("SuperGen cache", f"taylor, thr {t:g}, max skips {ms}, warm-up {wu}",
-                     ours(CacheConfig(mode="region", reuse="taylor", threshold=t, max_skips=ms, warmup=wu))))
+                     ours(CacheConfig(mode="region", reuse="taylor", threshold=t, max_skips=ms, warmup=wu,
+                                      cooldown=1))))
     for t in (0.05, 0.1, 0.2):
         runs.append(("FirstBlockCache", f"thr {t:g}", hooked(FirstBlockCacheConfig(threshold=t))))
     for interval in (2, 3, 4, 5):
@@ -292,6 +296,8 @@ def untiled(sg: SuperGenPipeline, prompts: list[str], spare: str, steps: int) ->
         runs.append(("PyramidAttentionBroadcast", f"spatial skip {skip}", hooked(PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(100, 800),
             current_timestep_callback=lambda: pipe.current_timestep))))
+    if methods:
+        runs = [run for run in runs if any(run[0].startswith(m) for m in methods)]
     rows += [measure(method, setting, fn) for method, setting, fn in runs]
     for row in rows:
         row.base_blocks, row.base_attn = base.blocks, base.attn
@@ -364,23 +370,30 @@ def tiled(sg: SuperGenPipeline, prompts: list[str], steps: int, size: int, stren
 
 
 def tiled_settings(thresholds: list[float], reuse: list[str], max_skips: int,
-                   shift_every: list[int | None], sketch: bool = True) -> list[tuple]:
+                   shift_every: list[int | None], sketch: bool = True, scopes=("region", "canvas"),
+                   forced: bool = True, **cache_kwargs) -> list[tuple]:
+    """Sweep rows: every scope x reuse x threshold, for every grid schedule; ``cache_kwargs`` go to every
+    row's :class:`CacheConfig` (``grid``, ``warmup``, ``cooldown``)."""
     out = []
+    names = {"region": "region cache", "canvas": "canvas decision"}
+    extra = "".join(f", {k} {v}" for k, v in cache_kwargs.items())
     for every in shift_every:
         grid = ("" if every is None else f", grid moves every {every}") + ("" if sketch else ", sketch uncached")
+        grid += extra + ("" if max_skips == 3 else f", max skips {max_skips}")
         if every not in (None, 1):
             out.append(("none", f"grid moves every {every}", None, every))
-        for mode, method in (("region", "region cache"), ("canvas", "canvas decision")):
+        for mode in scopes:
             for r in reuse:
                 for t in thresholds:
-                    out.append((method, f"{r}, thr {t:g}{grid}",
-                                CacheConfig(mode=mode, threshold=t, reuse=r, max_skips=max_skips, sketch=sketch),
-                                every))
-        # No predictor: every step the cache may reuse (after the warm-up, not across a grid move) is
-        # reused everywhere. What any predictor's skips at that budget would cost, whatever it predicted.
-        out.append(("forced schedule", f"output, every reusable step{grid}",
-                    CacheConfig(mode="canvas", threshold=1e6, max_skips=max_skips, adaptive=False, sketch=sketch),
-                    every))
+                    out.append((names[mode], f"{r}, thr {t:g}{grid}",
+                                CacheConfig(mode=mode, threshold=t, shift_threshold=t, reuse=r, max_skips=max_skips,
+                                            sketch=sketch, **cache_kwargs), every))
+        if forced:
+            # No predictor: every step the cache may reuse (after the warm-up, within max skips; with the held
+            # grid not across a move) is reused everywhere. What any predictor's skips at that budget would cost.
+            out.append(("forced schedule", f"output, every reusable step{grid}",
+                        CacheConfig(mode="canvas", threshold=1e6, shift_threshold=1e6, max_skips=max_skips,
+                                    adaptive=False, sketch=sketch, **cache_kwargs), every))
     return out
 
 
@@ -463,6 +476,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sketch", choices=("on", "off"), default="on",
                         help="tiled sweep rows: cache the native-size sketch too (CacheConfig.sketch)")
+    parser.add_argument("--methods", nargs="+", help="untiled: only these methods (prefixes of the method names)")
+    parser.add_argument("--grid", choices=("shifting", "held"), help="tiled sweep rows: CacheConfig.grid")
+    parser.add_argument("--warmup", type=int, help="tiled sweep rows: CacheConfig.warmup")
+    parser.add_argument("--cooldown", type=int, help="tiled sweep rows: CacheConfig.cooldown")
+    parser.add_argument("--scopes", nargs="+", default=["region", "canvas"], choices=("region", "canvas"))
+    parser.add_argument("--no-forced", action="store_true", help="tiled: no forced-schedule row")
     parser.add_argument("--no-sweep", action="store_true", help="tiled: no threshold sweep rows (with --sketch-rows)")
     parser.add_argument("--sketch-rows", action="store_true",
                         help="add rows with the cache at its defaults on the sketch too (CacheConfig.sketch)")
@@ -487,11 +506,13 @@ def main() -> int:
               + "; ".join(prompts))
     print(header, file=sys.stderr)
     if args.part == "untiled":
-        rows = untiled(sg, prompts, spare, args.steps)
+        rows = untiled(sg, prompts, spare, args.steps, args.methods)
     else:
         every = [None if e == "default" else int(e) for e in args.shift_every]
+        extra = {k: getattr(args, k) for k in ("grid", "warmup", "cooldown") if getattr(args, k) is not None}
         settings = [] if args.no_sweep else tiled_settings(args.thresholds, args.reuse, args.max_skips, every,
-                                                         sketch=args.sketch == "on")
+                                                         sketch=args.sketch == "on", scopes=args.scopes,
+                                                         forced=not args.no_forced, **extra)
         if args.sketch_rows:
             defaults = CacheConfig(mode="region", sketch=True)
             settings += [("region cache + sketch cache", f"defaults (thr {defaults.threshold:g})", defaults)]

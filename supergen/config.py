@@ -25,6 +25,7 @@ UPSCALE_MODES = ("pixel", "latent")
 COHERENCE_VIEWS = ("none", "dilated")
 CACHE_MODES = ("off", "region", "canvas")
 CACHE_REUSE = ("auto", "output", "taylor", "residual", "blocks")
+CACHE_GRIDS = ("shifting", "held")
 EXCHANGE_MODES = ("region", "allgather")
 BACKENDS = ("auto", "nccl", "gloo")
 PARALLEL_MODES = ("auto", "tile")
@@ -57,8 +58,8 @@ def _positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
-#: Steps the tile grid holds still between moves when the step cache is on and ``TilingConfig.shift_every``
-#: is not set (docs/benchmarks.md, "Region-aware step cache", shift schedule).
+#: Steps the tile grid holds still between moves when the step cache is on with ``CacheConfig.grid="held"``
+#: and ``TilingConfig.shift_every`` is not set (docs/benchmarks.md, "Region-aware step cache", shift schedule).
 CACHE_SHIFT_EVERY = 3
 
 
@@ -85,9 +86,11 @@ class TilingConfig:
             step, by that many strides (it visits every k-th position of the
             every-step grid). ``None`` (default): every step with the step
             cache off (the video is the same as before this option existed),
-            every :data:`CACHE_SHIFT_EVERY` steps with it on, so that the steps
-            in between see the grid of the step before and tiles can be
-            reused (the cache never reuses a tile across a grid move).
+            and with it on at its default ``CacheConfig.grid='shifting'`` (the
+            cache reuses tiles across grid moves), every
+            :data:`CACHE_SHIFT_EVERY` steps with ``grid='held'``, so that the
+            steps in between see the grid of the step before (that cache never
+            reuses a tile across a grid move).
         rope: ``local`` gives every tile the positions of a native-size video;
             ``absolute`` offsets them by the tile's place on the canvas.
         tile_batch_size: tiles sent through the model in one batch.
@@ -109,8 +112,8 @@ class TilingConfig:
     shift: str = field(default="wrap", metadata=cli("--shift", "shift the tile grid every step", choices=SHIFT_MODES))
     shift_stride: int | None = None
     shift_every: int | None = field(default=None, metadata=cli(
-        "--shift-every", "move the grid only every N-th step, by N strides (default: every step with the cache off, "
-        "every 3rd with it on, so the cache can reuse tiles between moves)", type=int))
+        "--shift-every", "move the grid only every N-th step, by N strides (default: every step; every 3rd with "
+        "--cache-grid held, so that cache can reuse tiles between moves)", type=int))
     rope: str = field(default="local", metadata=cli("--rope", "tile RoPE positions", choices=ROPE_MODES))
     tile_batch_size: int = field(default=1, metadata=cli("--tile-batch-size", "tiles per model call"))
     strength: float = field(default=0.9, metadata=cli(
@@ -213,11 +216,25 @@ class CacheConfig:
             whole canvas (all tiles run or all are reused), the baseline a
             whole-model cache gives.
         threshold: accumulated predicted relative output change at which a
-            tile is recomputed; 0 never skips.
+            tile is recomputed; 0 never skips (and turns the cache off).
+        shift_threshold: the threshold of a tiled loop whose grid moves between
+            steps with ``grid='shifting'``. A reuse there hands a cell the
+            output of the previous grid position, and the predicted change
+            includes that boundary movement (0.4-0.7 of the output per step on
+            the toy model, against ~0.1 of denoising change), so it needs its
+            own scale; 0.9 measured best at 64x64 and 96x96 (docs/benchmarks.md).
         warmup: first refinement steps always computed (a region also needs
             two computed steps before it can be predicted at all).
         cooldown: last refinement steps always computed (at least the last).
+            2 by default: on the shifting grid a reuse on the second-last step
+            costs as much as one in the first steps (docs/benchmarks.md).
         max_skips: most consecutive steps a region may be served from the cache.
+        grid: ``shifting`` (default) keeps the grid schedule of the cache-off
+            run (moving every step) and reuses a cell's canvas-cache output at
+            the next grid position, so the uncached video is the default one;
+            ``held`` moves the grid every :data:`CACHE_SHIFT_EVERY` steps and
+            never reuses across a move (the previous default: another grid
+            schedule, so another sample of the prompt).
         adaptive: scale each region's threshold by its measured variability
             (stricter where outputs vary more; see :mod:`supergen.cache.region`).
         regions_per_tile: regions per tile along height and width (the cache
@@ -252,9 +269,12 @@ class CacheConfig:
         choices=CACHE_MODES))
     threshold: float = field(default=0.3, metadata=cli(
         "--cache-threshold", "accumulated predicted relative change at which a tile is recomputed (0: never skip)"))
+    shift_threshold: float = field(default=0.9, metadata=cli(
+        "--cache-shift-threshold", "the threshold where the tile grid moves between steps (grid shifting, tiled "
+        "canvas): the predicted change then includes the tile boundaries' movement (0: never skip there)"))
     warmup: int = field(default=3, metadata=cli("--cache-warmup", "first refinement steps always computed"))
-    cooldown: int = field(default=1, metadata=cli("--cache-cooldown", "last refinement steps always computed (>= 1)"))
-    max_skips: int = field(default=3, metadata=cli("--cache-max-skips", "most consecutive reuses of one region"))
+    cooldown: int = field(default=2, metadata=cli("--cache-cooldown", "last refinement steps always computed (>= 1)"))
+    max_skips: int = field(default=2, metadata=cli("--cache-max-skips", "most consecutive reuses of one region"))
     adaptive: bool = field(default=True, metadata=cli(
         "--no-cache-adaptive", "one threshold everywhere instead of per-region adaptive thresholds",
         dest="cache_adaptive"))
@@ -264,6 +284,10 @@ class CacheConfig:
         "prediction extrapolated to this step (taylor), its last output-minus-input (residual), or its transformer "
         "blocks' residual run through the current output head (blocks, one process only)", choices=CACHE_REUSE))
     taylor_damping: float = 0.5
+    grid: str = field(default="shifting", metadata=cli(
+        "--cache-grid", "grid schedule with the cache on: shifting (moves every step, as with the cache off; "
+        "tiles reused across moves from the canvas cache) or held (moves every few steps, no reuse across a move)",
+        choices=CACHE_GRIDS))
     sketch: bool = field(default=False, metadata=cli(
         "--cache-sketch", "also cache the native-size sketch, one whole-canvas decision per step (off by default: "
         "the coherence guide carries the sketch's reuse error into the video)", dest="cache_sketch",
@@ -278,12 +302,20 @@ class CacheConfig:
             or self.threshold < 0
         ):
             raise ValueError(f"cache threshold={self.threshold!r} must be a finite number >= 0")
+        if (
+            not isinstance(self.shift_threshold, (int, float))
+            or isinstance(self.shift_threshold, bool)
+            or not math.isfinite(self.shift_threshold)
+            or self.shift_threshold < 0
+        ):
+            raise ValueError(f"cache shift_threshold={self.shift_threshold!r} must be a finite number >= 0")
         _non_negative_int("cache warmup", self.warmup)
         if not isinstance(self.cooldown, int) or isinstance(self.cooldown, bool) or self.cooldown < 1:
             raise ValueError(f"cache cooldown={self.cooldown!r} must be an integer >= 1: the last step is always computed")
         _positive_int("cache max_skips", self.max_skips)
         _positive_int("cache regions_per_tile", self.regions_per_tile)
         _choice("cache reuse", self.reuse, CACHE_REUSE)
+        _choice("cache grid", self.grid, CACHE_GRIDS)
         if not isinstance(self.taylor_damping, (int, float)) or not 0.0 <= self.taylor_damping <= 1.0:
             raise ValueError(f"cache taylor_damping={self.taylor_damping!r} must be in [0, 1]")
         for name in ("adaptive", "sketch"):
@@ -294,12 +326,16 @@ class CacheConfig:
     def enabled(self) -> bool:
         return self.mode != "off" and self.threshold > 0
 
+    def threshold_for(self, grid_moves: bool) -> float:
+        """The threshold of a loop whose tile grid moves between steps (``grid_moves``) or holds still."""
+        return self.shift_threshold if grid_moves and self.grid == "shifting" else self.threshold
+
     def grid_shift_every(self, tiling: "TilingConfig") -> int:
         """Steps between grid moves for a run with this cache: ``tiling.shift_every`` when set, else 1 with
-        the cache off and :data:`CACHE_SHIFT_EVERY` with it on."""
+        the cache off or on the shifting grid, :data:`CACHE_SHIFT_EVERY` with the cache on the held grid."""
         if tiling.shift_every is not None:
             return tiling.shift_every
-        return CACHE_SHIFT_EVERY if self.enabled else 1
+        return CACHE_SHIFT_EVERY if self.enabled and self.grid == "held" else 1
 
     def check_schedule(self, num_steps: int) -> None:
         """Refuse a warm-up longer than the ``num_steps`` refinement steps; warn when nothing can be skipped."""

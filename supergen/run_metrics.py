@@ -65,6 +65,8 @@ def cache_metrics(cache: CacheConfig, region_cache: RegionCache | None) -> dict:
     metrics = {
         "mode": cache.mode if cache.enabled else "off",
         "threshold": cache.threshold,
+        "shift_threshold": cache.shift_threshold,
+        "grid": cache.grid,
         "warmup": cache.warmup,
         "cooldown": cache.cooldown,
         "max_skips": cache.max_skips,
@@ -73,6 +75,7 @@ def cache_metrics(cache: CacheConfig, region_cache: RegionCache | None) -> dict:
     }
     if region_cache is not None:
         metrics.update(
+            threshold_used=region_cache.threshold,
             region_grid=list(region_cache.grid),
             region_skip_map=[m.tolist() for m in region_cache.region_reuse],
             region_thresholds=region_cache.thresholds().tolist(),

@@ -124,7 +124,7 @@ def region_cache(adapter: BackboneAdapter, cache: CacheConfig, planner: TilePlan
     return RegionCache(
         canvas=planner.canvas,
         region=region,
-        threshold=cache.threshold,
+        threshold=cache.threshold_for(grid_moves=any(planner.wrap)),
         schedule=CacheSchedule(num_steps=num_steps, warmup=cache.warmup, cooldown=cache.cooldown),
         max_skips=cache.max_skips,
         adaptive=cache.adaptive,
@@ -134,6 +134,7 @@ def region_cache(adapter: BackboneAdapter, cache: CacheConfig, planner: TilePlan
         box=box,
         reduce=reduce,
         taylor_damping=cache.taylor_damping,
+        across_moves=cache.grid == "shifting",
     )
 
 

@@ -36,12 +36,12 @@ NO_COHERENCE = CoherenceConfig(guide="none")
 COHERENCE = CoherenceConfig(guide="lowpass", views="dilated", view_until=1.0)
 
 
-def _cache_config():
+def _cache_config(grid: str = "held"):
     from supergen import CacheConfig
 
     # The default reuse (output) and exchange (region); a threshold loose enough that the tiny random
     # model reuses tiles within 8 steps, on the default tiling (no overlap, wrap-shifted grid).
-    return CacheConfig(mode="region", threshold=1.0, warmup=2, max_skips=2)
+    return CacheConfig(mode="region", threshold=1.0, warmup=2, max_skips=2, grid=grid)
 
 
 CACHE = _cache_config()
@@ -86,10 +86,10 @@ def main(scenario: str, out: Path) -> None:
             cfg = int(os.environ.get("SUPERGEN_TEST_CFG_PARALLEL", "0")) or None
             res = pipe(PROMPT, tiling=TILING, context=ctx, parallel=ParallelConfig(cfg_parallel=cfg), **KW)
         elif scenario == "cache":
-            from supergen import CacheConfig
-
+            # $SUPERGEN_TEST_CACHE_GRID: the cache's grid schedule (CacheConfig.grid).
+            cache = _cache_config(os.environ.get("SUPERGEN_TEST_CACHE_GRID", "held"))
             for exchange in ("region", "allgather"):
-                res = pipe(PROMPT, tiling=CACHE_TILING, output_type="latent", cache=CACHE, context=ctx,
+                res = pipe(PROMPT, tiling=CACHE_TILING, output_type="latent", cache=cache, context=ctx,
                            coherence=NO_COHERENCE, parallel=ParallelConfig(exchange=exchange, parallel="tile"),
                            **dict(KW, num_inference_steps=8))
                 if ctx.is_main:

@@ -220,17 +220,18 @@ def test_n_ranks_make_the_same_frames_as_one(tmp_path, single_process, world):
         assert max(expected) < min(ring)
 
 
+@pytest.mark.parametrize("grid", ["held", "shifting"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_region_cache_across_ranks_matches_one_process(tmp_path, tiny, world):
-    from parallel_worker import CACHE, CACHE_TILING, KW
-
-    from parallel_worker import NO_COHERENCE
+def test_region_cache_across_ranks_matches_one_process(tmp_path, tiny, world, grid):
+    from parallel_worker import CACHE_TILING, KW, NO_COHERENCE, _cache_config
 
     # Coherence off: these are the cache's own decisions and bytes (the guide's all-reduce is tested below).
-    ref = tiny(PROMPT, tiling=CACHE_TILING, output_type="latent", cache=CACHE, coherence=NO_COHERENCE,
+    # grid="shifting": tiles are reused across grid moves, so a rank serves cells another rank's tile computed.
+    cache = _cache_config(grid)
+    ref = tiny(PROMPT, tiling=CACHE_TILING, output_type="latent", cache=cache, coherence=NO_COHERENCE,
                **dict(KW, num_inference_steps=8))
     assert ref.metrics["cache"]["reuse"] == "output"
-    codes, errs, _ = _launch("cache", world, tmp_path)
+    codes, errs, _ = _launch("cache", world, tmp_path, SUPERGEN_TEST_CACHE_GRID=grid)
     assert codes == [0] * world, "\n".join(errs)
     runs = {ex: json.loads((tmp_path / f"cache-{ex}.json").read_text()) for ex in ("region", "allgather")}
     for exchange, m in runs.items():
