@@ -46,6 +46,16 @@ The shipped ``toy-causal`` came from one run resumed with changed settings
 level at a time (x0 predictions at sigma 0.67 move the shape the right way)
 but not to draw from pure noise with context (at sigma 1 it predicts no
 shape), so its few-step streams barely move: see docs/benchmarks.md.
+
+Two Self-Forcing-style modes were added after it and measured (docs/benchmarks.md,
+"Self-Forcing-style training"), not shipped: ``--rollout-fraction`` trains a
+block from the few-step sampler's own state (Self-Forcing's rollout, one block
+after a clean context, the target the velocity to the ground truth), and
+``--first-blocks`` regresses the context-free first block onto a bidirectional
+teacher's trajectories (CausVid's ODE initialisation). Together they teach the
+continuation (0.88 px a frame after a ground-truth context, against -0.12) but
+the stream, fed its own output, drifts worse, which a distribution-matching
+loss on self-generated contexts (DMD) would address.
 """
 
 from __future__ import annotations
