@@ -53,6 +53,11 @@ def _non_negative_int(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= 0")
 
 
+def _non_negative_number(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+
+
 def _positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -295,20 +300,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _choice("cache mode", self.mode, CACHE_MODES)
-        if (
-            not isinstance(self.threshold, (int, float))
-            or isinstance(self.threshold, bool)
-            or not math.isfinite(self.threshold)
-            or self.threshold < 0
-        ):
-            raise ValueError(f"cache threshold={self.threshold!r} must be a finite number >= 0")
-        if (
-            not isinstance(self.shift_threshold, (int, float))
-            or isinstance(self.shift_threshold, bool)
-            or not math.isfinite(self.shift_threshold)
-            or self.shift_threshold < 0
-        ):
-            raise ValueError(f"cache shift_threshold={self.shift_threshold!r} must be a finite number >= 0")
+        _non_negative_number("cache threshold", self.threshold)
+        _non_negative_number("cache shift_threshold", self.shift_threshold)
         _non_negative_int("cache warmup", self.warmup)
         if not isinstance(self.cooldown, int) or isinstance(self.cooldown, bool) or self.cooldown < 1:
             raise ValueError(f"cache cooldown={self.cooldown!r} must be an integer >= 1: the last step is always computed")
