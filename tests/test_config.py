@@ -42,6 +42,10 @@ def test_tiling_config_errors(kwargs, match):
         (dict(regions_per_tile=0), "regions_per_tile"),
         (dict(reuse="latest"), "cache reuse"),
         (dict(adaptive="yes"), "adaptive"),
+        (dict(shift_threshold=-0.5), "shift_threshold=-0.5 must be a finite number >= 0"),
+        (dict(shift_threshold=math.nan), "shift_threshold"),
+        (dict(shift_threshold=True), "shift_threshold"),
+        (dict(grid="moving"), "grid"),
     ],
 )
 def test_cache_config_errors(kwargs, match):
