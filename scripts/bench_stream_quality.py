@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts.train_toy_model import non_negative_int  # noqa: E402
 from supergen import StreamConfig, SuperGenPipeline  # noqa: E402
 from supergen.metrics import (  # noqa: E402
     adherence,
@@ -208,7 +209,7 @@ def bench_long(pipe, config, blocks):
 
 
 @torch.no_grad()
-def teacher_forced(model: str, clips: int, context_blocks: int = 2, steps: int = 4, seed: int = 0) -> dict:
+def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int = 2, steps: int = 4, seed: int = 0) -> dict:
     """The model's continuation on its own: a ground-truth context, one block sampled after it.
 
     A stream's motion needs two things, a first block that moves and a
@@ -225,24 +226,23 @@ def teacher_forced(model: str, clips: int, context_blocks: int = 2, steps: int =
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from scripts.train_toy_causal import _MaskedSelfAttn, few_step_sigmas, rope_tables, teacher_forcing_mask
-    from scripts.train_toy_model import clips_to_video, encode_prompts
-    from supergen.models import load_diffusers_pipeline
+    from scripts.train_toy_model import clips_to_video, encode_prompts, latent_stats
+    from supergen.models import load_diffusers_pipeline, read_native_size, resolve_model
     from supergen.toyworld import render_stream_clip, sample_stream_params
 
     pipe = load_diffusers_pipeline(model)
+    height, width, _ = read_native_size(resolve_model(model))
     net = pipe.transformer.eval()
     procs = []
     for blk in net.blocks:
         procs.append(_MaskedSelfAttn())
         blk.attn1.set_processor(procs[-1])
-    b = 3
-    cfg = pipe.vae.config
-    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    b = block
+    mean, std = latent_stats(pipe.vae)
     rng = np.random.default_rng(seed)
     params = [sample_stream_params(rng) for _ in range(clips)]
-    t_scale = cfg.scale_factor_temporal
-    videos = np.stack([render_stream_clip(p, 32, 32, t_scale * b * (context_blocks + 1) - 1) for p in params])
+    t_scale = pipe.vae.config.scale_factor_temporal
+    videos = np.stack([render_stream_clip(p, height, width, t_scale * b * (context_blocks + 1) - 1) for p in params])
     z = (pipe.vae.encode(clips_to_video(videos)).latent_dist.mode() - mean) / std
     text = encode_prompts(pipe, sorted({p.prompt for p in params}))
     cond = torch.stack([text[p.prompt] for p in params])
@@ -275,7 +275,7 @@ def teacher_forced(model: str, clips: int, context_blocks: int = 2, steps: int =
     for p, f, v in zip(params, frames, videos):
         unit = np.array(_UNIT[p.direction])
         for clip, out in ((f, moved), (v, truth)):
-            steps_px = wrapped_steps(shape_track(clip[first:], p.colour), 32, 32)
+            steps_px = wrapped_steps(shape_track(clip[first:], p.colour), height, width)
             along = [float(s @ unit) for s in steps_px if not np.isnan(s).any()]
             out.append(float(np.mean(along)) if along else float("nan"))
     for blk in net.blocks:
@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--switch-after", type=int, default=12)
     parser.add_argument("--long", type=int, default=0, help="also stream this many blocks for latency/memory")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument("--teacher-forced", type=int, default=0,
+    parser.add_argument("--teacher-forced", type=non_negative_int, default=0,
                         help="also sample one block after a ground-truth context for this many world clips")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
@@ -357,7 +357,7 @@ def main() -> None:
             print(f"| {mode} | {r['within_2_blocks']:.2f} | {r['never']} | {r['median_blocks']:.1f} | "
                   f"{r['colour_within_2_blocks']:.2f} | {r['adherence_after']:.2f} |", flush=True)
     if args.teacher_forced:
-        tf = teacher_forced(args.model, args.teacher_forced, steps=base.steps)
+        tf = teacher_forced(args.model, args.teacher_forced, block=base.block_frames, steps=base.steps)
         report["teacher_forced"] = tf
         print("\n| clips | px/frame along the prompt (truth) | clips moving >= 0.5 px/frame | x0 MSE at sigma 1, own / "
               "another clip's context |\n|---:|---:|---:|---:|")

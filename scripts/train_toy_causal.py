@@ -70,7 +70,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -78,7 +77,22 @@ if str(REPO) not in sys.path:
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
-from scripts.train_toy_model import LossLog, budget_spent, clips_to_video, cosine_lr, encode_prompts, optimizer_step, resume, save_checkpoint, step_seed, stop_run  # noqa: E402
+from scripts.train_toy_model import (  # noqa: E402
+    LossLog,
+    budget_spent,
+    clips_to_video,
+    cosine_lr,
+    encode_prompts,
+    fraction,
+    latent_stats,
+    non_negative_int,
+    optimizer_step,
+    resume,
+    save_checkpoint,
+    start_run,
+    step_seed,
+    stop_run,
+)
 from supergen.io import normal_modes  # noqa: E402
 from supergen.models import TOY_NATIVE_SIZE, load_diffusers_pipeline, write_native_size  # noqa: E402
 from supergen.toyworld import (  # noqa: E402
@@ -145,10 +159,8 @@ def build_dataset(pipe, args, work: Path) -> dict:
         return torch.load(cache, weights_only=False)
     height, width, _ = TOY_NATIVE_SIZE
     rng = np.random.default_rng(step_seed(args.seed, 10, 0))
-    cfg = pipe.vae.config
-    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
-    t_scale = cfg.scale_factor_temporal
+    mean, std = latent_stats(pipe.vae)
+    t_scale = pipe.vae.config.scale_factor_temporal
     latent_frames = (args.clip_frames - 1) // t_scale + 1
     blocks = latent_frames // args.block
     latents, pre, post, switch_at = [], [], [], []
@@ -209,7 +221,7 @@ def build_first_blocks(args, work: Path, sigma_table: torch.Tensor) -> dict | No
     teacher = load_diffusers_pipeline(args.teacher)
     net = teacher.transformer.eval()
     height, width, frames = TOY_NATIVE_SIZE
-    t_scale = teacher.vae.config.scale_factor_temporal
+    t_scale, s_scale = teacher.vae.config.scale_factor_temporal, teacher.vae.config.scale_factor_spatial
     latent_frames = (frames - 1) // t_scale + 1
     prompts = all_prompts()
     rng = np.random.default_rng(step_seed(args.seed, 12, 0))
@@ -227,7 +239,7 @@ def build_first_blocks(args, work: Path, sigma_table: torch.Tensor) -> dict | No
         chunk = picked[start : start + 32]
         cond = torch.stack([text[q] for q in chunk])
         empty = text[""][None].expand_as(cond)
-        x = torch.randn(len(chunk), c, latent_frames, height // 2, width // 2, generator=gen)
+        x = torch.randn(len(chunk), c, latent_frames, height // s_scale, width // s_scale, generator=gen)
         at_levels = []
         for i in range(len(grid) - 1):
             if i % sub == 0:
@@ -469,23 +481,23 @@ def main(argv=None) -> None:
     parser.add_argument("--clips", type=int, default=1024, help="long clips in the fixed training set")
     parser.add_argument("--clip-frames", type=int, default=61, help="video frames per clip (31 latent frames)")
     parser.add_argument("--block", type=int, default=3, help="latent frames per block")
-    parser.add_argument("--switch-fraction", type=float, default=0.3, help="clips with a prompt switch")
+    parser.add_argument("--switch-fraction", type=fraction, default=0.3, help="clips with a prompt switch")
     parser.add_argument("--max-context-blocks", type=int, default=4, help="most clean blocks before the last")
     parser.add_argument("--max-sink-blocks", type=int, default=2)
-    parser.add_argument("--start-fraction", type=float, default=0.25, help="views that start at the clip's start")
+    parser.add_argument("--start-fraction", type=fraction, default=0.25, help="views that start at the clip's start")
     parser.add_argument("--noisy-blocks", type=int, default=2, help="last blocks trained per view")
     parser.add_argument("--start-blocks", type=int, default=2,
                         help="views from the clip's start have this many blocks, all trained (0: like other views)")
     parser.add_argument("--steps-schedule", type=int, default=4, help="few-step schedule whose levels are trained")
-    parser.add_argument("--schedule-fraction", type=float, default=0.5, help="noise levels drawn from that schedule")
-    parser.add_argument("--rollout-fraction", type=float, default=0.0,
+    parser.add_argument("--schedule-fraction", type=fraction, default=0.5, help="noise levels drawn from that schedule")
+    parser.add_argument("--rollout-fraction", type=fraction, default=0.0,
                         help="steps trained on the few-step sampler's own state (Self-Forcing rollout, one block)")
-    parser.add_argument("--first-blocks", type=int, default=0,
+    parser.add_argument("--first-blocks", type=non_negative_int, default=0,
                         help="teacher trajectories for the first block (CausVid's ODE initialisation; 0: none)")
-    parser.add_argument("--first-block-fraction", type=float, default=0.25,
+    parser.add_argument("--first-block-fraction", type=fraction, default=0.25,
                         help="steps that regress the first block onto the teacher (with --first-blocks)")
     parser.add_argument("--teacher", default="toy", help="bidirectional model whose trajectories the first block learns")
-    parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--teacher-steps", type=non_negative_int, default=20)
     parser.add_argument("--teacher-guidance", type=float, default=3.0)
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)
@@ -500,13 +512,8 @@ def main(argv=None) -> None:
     parser.add_argument("--export-every", type=int, default=500, help="also export the EMA pipeline this often (0: only at the end)")
     parser.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many optimizer steps in this invocation")
     args = parser.parse_args(argv)
-    args.steps_done = 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
+    log = start_run(args)
     torch.manual_seed(args.seed)
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
-    log = LossLog(args.work / "loss.csv")
     pipe = load_diffusers_pipeline(args.base)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.vae, pipe.text_encoder):

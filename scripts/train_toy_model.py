@@ -132,6 +132,39 @@ class LossLog:
             f.write(f"{phase},{step},{loss:.6f},{elapsed:.1f}\n")
 
 
+def start_run(args) -> LossLog:
+    """A training invocation's setup: logging, torch threads, the work folder with its args.json, the loss log."""
+    args.steps_done = 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    return LossLog(args.work / "loss.csv")
+
+
+def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and std, shaped (1, C, 1, 1, 1): ``(z - mean) / std`` is what the
+    transformer sees, as in WanPipeline."""
+    cfg = vae.config
+    return torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0")
+    return value
+
+
 def train_vae(pipe, args, work: Path, log: LossLog) -> None:
     vae = pipe.vae
     height, width, frames = TOY_NATIVE_SIZE
@@ -215,9 +248,7 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     model = pipe.transformer
-    cfg = pipe.vae.config
-    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    mean, std = latent_stats(pipe.vae)
     latents = (latents_raw - mean) / std
     text = encode_prompts(pipe, sorted(set(prompts)))
     empty = text[""]
@@ -326,12 +357,7 @@ def main(argv=None) -> None:
     parser.add_argument("--export-every", type=int, default=500, help="also export the EMA pipeline this often (0: only at the end)")
     parser.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many optimizer steps in this invocation")
     args = parser.parse_args(argv)
-    args.steps_done = 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
-    log = LossLog(args.work / "loss.csv")
+    log = start_run(args)
 
     pipe = build_toy_wan(seed=args.seed)
     train_vae(pipe, args, args.work, log)

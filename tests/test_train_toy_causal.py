@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -151,3 +152,15 @@ def test_first_block_batch_targets_the_velocity_to_the_teachers_clip():
     for k in range(6):
         i = int(batch["cond"][k, 0, 0])
         torch.testing.assert_close(batch["x"][k] - s[k] * batch["target"][k], pairs["x0"][i].float(), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--rollout-fraction", "1.5", "1.5 is not a fraction in [0, 1]"),
+    ("--first-block-fraction", "-0.1", "-0.1 is not a fraction in [0, 1]"),
+    ("--first-blocks", "-4", "-4 must be an integer >= 0"),
+])
+def test_bad_training_options_are_refused_in_one_line(tmp_path, flag, value, message):
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
+                          flag, value], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"argument {flag}: {message}" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists()
