@@ -61,9 +61,7 @@ loss on self-generated contexts (DMD) would address.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,6 +82,7 @@ from scripts.train_toy_model import (  # noqa: E402
     cosine_lr,
     encode_prompts,
     fraction,
+    export as export_pipeline,
     latent_stats,
     non_negative_int,
     optimizer_step,
@@ -93,8 +92,7 @@ from scripts.train_toy_model import (  # noqa: E402
     step_seed,
     stop_run,
 )
-from supergen.io import normal_modes  # noqa: E402
-from supergen.models import TOY_NATIVE_SIZE, load_diffusers_pipeline, write_native_size  # noqa: E402
+from supergen.models import TOY_NATIVE_SIZE, load_diffusers_pipeline  # noqa: E402
 from supergen.toyworld import (  # noqa: E402
     COLOURS,
     DIRECTIONS,
@@ -446,29 +444,18 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
 
 
 def export(pipe, ema, output: Path, guidance: float) -> None:
-    """Write the pipeline with the EMA transformer, its native size and stream settings, atomically."""
-    live = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    pipe.transformer.load_state_dict(ema.module.state_dict())
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the pipeline with the EMA transformer, its native size and stream settings, atomically.
+
+    The training's masked processors are swapped out for Diffusers' own while it is saved.
+    """
     processors = [blk.attn1.processor for blk in pipe.transformer.blocks]
     for blk in pipe.transformer.blocks:
         blk.attn1.set_processor(WanAttnProcessor())
     try:
-        pipe.save_pretrained(tmp)
+        export_pipeline(pipe, ema, output, guidance, hints={"stream": dict(STREAM_DEFAULTS)})
     finally:
         for blk, proc in zip(pipe.transformer.blocks, processors):
             blk.attn1.set_processor(proc)
-    write_native_size(tmp, *TOY_NATIVE_SIZE, guidance_scale=guidance)
-    hints = json.loads((tmp / "supergen.json").read_text())
-    hints["stream"] = dict(STREAM_DEFAULTS)
-    (tmp / "supergen.json").write_text(json.dumps(hints, indent=2) + "\n")
-    normal_modes(tmp)
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.replace(output)
-    pipe.transformer.load_state_dict(live)
-    size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
-    logger.info("exported %s (%.1f MB)", output, size / 1e6)
 
 
 def main(argv=None) -> None:

@@ -289,20 +289,24 @@ def train_dit(pipe, args, work: Path, log: LossLog, latents_raw: torch.Tensor, p
                 elapsed=time.perf_counter() - t0,
             )
             if args.export_every and (step + 1) % args.export_every == 0:
-                export(pipe, ema, args.output, work, args.guidance)
+                export(pipe, ema, args.output, args.guidance)
         if stop and step + 1 < args.dit_steps:
             stop_run(step + 1)
     return ema
 
 
-def export(pipe, ema, output: Path, work: Path, guidance: float) -> None:
-    """Write the pipeline (EMA transformer weights) in the Diffusers layout, atomically."""
+def export(pipe, ema, output: Path, guidance: float, hints: dict | None = None) -> None:
+    """Write the pipeline (EMA transformer weights) in the Diffusers layout, atomically, with its
+    supergen.json: native size, CFG scale and any further ``hints`` (e.g. stream settings)."""
     live = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pipe.transformer.load_state_dict(ema.module.state_dict())
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     write_native_size(tmp, *TOY_NATIVE_SIZE, guidance_scale=guidance)
+    if hints:
+        merged = {**json.loads((tmp / "supergen.json").read_text()), **hints}
+        (tmp / "supergen.json").write_text(json.dumps(merged, indent=2) + "\n")
     normal_modes(tmp)
     shutil.rmtree(output, ignore_errors=True)
     tmp.replace(output)
@@ -365,7 +369,7 @@ def main(argv=None) -> None:
     set_latent_stats(pipe, latents)
     logger.info("dataset: %d clips, %d distinct prompts of %d", len(prompts), len(set(prompts)), len(all_prompts()))
     ema = train_dit(pipe, args, args.work, log, latents, prompts)
-    export(pipe, ema, args.output, args.work, args.guidance)
+    export(pipe, ema, args.output, args.guidance)
     plot_loss(args.work)
 
 

@@ -186,26 +186,33 @@ def shape_coverage(shape: str, px: np.ndarray, py: np.ndarray, radius: float) ->
     return np.clip(inside + 0.5, 0.0, 1.0)
 
 
+def _background(params: ClipParams, xx: np.ndarray, yy: np.ndarray, t: int) -> np.ndarray:
+    """Frame ``t``'s background (H, W, 3) float: a vertical gradient with a faint diagonal texture, sampled
+    at coordinates the camera pan moves over time."""
+    height, width = xx.shape
+    short = min(height, width)
+    top, bottom, amplitude = BACKGROUNDS[params.background]
+    top_a, bottom_a = np.asarray(top, np.float64), np.asarray(bottom, np.float64)
+    bx = xx + params.pan_x * short * t
+    by = yy + params.pan_y * short * t
+    mix = np.clip(by / max(height - 1, 1), -0.5, 1.5)[..., None]
+    texture = amplitude * (
+        np.sin(2 * math.pi * (bx + 0.6 * by) / (0.45 * short) + params.texture_phase)
+        * np.sin(2 * math.pi * (0.7 * bx - by) / (0.6 * short) + 0.5 * params.texture_phase)
+    )
+    return top_a + (bottom_a - top_a) * mix + texture[..., None]
+
+
 def render_clip(params: ClipParams, height: int, width: int, num_frames: int, return_alpha: bool = False):
     """Render a clip as uint8 frames ``(F, H, W, 3)``; with ``return_alpha`` also the shape's coverage ``(F, H, W)``."""
     short = min(height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    top, bottom, amplitude = BACKGROUNDS[params.background]
-    top_a, bottom_a = np.asarray(top, np.float64), np.asarray(bottom, np.float64)
     dx, dy = _DIRECTION_VECTORS[params.direction]
     colour = np.asarray(COLOURS[params.colour], np.float64)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     coverage = np.empty((num_frames, height, width), dtype=np.float32)
     for t in range(num_frames):
-        # Camera pan: the background is sampled at coordinates that drift over time.
-        bx = xx + params.pan_x * short * t
-        by = yy + params.pan_y * short * t
-        mix = np.clip(by / max(height - 1, 1), -0.5, 1.5)[..., None]
-        texture = amplitude * (
-            np.sin(2 * math.pi * (bx + 0.6 * by) / (0.45 * short) + params.texture_phase)
-            * np.sin(2 * math.pi * (0.7 * bx - by) / (0.6 * short) + 0.5 * params.texture_phase)
-        )
-        background = top_a + (bottom_a - top_a) * mix + texture[..., None]
+        background = _background(params, xx, yy, t)
         cx = (params.start_x * width) + dx * params.speed * short * t
         cy = (params.start_y * height) + dy * params.speed * short * t
         alpha = shape_coverage(params.shape, xx + 0.5 - cx, yy + 0.5 - cy, params.radius * short)[..., None]
@@ -279,8 +286,6 @@ def render_stream_clip(params: ClipParams, height: int, width: int, num_frames: 
     """
     short = min(height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    top, bottom, amplitude = BACKGROUNDS[params.background]
-    top_a, bottom_a = np.asarray(top, np.float64), np.asarray(bottom, np.float64)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     cx, cy = params.start_x * width, params.start_y * height
     for t in range(num_frames):
@@ -291,14 +296,7 @@ def render_stream_clip(params: ClipParams, height: int, width: int, num_frames: 
             dx, dy = _DIRECTION_VECTORS[switch.direction if switched else params.direction]
             cx = (cx + dx * params.speed * short) % width
             cy = (cy + dy * params.speed * short) % height
-        bx = xx + params.pan_x * short * t
-        by = yy + params.pan_y * short * t
-        mix = np.clip(by / max(height - 1, 1), -0.5, 1.5)[..., None]
-        texture = amplitude * (
-            np.sin(2 * math.pi * (bx + 0.6 * by) / (0.45 * short) + params.texture_phase)
-            * np.sin(2 * math.pi * (0.7 * bx - by) / (0.6 * short) + 0.5 * params.texture_phase)
-        )
-        background = top_a + (bottom_a - top_a) * mix + texture[..., None]
+        background = _background(params, xx, yy, t)
         alpha = np.zeros((height, width))
         for ox in (-width, 0, width):
             for oy in (-height, 0, height):
