@@ -48,11 +48,13 @@ def build_tokenizer(vocab_size: int = 512, extra_corpus: str = "", extra_special
     )
 
 
-def tiny_t5(tokenizer, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
+def tiny_t5(tokenizer, d_model: int = 32, umt5: bool = False):
+    """A tiny T5 encoder (UMT5's with ``umt5``, as Wan uses), random weights from the current RNG."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
+    model, config = (UMT5EncoderModel, UMT5Config) if umt5 else (T5EncoderModel, T5Config)
+    return model(
+        config(
             vocab_size=len(tokenizer),
             d_model=d_model,
             d_kv=8,

@@ -22,7 +22,7 @@ from supergen.backbones.base import (
     ModelConfigs,
     cfg_combine,
 )
-from supergen.backbones.tiny import build_tokenizer
+from supergen.backbones.tiny import build_tokenizer, tiny_t5
 
 
 class WanAdapter(BackboneAdapter):
@@ -373,25 +373,12 @@ def build_tiny_wan(seed: int = 0, image_to_video: bool = False):
         WanPipeline,
         WanTransformer3DModel,
     )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        ).eval()
+        text_encoder = tiny_t5(tokenizer, umt5=True)
         z_dim = 16
         vae = AutoencoderKLWan(
             base_dim=8,
