@@ -202,7 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own)")
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(48, 48), (64, 64), (96, 96)])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="NAME",
-                        help=f"rows to run, from: {'; '.join(SETTINGS)}")
+                        help="rows to run, from: " + "; ".join(SETTINGS).replace("%", "%%"))
     parser.add_argument("--custom", type=parse_setting, nargs="+", default=[], metavar="K=V,...",
                         help="extra rows, e.g. strength=0.7,guide=lowpass,guide_exponent=1")
     parser.add_argument("--threads", type=int, default=1)

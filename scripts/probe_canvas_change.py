@@ -12,7 +12,13 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.par
 from supergen import SuperGenPipeline, TilingConfig
 from supergen.samplers import tiled as T
 
-size = int(sys.argv[1]); prompt = sys.argv[2]
+parser = __import__("argparse").ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("size", type=int, help="square canvas in pixels (tiled: above the toy's native 32)")
+parser.add_argument("prompt", help="a toy-world prompt")
+args = parser.parse_args()
+if args.size <= 32 or args.size % 16:
+    parser.error(f"size {args.size} must be a multiple of 16 above 32 (a tiled canvas)")
+size, prompt = args.size, args.prompt
 torch.set_num_threads(1)
 sg = SuperGenPipeline.from_pretrained("toy")
 rec = []

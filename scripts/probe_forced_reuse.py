@@ -23,7 +23,25 @@ class Forced:
     def update(self, plan, skips, latents, prediction, block_residuals=None, timestep=0.0):
         self.last = prediction.detach().clone()
 
-size = int(sys.argv[1]); n = int(sys.argv[2]); patterns = json.loads(sys.argv[3])
+def _patterns(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise __import__("argparse").ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, list) and all(isinstance(i, int) and 0 <= i < 20 for i in v)
+                                              for v in value.values()):
+        raise __import__("argparse").ArgumentTypeError("must be an object of name -> list of step indices 0..19")
+    return value
+
+
+parser = __import__("argparse").ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("size", type=int, help="square canvas in pixels (tiled: above the toy's native 32)")
+parser.add_argument("prompts", type=int, help="how many of bench_cache's prompts")
+parser.add_argument("patterns", type=_patterns, help='JSON, e.g. \'{"odd": [3, 5, 7]}\'')
+args = parser.parse_args()
+if args.size <= 32 or args.size % 16 or args.prompts < 1:
+    parser.error(f"size {args.size} must be a multiple of 16 above 32 and prompts {args.prompts} >= 1")
+size, n, patterns = args.size, args.prompts, args.patterns
 torch.set_num_threads(1)
 sg = SuperGenPipeline.from_pretrained("toy")
 prompts, _ = bench_prompts(n)
