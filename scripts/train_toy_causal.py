@@ -56,6 +56,16 @@ teacher's trajectories (CausVid's ODE initialisation). Together they teach the
 continuation (0.88 px a frame after a ground-truth context, against -0.12) but
 the stream, fed its own output, drifts worse, which a distribution-matching
 loss on self-generated contexts (DMD) would address.
+
+``--dagger-fraction`` attacks that exposure bias without a causal teacher,
+the way DAgger does with an expert: the toy world itself labels the model's
+own contexts. In a dagger view the last ``--dagger-blocks`` context blocks
+are sampled by the model (the stream's few-step schedule from pure noise,
+block by block, no gradient); the last context frame is decoded and its
+shape found; the clip is re-rendered with the shape moved to where the model
+left it; and the trained block, rolled out as in ``--rollout-fraction``,
+targets that re-rendered continuation: one clean shape moving on the
+prompted way from the model's own last position.
 """
 
 from __future__ import annotations
@@ -85,6 +95,7 @@ from scripts.train_toy_model import (  # noqa: E402
     export as export_pipeline,
     latent_stats,
     non_negative_int,
+    positive_int,
     optimizer_step,
     resume,
     save_checkpoint,
@@ -149,6 +160,30 @@ def teacher_forcing_mask(clean_blocks: int, noisy_blocks: int, block: int) -> to
     return sees_clean | sees_self_noisy
 
 
+def clip_specs(args, t_scale: int) -> list[tuple]:
+    """The training set's clips as (params, prompt switch or None, latent frame of the switch), from ``--seed``.
+
+    The same list every call, so a run (or a resumed one) can re-render any
+    clip of its cached latents, as the dagger views' oracle does.
+    """
+    rng = np.random.default_rng(step_seed(args.seed, 10, 0))
+    latent_frames = (args.clip_frames - 1) // t_scale + 1
+    blocks = latent_frames // args.block
+    specs = []
+    for _ in range(args.clips):
+        params = sample_stream_params(rng)
+        switch, j = None, latent_frames
+        if rng.uniform() < args.switch_fraction:
+            # At a block boundary (latent frame j starts video frame t_scale*(j-1)+1), after >= 2 blocks.
+            j = args.block * int(rng.integers(min(2, blocks - 1), blocks))
+            colours = [c for c in COLOURS if c != params.colour]
+            directions = [d for d in DIRECTIONS if d != params.direction]
+            switch = PromptSwitch(frame=t_scale * (j - 1) + 1, colour=colours[rng.integers(len(colours))],
+                                  direction=directions[rng.integers(len(directions))])
+        specs.append((params, switch, j))
+    return specs
+
+
 @torch.no_grad()
 def build_dataset(pipe, args, work: Path) -> dict:
     """Long clips (some with a prompt switch), VAE-encoded once, normalised like the pipeline's latents."""
@@ -156,29 +191,18 @@ def build_dataset(pipe, args, work: Path) -> dict:
     if cache.exists():
         return torch.load(cache, weights_only=False)
     height, width, _ = TOY_NATIVE_SIZE
-    rng = np.random.default_rng(step_seed(args.seed, 10, 0))
     mean, std = latent_stats(pipe.vae)
     t_scale = pipe.vae.config.scale_factor_temporal
-    latent_frames = (args.clip_frames - 1) // t_scale + 1
-    blocks = latent_frames // args.block
     latents, pre, post, switch_at = [], [], [], []
     chunk = 16
+    specs = clip_specs(args, t_scale)
     for start in range(0, args.clips, chunk):
         videos = []
-        for _ in range(min(chunk, args.clips - start)):
-            params = sample_stream_params(rng)
-            switch = None
-            if rng.uniform() < args.switch_fraction:
-                # At a block boundary (latent frame j starts video frame t_scale*(j-1)+1), after >= 2 blocks.
-                j = args.block * int(rng.integers(min(2, blocks - 1), blocks))
-                colours = [c for c in COLOURS if c != params.colour]
-                directions = [d for d in DIRECTIONS if d != params.direction]
-                switch = PromptSwitch(frame=t_scale * (j - 1) + 1, colour=colours[rng.integers(len(colours))],
-                                      direction=directions[rng.integers(len(directions))])
+        for params, switch, j in specs[start : start + chunk]:
             videos.append(render_stream_clip(params, height, width, args.clip_frames, switch))
             pre.append(params.prompt)
             post.append(switched_prompt(params, switch) if switch else params.prompt)
-            switch_at.append(j if switch else latent_frames)
+            switch_at.append(j)
         z = pipe.vae.encode(clips_to_video(np.stack(videos))).latent_dist.mode()
         latents.append(((z - mean) / std).to(torch.float16))
         logger.info("encoded %d/%d clips", start + len(videos), args.clips)
@@ -296,14 +320,18 @@ def draw_view(gen: torch.Generator, args, latent_frames: int, rollout: bool = Fa
 
 
 def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: torch.Tensor, shift: float,
-               rollout: bool = False):
-    """One step's inputs: latents x (B,C,F,H,W), per-frame timesteps, targets, loss weights, text."""
+               rollout: bool = False, drop: bool = True):
+    """One step's inputs: latents x (B,C,F,H,W), per-frame timesteps, targets, loss weights, text.
+
+    ``drop=False`` keeps every prompt (no classifier-free-guidance drop), as
+    the dagger views need the prompt to sample their own context.
+    """
     latents = data["latents"]
     n_clips, _, latent_frames = latents.shape[:3]
     view = draw_view(gen, args, latent_frames, rollout)
     b, nb = args.block, view["noisy"]
     clip_idx = torch.randint(n_clips, (args.batch,), generator=gen)
-    xs, conds, weights = [], [], []
+    xs, conds, weights, starts = [], [], [], []
     for i in clip_idx.tolist():
         z = latents[i].float()
         off = view["offsets"][int(torch.randint(len(view["offsets"]), (1,), generator=gen))]
@@ -315,7 +343,8 @@ def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: 
         switch = int(data["switch_at"][i])
         after = [s >= switch for s in abs_start]
         prompt = data["post"][i] if after[-1] else data["pre"][i]
-        if torch.rand((), generator=gen) < args.cfg_drop:
+        starts.append(off + view["run"] - nb * b)
+        if drop and torch.rand((), generator=gen) < args.cfg_drop:
             conds.append(text[""])
             weights.append(torch.ones(nb))
         else:
@@ -340,7 +369,7 @@ def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: 
     x = torch.cat([context, xt], dim=2)
     t_F = torch.cat([torch.zeros(args.batch, clean.shape[2]), s_F * 1000], dim=1)
     return {"x": x, "t_F": t_F, "target": noise - x0, "x0": x0, "noise": noise, "weight": torch.stack(weights),
-            "cond": torch.stack(conds), "view": view}
+            "cond": torch.stack(conds), "view": view, "clips": clip_idx.tolist(), "starts": starts}
 
 
 @torch.no_grad()
@@ -368,6 +397,109 @@ def roll_out(forward, batch: dict, sigma_table: torch.Tensor, exit_step: int) ->
     batch["target"] = (xt - batch["x0"]) / s
 
 
+def set_view(model, procs, blocks: int, noisy: int, block: int, grid_hw: tuple[int, int]) -> int:
+    """Point the masked processors at a view of ``blocks`` clean blocks and noisy copies of the last ``noisy``.
+
+    Returns the number of clean frames (where the noisy copies start).
+    """
+    tpf = grid_hw[0] * grid_hw[1]
+    frame_mask = teacher_forcing_mask(blocks, noisy, block)
+    token_mask = frame_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)[None, None]
+    clean_f = blocks * block
+    positions = torch.cat([torch.arange(clean_f), torch.arange(clean_f - noisy * block, clean_f)])
+    tables = rope_tables(model.rope, positions, grid_hw)
+    for proc in procs:
+        proc.mask, proc.rope = token_mask, tables
+    return clean_f
+
+
+def prompt_at(data: dict, clip: int, latent_frame: int) -> str:
+    """The prompt that holds at ``latent_frame`` of training clip ``clip`` (the new one from its switch on)."""
+    return data["post"][clip] if latent_frame >= int(data["switch_at"][clip]) else data["pre"][clip]
+
+
+@torch.no_grad()
+def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_table: torch.Tensor,
+                grid_hw: tuple[int, int], own_blocks: int, gen: torch.Generator) -> None:
+    """Replace the last ``own_blocks`` context blocks of a one-block view by the model's own stream output.
+
+    Block by block, as the stream makes them: from pure noise, the few-step
+    schedule with the model itself (no gradient), attending to the clean
+    context before the block and itself, under the prompt that holds there;
+    the sample then stands in for the ground truth as the clean context of
+    what follows (the ``rerun`` KV write sees it at timestep 0).
+    """
+    b, view = args.block, batch["view"]
+    tpf = grid_hw[0] * grid_hw[1]
+    sig = torch.cat([sigma_table, sigma_table.new_zeros(1)])
+    x = batch["x"]
+    blocks = view["blocks"]
+    for k in range(blocks - 1 - own_blocks, blocks - 1):
+        clean_f = set_view(model, procs, k + 1, 1, b, grid_hw)
+        # Absolute latent frame of view block k: sink blocks sit at the clip's start, run blocks before the trained one.
+        first_abs = [start - (blocks - 1 - k) * b for start in batch["starts"]]
+        cond = torch.stack([text[prompt_at(data, c, f)] for c, f in zip(batch["clips"], first_abs)])
+        xt = torch.randn(x[:, :, :b].shape, generator=gen)
+        t_F = torch.zeros(x.shape[0], clean_f + b)
+        for i in range(len(sigma_table)):
+            t_F[:, -b:] = sig[i] * 1000
+            v = model(hidden_states=torch.cat([x[:, :, :clean_f], xt], dim=2), timestep=t_F.repeat_interleave(tpf, dim=1),
+                      encoder_hidden_states=cond, return_dict=False)[0][:, :, clean_f:]
+            xt = xt + (sig[i + 1] - sig[i]) * v
+        x[:, :, k * b : (k + 1) * b] = xt
+
+
+@torch.no_grad()
+def oracle_block(pipe, specs: list, batch: dict, truth_x: torch.Tensor, data: dict, args, stats: dict) -> torch.Tensor:
+    """The trained block as the toy world draws it after the model's own context (DAgger's expert label).
+
+    The last context frame is decoded and its shape found (the centre of the
+    colour that holds there, on the torus), as is the ground truth's
+    (``truth_x``, the view before the model's own blocks replaced it); the clip is re-rendered
+    with the shape moved by how far the model's shape sits from the ground
+    truth's, same speed, direction, background and switch, and encoded. Its
+    block is where the world goes from where the model left the shape: one
+    clean shape that keeps moving the prompted way. Where the context has no
+    shape of that colour the ground truth stays the target.
+    """
+    from dataclasses import replace
+
+    from supergen.metrics import colour_centre, tracked_colour, wrapped_steps
+
+    b, view = args.block, batch["view"]
+    mean, std = latent_stats(pipe.vae)
+    height, width, _ = TOY_NATIVE_SIZE
+    end = view["blocks"] * b - b  # the trained block's first frame in the view
+    if end == view["sink"]:
+        return batch["x0"]  # no context right before the block (only the sink): nothing to follow but the truth
+    # Two context blocks decoded alone are enough for the last frame (the VAE's causal reach is short); the
+    # ground truth's same blocks decoded the same way, so what the decoder adds is in both.
+    window = slice(max(view["sink"], end - 2 * b), end)
+    z = torch.cat([batch["x"][:, :, window], truth_x[:, :, window]]) * std + mean
+    last = ((pipe.vae.decode(z).sample[:, :, -1].clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    own, truth = last[: len(z) // 2], last[len(z) // 2 :]
+    videos, shifts, lost = [], [], 0
+    for k, (clip, start) in enumerate(zip(batch["clips"], batch["starts"])):
+        params, switch, _ = specs[clip]
+        prompt = prompt_at(data, clip, start - 1)  # what holds at the context's last frame
+        own_centre = colour_centre(own[k], tracked_colour(own[k][None], prompt))
+        true_centre = colour_centre(truth[k], tracked_colour(truth[k][None], prompt))
+        dy, dx = 0.0, 0.0
+        if own_centre is None or true_centre is None:
+            lost += 1
+        else:
+            dy, dx = wrapped_steps(np.array([true_centre, own_centre]), height, width)[0]
+        shifts.append((dy, dx))
+        moved = replace(params, start_x=(params.start_x + dx / width) % 1.0, start_y=(params.start_y + dy / height) % 1.0)
+        videos.append(render_stream_clip(moved, height, width, args.clip_frames, switch))
+    zs = (pipe.vae.encode(clips_to_video(np.stack(videos))).latent_dist.mode() - mean) / std
+    stats["each"] = shifts
+    stats["steps"] += 1
+    stats["lost"] += lost / len(videos)
+    stats["shift"] += float(np.hypot(*np.asarray(shifts).T).mean())
+    return torch.stack([zs[k, :, start : start + b] for k, start in enumerate(batch["starts"])])
+
+
 def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -381,6 +513,11 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     sigma_table = few_step_sigmas(pipe, args.steps_schedule)
     pairs = build_first_blocks(args, work, sigma_table)
     text = encode_prompts(pipe, sorted(set(data["pre"]) | set(data["post"]) | set(pairs["prompts"] if pairs else ())))
+    specs = clip_specs(args, pipe.vae.config.scale_factor_temporal) if args.dagger_fraction > 0 else None
+    if specs is not None and [p.prompt for p, _, _ in specs] != list(data["pre"]):
+        raise SystemExit(f"{work / 'latents.pt'} was not made by these data settings (--seed, --clips, --clip-frames, "
+                         "--block, --switch-fraction): the dagger oracle cannot re-render its clips; use a new --work")
+    dagger_stats = {"steps": 0, "lost": 0.0, "shift": 0.0}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
     ckpt = work / "causal.pt"
@@ -395,22 +532,29 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     for step in range(start, args.steps):
         gen = torch.Generator().manual_seed(step_seed(args.seed, 11, step))
         first = pairs is not None and bool(torch.rand((), generator=gen) < args.first_block_fraction)
-        rollout = not first and args.rollout_fraction > 0 and bool(torch.rand((), generator=gen) < args.rollout_fraction)
+        dagger = not first and args.dagger_fraction > 0 and bool(torch.rand((), generator=gen) < args.dagger_fraction)
+        rollout = dagger or (not first and args.rollout_fraction > 0
+                             and bool(torch.rand((), generator=gen) < args.rollout_fraction))
         if first:
             # The stream's first block alone: no context, full attention inside the block, positions 0..b-1.
             batch = first_block_batch(pairs, text, gen, args)
-            clean_f, token_mask, positions = 0, None, torch.arange(args.block)
+            clean_f = 0
+            tables = rope_tables(model.rope, torch.arange(args.block), grid_hw)
+            for proc in procs:
+                proc.mask, proc.rope = None, tables
         else:
-            batch = make_batch(data, text, gen, args, sigma_table, shift, rollout)
+            batch = make_batch(data, text, gen, args, sigma_table, shift, rollout, drop=not dagger)
             view = batch["view"]
-            nb, blocks = view["noisy"], view["blocks"]
-            frame_mask = teacher_forcing_mask(blocks, nb, args.block)
-            token_mask = frame_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)[None, None]
-            clean_f = blocks * args.block
-            positions = torch.cat([torch.arange(clean_f), torch.arange(clean_f - nb * args.block, clean_f)])
-        tables = rope_tables(model.rope, positions, grid_hw)
-        for proc in procs:
-            proc.mask, proc.rope = token_mask, tables
+            if dagger:
+                # The model's own last context blocks (as many as the view has after its sink, at most
+                # --dagger-blocks), then the world's continuation of them as the target.
+                free = view["blocks"] - 1 - view["sink"] // args.block
+                truth_x = batch["x"].clone()
+                if free > 0:
+                    own = int(torch.randint(1, min(free, args.dagger_blocks) + 1, (1,), generator=gen))
+                    own_context(model, procs, batch, data, text, args, sigma_table, grid_hw, own, gen)
+                batch["x0"] = oracle_block(pipe, specs, batch, truth_x, data, args, dagger_stats)
+            clean_f = set_view(model, procs, view["blocks"], view["noisy"], args.block, grid_hw)
 
         def forward(x, t_F):
             return model(hidden_states=x, timestep=t_F.repeat_interleave(tpf, dim=1),
@@ -430,6 +574,11 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
             log.add("causal", step + 1, loss.item(), now)
             logger.info("step %d/%d loss %.4f (running %.4f) lr %.2e %.0f s", step + 1, args.steps, loss.item(),
                         running, lr, now)
+            if dagger_stats["steps"]:
+                n = dagger_stats["steps"]
+                logger.info("dagger views: the model's shape %.2f px from the world's, lost in %.0f%% (%d views)",
+                            dagger_stats["shift"] / n, 100 * dagger_stats["lost"] / n, n)
+                dagger_stats.update(steps=0, lost=0.0, shift=0.0)
         stop = budget_spent(args)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
             save_checkpoint(ckpt, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
@@ -486,6 +635,11 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher", default="toy", help="bidirectional model whose trajectories the first block learns")
     parser.add_argument("--teacher-steps", type=non_negative_int, default=20)
     parser.add_argument("--teacher-guidance", type=float, default=3.0)
+    parser.add_argument("--dagger-fraction", type=fraction, default=0.0,
+                        help="views whose last context blocks the model samples itself, the target re-rendered by "
+                             "the toy world from where that context left the shape (DAgger)")
+    parser.add_argument("--dagger-blocks", type=positive_int, default=2,
+                        help="most context blocks the model samples itself in a dagger view")
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=8)

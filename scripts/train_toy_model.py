@@ -165,6 +165,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1")
+    return value
+
+
 def train_vae(pipe, args, work: Path, log: LossLog) -> None:
     vae = pipe.vae
     height, width, frames = TOY_NATIVE_SIZE

@@ -321,6 +321,15 @@ def _circular_centre(mask: np.ndarray) -> tuple[float, float] | None:
     return centre[0], centre[1]
 
 
+def colour_centre(frame, colour: str) -> tuple[float, float] | None:
+    """Centre (y, x) of all of ``colour`` in one frame (H, W, 3) on the torus, None if none is there.
+
+    Unlike :func:`shape_track` it does not need the shape in one piece, so a
+    shape split by a blurred edge still has its centre.
+    """
+    return _circular_centre(_colour_mask(_as_float(np.asarray(frame)[None])[0], colour))
+
+
 def tracked_colour(frames, prompt: str) -> str:
     """The colour a stream's block is judged by: the prompt's if it is there, else the most present one."""
     facts = parse_prompt(prompt)

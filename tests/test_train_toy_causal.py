@@ -110,8 +110,9 @@ def test_rollout_with_the_exact_velocity_lands_on_the_noised_ground_truth():
 
 
 # Rollout on half the steps, and first-block regression onto 4 teacher trajectories (4 Euler steps) on half.
+# Dagger views (own context, the world's continuation as target) on half of the rest.
 SELF_FORCING = ["--rollout-fraction", "0.5", "--first-blocks", "4", "--first-block-fraction", "0.5",
-                "--teacher-steps", "4"]
+                "--teacher-steps", "4", "--dagger-fraction", "0.5"]
 
 
 def test_rollout_and_first_block_training_resume_to_the_same_weights(tmp_path):
@@ -158,9 +159,56 @@ def test_first_block_batch_targets_the_velocity_to_the_teachers_clip():
     ("--rollout-fraction", "1.5", "1.5 is not a fraction in [0, 1]"),
     ("--first-block-fraction", "-0.1", "-0.1 is not a fraction in [0, 1]"),
     ("--first-blocks", "-4", "-4 must be an integer >= 0"),
+    ("--dagger-fraction", "2", "2 is not a fraction in [0, 1]"),
+    ("--dagger-blocks", "0", "0 must be an integer >= 1"),
 ])
 def test_bad_training_options_are_refused_in_one_line(tmp_path, flag, value, message):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
                           flag, value], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and f"argument {flag}: {message}" in run.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "w").exists()
+
+
+def test_dagger_oracle_continues_from_where_the_context_left_the_shape():
+    # A context whose shape sits 4 px right of the ground truth's: the oracle finds the 4 px and returns the
+    # block of the clip re-rendered 4 px right (one clean shape moving on from there), not the ground truth's.
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from scripts.train_toy_causal import clip_specs, oracle_block
+    from scripts.train_toy_model import clips_to_video, latent_stats
+    from supergen.models import load_diffusers_pipeline
+    from supergen.toyworld import render_stream_clip
+
+    pipe = load_diffusers_pipeline("toy")
+    args = SimpleNamespace(seed=5, clips=2, clip_frames=25, block=3, switch_fraction=0.0)
+    specs = clip_specs(args, pipe.vae.config.scale_factor_temporal)
+    mean, std = latent_stats(pipe.vae)
+
+    def encode(params_list):
+        videos = np.stack([render_stream_clip(p, 32, 32, args.clip_frames, None) for p in params_list])
+        with torch.no_grad():
+            return (pipe.vae.encode(clips_to_video(videos)).latent_dist.mode() - mean) / std
+
+    params = [p for p, _, _ in specs]
+    truth = encode(params)
+    moved = encode([replace(p, start_x=(p.start_x + 4 / 32) % 1.0) for p in params])
+    # View: no sink, context latent frames 3..8 (two blocks), the trained block 9..11.
+    data = {"pre": [p.prompt for p in params], "post": [p.prompt for p in params], "switch_at": torch.tensor([13, 13])}
+    view = {"sink": 0, "blocks": 3, "noisy": 1}
+    batch = {"view": view, "clips": [0, 1], "starts": [9, 9], "x0": truth[:, :, 9:12]}
+    stats = {"steps": 0, "lost": 0.0, "shift": 0.0}
+
+    batch["x"] = truth[:, :, 3:12].clone()
+    same = oracle_block(pipe, specs, batch, truth[:, :, 3:12], data, args, stats)
+    assert stats["each"] == [(0.0, 0.0), (0.0, 0.0)]
+    torch.testing.assert_close(same, truth[:, :, 9:12], rtol=0, atol=1e-4)
+
+    batch["x"] = moved[:, :, 3:12].clone()
+    out = oracle_block(pipe, specs, batch, truth[:, :, 3:12], data, args, stats)
+    for dy, dx in stats["each"]:
+        assert abs(dy) < 1.5 and abs(dx - 4) < 1.5, stats["each"]  # the colour detector is good to ~1 px
+    assert (out - moved[:, :, 9:12]).abs().mean() < 0.25 * (truth[:, :, 9:12] - moved[:, :, 9:12]).abs().mean()
+    assert stats["steps"] == 2 and stats["lost"] == 0
