@@ -427,7 +427,9 @@ def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_t
     schedule with the model itself (no gradient), attending to the clean
     context before the block and itself, under the prompt that holds there;
     the sample then stands in for the ground truth as the clean context of
-    what follows (the ``rerun`` KV write sees it at timestep 0).
+    what follows (the ``rerun`` KV write sees it at timestep 0). With
+    ``--dagger-guidance`` other than 1 the samples use classifier-free
+    guidance at that scale, as a stream at that guidance makes them.
     """
     b, view = args.block, batch["view"]
     tpf = grid_hw[0] * grid_hw[1]
@@ -439,12 +441,19 @@ def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_t
         # Absolute latent frame of view block k: sink blocks sit at the clip's start, run blocks before the trained one.
         first_abs = [start - (blocks - 1 - k) * b for start in batch["starts"]]
         cond = torch.stack([text[prompt_at(data, c, f)] for c, f in zip(batch["clips"], first_abs)])
+        guided = args.dagger_guidance != 1.0
+        if guided:  # conditional and unconditional in one batch, as the stream batches them
+            cond = torch.cat([cond, text[""][None].expand_as(cond)])
         xt = torch.randn(x[:, :, :b].shape, generator=gen)
-        t_F = torch.zeros(x.shape[0], clean_f + b)
+        t_F = torch.zeros(x.shape[0] * (2 if guided else 1), clean_f + b)
         for i in range(len(sigma_table)):
             t_F[:, -b:] = sig[i] * 1000
-            v = model(hidden_states=torch.cat([x[:, :, :clean_f], xt], dim=2), timestep=t_F.repeat_interleave(tpf, dim=1),
+            seq = torch.cat([x[:, :, :clean_f], xt], dim=2)
+            v = model(hidden_states=torch.cat([seq, seq]) if guided else seq, timestep=t_F.repeat_interleave(tpf, dim=1),
                       encoder_hidden_states=cond, return_dict=False)[0][:, :, clean_f:]
+            if guided:
+                v_c, v_u = v.chunk(2)
+                v = v_u + args.dagger_guidance * (v_c - v_u)
             xt = xt + (sig[i + 1] - sig[i]) * v
         x[:, :, k * b : (k + 1) * b] = xt
 
@@ -640,6 +649,8 @@ def main(argv=None) -> None:
                              "the toy world from where that context left the shape (DAgger)")
     parser.add_argument("--dagger-blocks", type=positive_int, default=2,
                         help="most context blocks the model samples itself in a dagger view")
+    parser.add_argument("--dagger-guidance", type=float, default=1.0,
+                        help="CFG scale the dagger views sample their own context with (the stream's guidance)")
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=8)

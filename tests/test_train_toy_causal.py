@@ -110,9 +110,9 @@ def test_rollout_with_the_exact_velocity_lands_on_the_noised_ground_truth():
 
 
 # Rollout on half the steps, and first-block regression onto 4 teacher trajectories (4 Euler steps) on half.
-# Dagger views (own context, the world's continuation as target) on half of the rest.
+# Dagger views (own context sampled at CFG 2, the world's continuation as target) on half of the rest.
 SELF_FORCING = ["--rollout-fraction", "0.5", "--first-blocks", "4", "--first-block-fraction", "0.5",
-                "--teacher-steps", "4", "--dagger-fraction", "0.5"]
+                "--teacher-steps", "4", "--dagger-fraction", "0.5", "--dagger-guidance", "2"]
 
 
 def test_rollout_and_first_block_training_resume_to_the_same_weights(tmp_path):
