@@ -38,34 +38,40 @@ settings chosen by scripts/bench_stream_quality.py in its ``supergen.json``:
 
     OMP_NUM_THREADS=1 nohup python scripts/train_toy_causal.py --work runs/toy-causal > runs/toy-causal.log 2>&1 &
 
-The shipped ``toy-causal`` came from one run resumed with changed settings
-(steps 1-300 before ``--start-blocks`` existed, i.e. ``--start-blocks 0``, with
-``--steps 1600`` then ``1200``; 301-500 with the defaults and ``--steps 900``;
-501-900 with ``--schedule-fraction 0.8 --steps 900``): 900 steps of batch 8 in
-40 minutes on one thread. It learned to continue a clean context one noise
-level at a time (x0 predictions at sigma 0.67 move the shape the right way)
-but not to draw from pure noise with context (at sigma 1 it predicts no
-shape), so its few-step streams barely move: see docs/benchmarks.md.
+``--dagger-fraction`` attacks the exposure bias of a stream fed its own
+output without a causal teacher, the way DAgger does with an expert: the toy
+world itself labels the model's own contexts. In a dagger view the last
+``--dagger-blocks`` context blocks are sampled by the model (the stream's
+few-step schedule from pure noise, block by block, no gradient, at CFG
+``--dagger-guidance``); the last context frame is decoded and its shape
+found; the clip is re-rendered with the shape moved to where the model left
+it; and the trained block, rolled out as in ``--rollout-fraction``, targets
+that re-rendered continuation: one clean shape moving on the prompted way
+from the model's own last position.
 
-Two Self-Forcing-style modes were added after it and measured (docs/benchmarks.md,
-"Self-Forcing-style training"), not shipped: ``--rollout-fraction`` trains a
-block from the few-step sampler's own state (Self-Forcing's rollout, one block
-after a clean context, the target the velocity to the ground truth), and
-``--first-blocks`` regresses the context-free first block onto a bidirectional
-teacher's trajectories (CausVid's ODE initialisation). Together they teach the
-continuation (0.88 px a frame after a ground-truth context, against -0.12) but
-the stream, fed its own output, drifts worse, which a distribution-matching
-loss on self-generated contexts (DMD) would address.
+The other two modes: ``--rollout-fraction`` trains a block from the few-step
+sampler's own state (Self-Forcing's rollout, one block after a context, the
+target the velocity to the ground truth), and ``--first-blocks`` regresses
+the context-free first block onto a bidirectional teacher's trajectories
+(CausVid's ODE initialisation).
 
-``--dagger-fraction`` attacks that exposure bias without a causal teacher,
-the way DAgger does with an expert: the toy world itself labels the model's
-own contexts. In a dagger view the last ``--dagger-blocks`` context blocks
-are sampled by the model (the stream's few-step schedule from pure noise,
-block by block, no gradient); the last context frame is decoded and its
-shape found; the clip is re-rendered with the shape moved to where the model
-left it; and the trained block, rolled out as in ``--rollout-fraction``,
-targets that re-rendered continuation: one clean shape moving on the
-prompted way from the model's own last position.
+The shipped ``toy-causal`` is the fourth stage of one chain, each stage
+starting from the previous one's exported EMA (docs/benchmarks.md,
+"Streaming quality", has each stage's numbers and the exact commands):
+
+1. teacher forcing from ``toy``, 900 steps (40 minutes);
+2. ``--rollout-fraction 0.5``, then with ``--first-blocks 256``, 2,100 steps
+   (70 minutes);
+3. dagger views at CFG 1 over views as long as the stream's
+   (``--max-context-blocks 4 --max-sink-blocks 1``), 200 steps (12 minutes);
+4. dagger views at CFG 3 (``--dagger-guidance 3 --guidance 3``), 400 steps
+   (32 minutes): 200 of a ``--steps 400`` schedule, then 200 more after
+   resuming with ``--steps 650``.
+
+About 2.5 hours on one thread in all, over several sessions. Guidance 3 at
+inference (written to its supergen.json) made the biggest difference (stage
+2's continuity over 60 blocks and 4 prompts: 0.16 at CFG 1, 0.45 at CFG 3);
+the dagger stages took it to 0.58 and one object from 59% to 75% of frames.
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ logger = logging.getLogger("train_toy_causal")
 
 #: Stream settings written to supergen.json (chosen with scripts/bench_stream_quality.py).
 STREAM_DEFAULTS = {"block_frames": 3, "window": 9, "sink": 3, "steps": 4, "schedule": "block", "kv_write": "rerun",
-                   "on_prompt_change": "flush"}
+                   "on_prompt_change": "keep"}
 
 
 class _MaskedSelfAttn(WanAttnProcessor):
