@@ -189,10 +189,20 @@ def test_generate_flags_come_from_the_config_fields():
     assert _config_from_args(ParallelConfig, changed) == ParallelConfig(ulysses=2, timeout_s=30.0)
 
 
-def test_stream_flags_come_from_the_stream_config():
-    """Every StreamConfig field has its stream flag; left out, it takes the model's recommendation (toy-causal's
-    supergen.json says on_prompt_change=flush), else the field's default, and the help says so."""
+def test_stream_flags_come_from_the_stream_config(tmp_path):
+    """Every StreamConfig field has its stream flag; left out, it takes the model's recommendation (here a copy of
+    toy-causal whose supergen.json says on_prompt_change=flush), else the field's default, and the help says so."""
     import dataclasses
+    import json
+    import shutil
+
+    from supergen.models import SHIPPED_MODELS
+
+    model = tmp_path / "toy-causal-flush"
+    shutil.copytree(SHIPPED_MODELS["toy-causal"], model)
+    hints = json.loads((model / "supergen.json").read_text())
+    hints["stream"]["on_prompt_change"] = "flush"
+    (model / "supergen.json").write_text(json.dumps(hints))
 
     from supergen.cli import _config_from_args, build_parser, stream_config_for
     from supergen.config import StreamConfig
@@ -209,6 +219,6 @@ def test_stream_flags_come_from_the_stream_config():
     plain = parser.parse_args(["stream", "--prompt", "p", "--output", "o.mp4"])
     assert _config_from_args(StreamConfig, plain) == StreamConfig()
     changed = parser.parse_args(["stream", "--prompt", "p", "--output", "o.mp4", "--window", "12", "--kv-write",
-                                 "last_step", "--steps", "2", "--model", "toy-causal"])
+                                 "last_step", "--steps", "2", "--model", str(model)])
     assert stream_config_for(changed) == StreamConfig(window=12, kv_write="last_step", steps=2,
                                                       on_prompt_change="flush")
