@@ -100,6 +100,7 @@ from scripts.train_toy_model import (  # noqa: E402
     fraction,
     export as export_pipeline,
     latent_stats,
+    non_negative_float,
     non_negative_int,
     positive_int,
     optimizer_step,
@@ -109,6 +110,7 @@ from scripts.train_toy_model import (  # noqa: E402
     step_seed,
     stop_run,
 )
+from supergen.backbones.base import cfg_combine  # noqa: E402
 from supergen.models import TOY_NATIVE_SIZE, load_diffusers_pipeline  # noqa: E402
 from supergen.toyworld import (  # noqa: E402
     COLOURS,
@@ -275,7 +277,7 @@ def build_first_blocks(args, work: Path, sigma_table: torch.Tensor) -> dict | No
             t = grid[i].expand(len(chunk)) * 1000
             v_c = net(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
             v_u = net(hidden_states=x, timestep=t, encoder_hidden_states=empty, return_dict=False)[0]
-            x = x + (grid[i + 1] - grid[i]) * (v_u + args.teacher_guidance * (v_c - v_u))
+            x = x + (grid[i + 1] - grid[i]) * cfg_combine(v_u, v_c, args.teacher_guidance)
         states.append(torch.stack(at_levels, dim=1).to(torch.float16))  # (B, levels, C, block, H, W)
         finals.append(x[:, :, : args.block].to(torch.float16))
         logger.info("teacher first blocks %d/%d", start + len(chunk), args.first_blocks)
@@ -378,6 +380,17 @@ def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: 
             "cond": torch.stack(conds), "view": view, "clips": clip_idx.tolist(), "starts": starts}
 
 
+def euler_steps(forward, context: torch.Tensor, xt: torch.Tensor, t_F: torch.Tensor, sig: torch.Tensor,
+                steps: int) -> torch.Tensor:
+    """The first ``steps`` Euler steps of the few-step schedule ``sig`` (ending in 0) for the block ``xt`` after
+    ``context``; ``t_F`` holds every frame's timestep, the block's last ``n`` entries set here at each step."""
+    n = xt.shape[2]
+    for i in range(steps):
+        t_F[:, -n:] = sig[i] * 1000
+        xt = xt + (sig[i + 1] - sig[i]) * forward(torch.cat([context, xt], dim=2), t_F)
+    return xt
+
+
 @torch.no_grad()
 def roll_out(forward, batch: dict, sigma_table: torch.Tensor, exit_step: int) -> None:
     """Self-Forcing's rollout on one block: the noisy block becomes the few-step sampler's own state.
@@ -392,11 +405,7 @@ def roll_out(forward, batch: dict, sigma_table: torch.Tensor, exit_step: int) ->
     sig = torch.cat([sigma_table, sigma_table.new_zeros(1)])
     x, t_F = batch["x"], batch["t_F"]
     n = batch["x0"].shape[2]
-    xt = batch["noise"]
-    for i in range(exit_step):
-        t_F[:, -n:] = sig[i] * 1000
-        v = forward(torch.cat([x[:, :, :-n], xt], dim=2), t_F)
-        xt = xt + (sig[i + 1] - sig[i]) * v
+    xt = euler_steps(forward, x[:, :, :-n], batch["noise"], t_F, sig, exit_step)
     s = sig[exit_step]
     t_F[:, -n:] = s * 1000
     batch["x"] = torch.cat([x[:, :, :-n], xt], dim=2)
@@ -442,25 +451,28 @@ def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_t
     sig = torch.cat([sigma_table, sigma_table.new_zeros(1)])
     x = batch["x"]
     blocks = view["blocks"]
+    guided = args.dagger_guidance != 1.0
     for k in range(blocks - 1 - own_blocks, blocks - 1):
         clean_f = set_view(model, procs, k + 1, 1, b, grid_hw)
-        # Absolute latent frame of view block k: sink blocks sit at the clip's start, run blocks before the trained one.
+        # Absolute latent frame where view block k starts (a run block: the trained one starts at batch["starts"]).
         first_abs = [start - (blocks - 1 - k) * b for start in batch["starts"]]
         cond = torch.stack([text[prompt_at(data, c, f)] for c, f in zip(batch["clips"], first_abs)])
-        guided = args.dagger_guidance != 1.0
         if guided:  # conditional and unconditional in one batch, as the stream batches them
             cond = torch.cat([cond, text[""][None].expand_as(cond)])
-        xt = torch.randn(x[:, :, :b].shape, generator=gen)
-        t_F = torch.zeros(x.shape[0] * (2 if guided else 1), clean_f + b)
-        for i in range(len(sigma_table)):
-            t_F[:, -b:] = sig[i] * 1000
-            seq = torch.cat([x[:, :, :clean_f], xt], dim=2)
-            v = model(hidden_states=torch.cat([seq, seq]) if guided else seq, timestep=t_F.repeat_interleave(tpf, dim=1),
-                      encoder_hidden_states=cond, return_dict=False)[0][:, :, clean_f:]
+
+        def forward(seq, t_F):
+            t = t_F.repeat_interleave(tpf, dim=1)
             if guided:
-                v_c, v_u = v.chunk(2)
-                v = v_u + args.dagger_guidance * (v_c - v_u)
-            xt = xt + (sig[i + 1] - sig[i]) * v
+                seq, t = torch.cat([seq, seq]), torch.cat([t, t])
+            v = model(hidden_states=seq, timestep=t, encoder_hidden_states=cond, return_dict=False)[0][:, :, clean_f:]
+            if not guided:
+                return v
+            v_c, v_u = v.chunk(2)
+            return cfg_combine(v_u, v_c, args.dagger_guidance)
+
+        t_F = torch.zeros(x.shape[0], clean_f + b)
+        xt = euler_steps(forward, x[:, :, :clean_f], torch.randn(x[:, :, :b].shape, generator=gen), t_F, sig,
+                         len(sigma_table))
         x[:, :, k * b : (k + 1) * b] = xt
 
 
@@ -655,7 +667,7 @@ def main(argv=None) -> None:
                              "the toy world from where that context left the shape (DAgger)")
     parser.add_argument("--dagger-blocks", type=positive_int, default=2,
                         help="most context blocks the model samples itself in a dagger view")
-    parser.add_argument("--dagger-guidance", type=float, default=1.0,
+    parser.add_argument("--dagger-guidance", type=non_negative_float, default=1.0,
                         help="CFG scale the dagger views sample their own context with (the stream's guidance)")
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)

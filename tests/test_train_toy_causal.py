@@ -161,6 +161,7 @@ def test_first_block_batch_targets_the_velocity_to_the_teachers_clip():
     ("--first-blocks", "-4", "-4 must be an integer >= 0"),
     ("--dagger-fraction", "2", "2 is not a fraction in [0, 1]"),
     ("--dagger-blocks", "0", "0 must be an integer >= 1"),
+    ("--dagger-guidance", "-1", "-1 must be a number >= 0"),
 ])
 def test_bad_training_options_are_refused_in_one_line(tmp_path, flag, value, message):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
