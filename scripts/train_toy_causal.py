@@ -328,21 +328,36 @@ def draw_view(gen: torch.Generator, args, latent_frames: int, rollout: bool = Fa
 
 
 def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: torch.Tensor, shift: float,
-               rollout: bool = False, drop: bool = True):
+               rollout: bool = False, drop: bool = True, switch_view: bool = False):
     """One step's inputs: latents x (B,C,F,H,W), per-frame timesteps, targets, loss weights, text.
 
     ``drop=False`` keeps every prompt (no classifier-free-guidance drop), as
     the dagger views need the prompt to sample their own context.
+    ``switch_view`` draws clips with a prompt switch and places the view's
+    last block on the first or second block after it where the view allows,
+    so the context holds the old prompt's motion and the block the new one
+    (a stream after ``set_prompt``).
     """
     latents = data["latents"]
     n_clips, _, latent_frames = latents.shape[:3]
     view = draw_view(gen, args, latent_frames, rollout)
     b, nb = args.block, view["noisy"]
-    clip_idx = torch.randint(n_clips, (args.batch,), generator=gen)
+    switched = torch.nonzero(data["switch_at"] < latent_frames).flatten()
+    switch_view = switch_view and len(switched) > 0 and not view["from_start"]
+    if switch_view:
+        clip_idx = switched[torch.randint(len(switched), (args.batch,), generator=gen)]
+    else:
+        clip_idx = torch.randint(n_clips, (args.batch,), generator=gen)
     xs, conds, weights, starts = [], [], [], []
     for i in clip_idx.tolist():
         z = latents[i].float()
         off = view["offsets"][int(torch.randint(len(view["offsets"]), (1,), generator=gen))]
+        if switch_view:
+            # The last block starts `after` blocks past the switch (off + run - b = switch_at + after * b), 0 or 1
+            # in random order, the first the view's length allows.
+            first_after = int(torch.randint(2, (1,), generator=gen))
+            wanted = [int(data["switch_at"][i]) + a * b - view["run"] + b for a in (first_after, 1 - first_after)]
+            off = next((w for w in wanted if w in view["offsets"]), off)
         if view["from_start"]:
             off = 0
         frames = torch.cat([z[:, : view["sink"]], z[:, off : off + view["run"]]], dim=1)
@@ -435,7 +450,7 @@ def prompt_at(data: dict, clip: int, latent_frame: int) -> str:
 
 @torch.no_grad()
 def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_table: torch.Tensor,
-                grid_hw: tuple[int, int], own_blocks: int, gen: torch.Generator) -> None:
+                grid_hw: tuple[int, int], own_blocks: int, gen: torch.Generator, own_sink: bool = False) -> None:
     """Replace the last ``own_blocks`` context blocks of a one-block view by the model's own stream output.
 
     Block by block, as the stream makes them: from pure noise, the few-step
@@ -445,17 +460,22 @@ def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_t
     what follows (the ``rerun`` KV write sees it at timestep 0). With
     ``--dagger-guidance`` other than 1 the samples use classifier-free
     guidance at that scale, as a stream at that guidance makes them.
+    ``own_sink`` also replaces the sink blocks first (the clip's first
+    blocks, made from no context as the stream's first block is), so the
+    trained block sees the kind of sink a stream keeps: its own first block.
     """
     b, view = args.block, batch["view"]
     tpf = grid_hw[0] * grid_hw[1]
     sig = torch.cat([sigma_table, sigma_table.new_zeros(1)])
     x = batch["x"]
     blocks = view["blocks"]
+    sink_blocks = view["sink"] // b if own_sink else 0
     guided = args.dagger_guidance != 1.0
-    for k in range(blocks - 1 - own_blocks, blocks - 1):
+    for k in [*range(sink_blocks), *range(blocks - 1 - own_blocks, blocks - 1)]:
         clean_f = set_view(model, procs, k + 1, 1, b, grid_hw)
-        # Absolute latent frame where view block k starts (a run block: the trained one starts at batch["starts"]).
-        first_abs = [start - (blocks - 1 - k) * b for start in batch["starts"]]
+        # Absolute latent frame where view block k starts: a sink block is the clip's k-th, a run block sits
+        # before the trained one (which starts at batch["starts"]).
+        first_abs = [k * b if k < view["sink"] // b else start - (blocks - 1 - k) * b for start in batch["starts"]]
         cond = torch.stack([text[prompt_at(data, c, f)] for c, f in zip(batch["clips"], first_abs)])
         if guided:  # conditional and unconditional in one batch, as the stream batches them
             cond = torch.cat([cond, text[""][None].expand_as(cond)])
@@ -562,6 +582,8 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
         dagger = not first and args.dagger_fraction > 0 and bool(torch.rand((), generator=gen) < args.dagger_fraction)
         rollout = dagger or (not first and args.rollout_fraction > 0
                              and bool(torch.rand((), generator=gen) < args.rollout_fraction))
+        switch_view = (not first and args.switch_view_fraction > 0
+                       and bool(torch.rand((), generator=gen) < args.switch_view_fraction))
         if first:
             # The stream's first block alone: no context, full attention inside the block, positions 0..b-1.
             batch = first_block_batch(pairs, text, gen, args)
@@ -570,16 +592,18 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
             for proc in procs:
                 proc.mask, proc.rope = None, tables
         else:
-            batch = make_batch(data, text, gen, args, sigma_table, shift, rollout, drop=not dagger)
+            batch = make_batch(data, text, gen, args, sigma_table, shift, rollout, drop=not dagger,
+                               switch_view=switch_view)
             view = batch["view"]
             if dagger:
                 # The model's own last context blocks (as many as the view has after its sink, at most
                 # --dagger-blocks), then the world's continuation of them as the target.
                 free = view["blocks"] - 1 - view["sink"] // args.block
                 truth_x = batch["x"].clone()
-                if free > 0:
-                    own = int(torch.randint(1, min(free, args.dagger_blocks) + 1, (1,), generator=gen))
-                    own_context(model, procs, batch, data, text, args, sigma_table, grid_hw, own, gen)
+                own = int(torch.randint(1, min(free, args.dagger_blocks) + 1, (1,), generator=gen)) if free > 0 else 0
+                if own or (args.dagger_sink and view["sink"]):
+                    own_context(model, procs, batch, data, text, args, sigma_table, grid_hw, own, gen,
+                                own_sink=args.dagger_sink)
                 batch["x0"] = oracle_block(pipe, specs, batch, truth_x, data, args, dagger_stats)
             clean_f = set_view(model, procs, view["blocks"], view["noisy"], args.block, grid_hw)
 
@@ -669,6 +693,10 @@ def main(argv=None) -> None:
                         help="most context blocks the model samples itself in a dagger view")
     parser.add_argument("--dagger-guidance", type=non_negative_float, default=1.0,
                         help="CFG scale the dagger views sample their own context with (the stream's guidance)")
+    parser.add_argument("--dagger-sink", action="store_true",
+                        help="in dagger views, the sink is the model's own first block too (as in a stream)")
+    parser.add_argument("--switch-view-fraction", type=fraction, default=0.0,
+                        help="views whose last block is the first or second after a prompt switch")
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=8)

@@ -111,8 +111,10 @@ def test_rollout_with_the_exact_velocity_lands_on_the_noised_ground_truth():
 
 # Rollout on half the steps, and first-block regression onto 4 teacher trajectories (4 Euler steps) on half.
 # Dagger views (own context sampled at CFG 2, the world's continuation as target) on half of the rest.
+# The dagger views' sink is the model's own first block too; half the views end right after a prompt switch.
 SELF_FORCING = ["--rollout-fraction", "0.5", "--first-blocks", "4", "--first-block-fraction", "0.5",
-                "--teacher-steps", "4", "--dagger-fraction", "0.5", "--dagger-guidance", "2"]
+                "--teacher-steps", "4", "--dagger-fraction", "0.5", "--dagger-guidance", "2", "--dagger-sink",
+                "--switch-view-fraction", "0.5"]
 
 
 def test_rollout_and_first_block_training_resume_to_the_same_weights(tmp_path):
@@ -155,6 +157,43 @@ def test_first_block_batch_targets_the_velocity_to_the_teachers_clip():
         torch.testing.assert_close(batch["x"][k] - s[k] * batch["target"][k], pairs["x0"][i].float(), rtol=0, atol=1e-3)
 
 
+def test_switch_views_end_on_the_first_blocks_after_a_prompt_switch():
+    from types import SimpleNamespace
+
+    from scripts.train_toy_causal import make_batch
+
+    # 12 clips of 31 latent frames whose values are their frame index; clips 0..5 switch at a block boundary.
+    n, frames, b = 12, 31, 3
+    latents = torch.arange(frames).float().view(1, 1, frames, 1, 1).expand(n, 2, frames, 2, 2).contiguous()
+    switch_at = torch.tensor([6, 9, 12, 15, 18, 21] + [frames] * 6)
+    data = {"latents": latents, "pre": [f"pre{i}" for i in range(n)], "post": [f"post{i}" for i in range(n)],
+            "switch_at": switch_at}
+    text = {"": torch.zeros(1, 4), **{f"{w}{i}": torch.full((1, 4), (i + 1) * (1 if w == "pre" else -1.0))
+                                      for i in range(n) for w in ("pre", "post")}}
+    args = SimpleNamespace(block=b, max_context_blocks=4, max_sink_blocks=1, start_fraction=0.0, noisy_blocks=1,
+                           start_blocks=2, batch=8, cfg_drop=0.0, schedule_fraction=0.5, context_noise=0.0)
+    sigmas = torch.tensor([1.0, 0.9, 0.7, 0.4])
+
+    def after_switch(switch_view: bool) -> list[int]:
+        blocks_after = []
+        for step in range(20):
+            gen = torch.Generator().manual_seed(step)
+            batch = make_batch(data, text, gen, args, sigmas, 3.0, rollout=True, switch_view=switch_view)
+            for k, (clip, start) in enumerate(zip(batch["clips"], batch["starts"])):
+                assert batch["x0"][k, 0, 0, 0, 0] == start  # the trained block is the clip's frames from start
+                if switch_view:
+                    assert clip < 6  # only clips that switch
+                    post = bool(start >= switch_at[clip])
+                    assert float(batch["cond"][k, 0, 0]) == (clip + 1) * (-1 if post else 1)
+                blocks_after.append((start - int(switch_at[clip])) // b if clip < 6 else -1)
+        return blocks_after
+
+    focused, plain = after_switch(True), after_switch(False)
+    share = sum(k in (0, 1) for k in focused) / len(focused)
+    assert share > 0.75, share  # where the view's length allows it (not a long view on an early switch)
+    assert sum(k in (0, 1) for k in plain) / len(plain) < 0.2
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--rollout-fraction", "1.5", "1.5 is not a fraction in [0, 1]"),
     ("--first-block-fraction", "-0.1", "-0.1 is not a fraction in [0, 1]"),
@@ -162,6 +201,7 @@ def test_first_block_batch_targets_the_velocity_to_the_teachers_clip():
     ("--dagger-fraction", "2", "2 is not a fraction in [0, 1]"),
     ("--dagger-blocks", "0", "0 must be an integer >= 1"),
     ("--dagger-guidance", "-1", "-1 must be a number >= 0"),
+    ("--switch-view-fraction", "1.2", "1.2 is not a fraction in [0, 1]"),
 ])
 def test_bad_training_options_are_refused_in_one_line(tmp_path, flag, value, message):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
