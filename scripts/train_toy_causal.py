@@ -448,6 +448,90 @@ def prompt_at(data: dict, clip: int, latent_frame: int) -> str:
     return data["post"][clip] if latent_frame >= int(data["switch_at"][clip]) else data["pre"][clip]
 
 
+def guided_forward(model, cond: torch.Tensor, empty: torch.Tensor, guidance: float, tpf: int, clean_f: int):
+    """The velocity of the frames after ``clean_f`` under ``cond``, with classifier-free guidance at ``guidance``
+    unless it is 1 (conditional and unconditional in one batch, as the stream batches them)."""
+    guided = guidance != 1.0
+    if guided:
+        cond = torch.cat([cond, empty[None].expand_as(cond)])
+
+    def forward(seq, t_F):
+        t = t_F.repeat_interleave(tpf, dim=1)
+        if guided:
+            seq, t = torch.cat([seq, seq]), torch.cat([t, t])
+        v = model(hidden_states=seq, timestep=t, encoder_hidden_states=cond, return_dict=False)[0][:, :, clean_f:]
+        if not guided:
+            return v
+        v_c, v_u = v.chunk(2)
+        return cfg_combine(v_u, v_c, guidance)
+
+    return forward
+
+
+@torch.no_grad()
+def first_block_target(pipe, specs: list, clips: list[int], x: torch.Tensor, args, stats: dict):
+    """The world's first block drawn where the model put its shape (DAgger's label for the stream's first block).
+
+    ``x`` holds the model's own first blocks (normalised latents) for training
+    clips ``clips``. Each is decoded, the prompted colour found in its first
+    frame, and the clip's world (its shape, colour, direction, speed,
+    background) re-rendered with the shape starting there and encoded: one
+    clean shape of the prompt where the model began to draw one, moving the
+    prompted way. Returns the target latents and a (B, 1) weight, 0 where the
+    model drew no shape of the prompted colour (nothing to follow).
+    """
+    from dataclasses import replace
+
+    from supergen.metrics import colour_centre
+
+    mean, std = latent_stats(pipe.vae)
+    height, width, _ = TOY_NATIVE_SIZE
+    first = ((pipe.vae.decode(x * std + mean).sample[:, :, 0].clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    frames = pipe.vae.config.scale_factor_temporal * (args.block - 1) + 1
+    videos, weight = [], []
+    for k, clip in enumerate(clips):
+        params = specs[clip][0]
+        centre = colour_centre(first[k], params.colour)
+        weight.append(float(centre is not None))
+        if centre is not None:  # pixel-centre coordinates of the found centre, as the renderer places shapes
+            params = replace(params, start_x=(centre[1] + 0.5) / width % 1.0, start_y=(centre[0] + 0.5) / height % 1.0)
+        videos.append(render_stream_clip(params, height, width, frames, None))
+    zs = (pipe.vae.encode(clips_to_video(np.stack(videos))).latent_dist.mode() - mean) / std
+    stats["first_steps"] = stats.get("first_steps", 0) + 1
+    stats["first_lost"] = stats.get("first_lost", 0.0) + 1 - float(np.mean(weight))
+    return zs[:, :, : args.block], torch.tensor(weight)[:, None]
+
+
+@torch.no_grad()
+def first_block_dagger(model, pipe, specs: list, data: dict, text: dict, args, sigma_table: torch.Tensor,
+                       tpf: int, gen: torch.Generator, stats: dict) -> dict:
+    """One step of DAgger on the stream's first block, Self-Forcing style.
+
+    From one noise per training clip the model samples the first block as the
+    stream does (the few-step schedule at ``--dagger-guidance``, no context),
+    :func:`first_block_target` labels it, and the model's own rollout from the
+    same noise (at a random exit step, conditional only, as ``roll_out``)
+    is trained on the velocity to that label. The bidirectional teacher of
+    ``--first-blocks`` can only show its own first blocks; this one shows the
+    world's. The caller has set the processors to the first block's view.
+    """
+    b, lh, lw = args.block, *data["latents"].shape[-2:]
+    clips = torch.randint(len(specs), (args.batch,), generator=gen).tolist()
+    cond = torch.stack([text[data["pre"][c]] for c in clips])
+    noise = torch.randn(args.batch, model.config.in_channels, b, lh, lw, generator=gen)
+    sig = torch.cat([sigma_table, sigma_table.new_zeros(1)])
+    empty_context = noise[:, :, :0]
+    sample = euler_steps(guided_forward(model, cond, text[""], args.dagger_guidance, tpf, 0), empty_context, noise,
+                         torch.zeros(args.batch, b), sig, len(sigma_table))
+    x0, weight = first_block_target(pipe, specs, clips, sample, args, stats)
+    exit_step = int(torch.randint(len(sigma_table), (1,), generator=gen))
+    t_F = torch.zeros(args.batch, b)
+    xt = euler_steps(guided_forward(model, cond, text[""], 1.0, tpf, 0), empty_context, noise, t_F, sig, exit_step)
+    s = sig[exit_step]
+    return {"x": xt, "t_F": torch.full((args.batch, b), float(s) * 1000), "target": (xt - x0) / s, "weight": weight,
+            "cond": cond}
+
+
 @torch.no_grad()
 def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_table: torch.Tensor,
                 grid_hw: tuple[int, int], own_blocks: int, gen: torch.Generator, own_sink: bool = False) -> None:
@@ -470,26 +554,13 @@ def own_context(model, procs, batch: dict, data: dict, text: dict, args, sigma_t
     x = batch["x"]
     blocks = view["blocks"]
     sink_blocks = view["sink"] // b if own_sink else 0
-    guided = args.dagger_guidance != 1.0
     for k in [*range(sink_blocks), *range(blocks - 1 - own_blocks, blocks - 1)]:
         clean_f = set_view(model, procs, k + 1, 1, b, grid_hw)
         # Absolute latent frame where view block k starts: a sink block is the clip's k-th, a run block sits
         # before the trained one (which starts at batch["starts"]).
         first_abs = [k * b if k < view["sink"] // b else start - (blocks - 1 - k) * b for start in batch["starts"]]
         cond = torch.stack([text[prompt_at(data, c, f)] for c, f in zip(batch["clips"], first_abs)])
-        if guided:  # conditional and unconditional in one batch, as the stream batches them
-            cond = torch.cat([cond, text[""][None].expand_as(cond)])
-
-        def forward(seq, t_F):
-            t = t_F.repeat_interleave(tpf, dim=1)
-            if guided:
-                seq, t = torch.cat([seq, seq]), torch.cat([t, t])
-            v = model(hidden_states=seq, timestep=t, encoder_hidden_states=cond, return_dict=False)[0][:, :, clean_f:]
-            if not guided:
-                return v
-            v_c, v_u = v.chunk(2)
-            return cfg_combine(v_u, v_c, args.dagger_guidance)
-
+        forward = guided_forward(model, cond, text[""], args.dagger_guidance, tpf, clean_f)
         t_F = torch.zeros(x.shape[0], clean_f + b)
         xt = euler_steps(forward, x[:, :, :clean_f], torch.randn(x[:, :, :b].shape, generator=gen), t_F, sig,
                          len(sigma_table))
@@ -560,7 +631,8 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     sigma_table = few_step_sigmas(pipe, args.steps_schedule)
     pairs = build_first_blocks(args, work, sigma_table)
     text = encode_prompts(pipe, sorted(set(data["pre"]) | set(data["post"]) | set(pairs["prompts"] if pairs else ())))
-    specs = clip_specs(args, pipe.vae.config.scale_factor_temporal) if args.dagger_fraction > 0 else None
+    dagger_on = args.dagger_fraction > 0 or args.first_dagger_fraction > 0
+    specs = clip_specs(args, pipe.vae.config.scale_factor_temporal) if dagger_on else None
     if specs is not None and [p.prompt for p, _, _ in specs] != list(data["pre"]):
         raise SystemExit(f"{work / 'latents.pt'} was not made by these data settings (--seed, --clips, --clip-frames, "
                          "--block, --switch-fraction): the dagger oracle cannot re-render its clips; use a new --work")
@@ -579,6 +651,9 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     for step in range(start, args.steps):
         gen = torch.Generator().manual_seed(step_seed(args.seed, 11, step))
         first = pairs is not None and bool(torch.rand((), generator=gen) < args.first_block_fraction)
+        first_dagger = (not first and args.first_dagger_fraction > 0
+                        and bool(torch.rand((), generator=gen) < args.first_dagger_fraction))
+        first = first or first_dagger
         dagger = not first and args.dagger_fraction > 0 and bool(torch.rand((), generator=gen) < args.dagger_fraction)
         rollout = dagger or (not first and args.rollout_fraction > 0
                              and bool(torch.rand((), generator=gen) < args.rollout_fraction))
@@ -586,11 +661,14 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
                        and bool(torch.rand((), generator=gen) < args.switch_view_fraction))
         if first:
             # The stream's first block alone: no context, full attention inside the block, positions 0..b-1.
-            batch = first_block_batch(pairs, text, gen, args)
             clean_f = 0
             tables = rope_tables(model.rope, torch.arange(args.block), grid_hw)
             for proc in procs:
                 proc.mask, proc.rope = None, tables
+            if first_dagger:
+                batch = first_block_dagger(model, pipe, specs, data, text, args, sigma_table, tpf, gen, dagger_stats)
+            else:
+                batch = first_block_batch(pairs, text, gen, args)
         else:
             batch = make_batch(data, text, gen, args, sigma_table, shift, rollout, drop=not dagger,
                                switch_view=switch_view)
@@ -630,6 +708,10 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
                 logger.info("dagger views: the model's shape %.2f px from the world's, lost in %.0f%% (%d views)",
                             dagger_stats["shift"] / n, 100 * dagger_stats["lost"] / n, n)
                 dagger_stats.update(steps=0, lost=0.0, shift=0.0)
+            if dagger_stats.get("first_steps"):
+                logger.info("first-block dagger: no shape of the prompted colour in %.0f%% of first frames (%d steps)",
+                            100 * dagger_stats["first_lost"] / dagger_stats["first_steps"], dagger_stats["first_steps"])
+                dagger_stats.update(first_steps=0, first_lost=0.0)
         stop = budget_spent(args)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
             save_checkpoint(ckpt, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
@@ -693,6 +775,9 @@ def main(argv=None) -> None:
                         help="most context blocks the model samples itself in a dagger view")
     parser.add_argument("--dagger-guidance", type=non_negative_float, default=1.0,
                         help="CFG scale the dagger views sample their own context with (the stream's guidance)")
+    parser.add_argument("--first-dagger-fraction", type=fraction, default=0.0,
+                        help="steps of DAgger on the first block: its own sample, the world's block where it drew "
+                             "the shape as the target (needs no --first-blocks)")
     parser.add_argument("--dagger-sink", action="store_true",
                         help="in dagger views, the sink is the model's own first block too (as in a stream)")
     parser.add_argument("--switch-view-fraction", type=fraction, default=0.0,

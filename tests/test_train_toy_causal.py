@@ -114,7 +114,7 @@ def test_rollout_with_the_exact_velocity_lands_on_the_noised_ground_truth():
 # The dagger views' sink is the model's own first block too; half the views end right after a prompt switch.
 SELF_FORCING = ["--rollout-fraction", "0.5", "--first-blocks", "4", "--first-block-fraction", "0.5",
                 "--teacher-steps", "4", "--dagger-fraction", "0.5", "--dagger-guidance", "2", "--dagger-sink",
-                "--switch-view-fraction", "0.5"]
+                "--switch-view-fraction", "0.5", "--first-dagger-fraction", "0.3"]
 
 
 def test_rollout_and_first_block_training_resume_to_the_same_weights(tmp_path):
@@ -253,3 +253,41 @@ def test_dagger_oracle_continues_from_where_the_context_left_the_shape():
         assert abs(dy) < 1.5 and abs(dx - 4) < 1.5, stats["each"]  # the colour detector is good to ~1 px
     assert (out - moved[:, :, 9:12]).abs().mean() < 0.25 * (truth[:, :, 9:12] - moved[:, :, 9:12]).abs().mean()
     assert stats["steps"] == 2 and stats["lost"] == 0
+
+
+def test_first_block_target_draws_the_world_where_the_model_put_its_shape():
+    # A first block whose shape starts 6 px left and 3 px below where the clip's spec starts it: the label is
+    # the spec's world re-rendered from there (one clean shape, the prompted motion), not the spec's own block.
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from scripts.train_toy_causal import clip_specs, first_block_target
+    from scripts.train_toy_model import clips_to_video, latent_stats
+    from supergen.models import load_diffusers_pipeline
+    from supergen.toyworld import render_stream_clip
+
+    pipe = load_diffusers_pipeline("toy")
+    args = SimpleNamespace(seed=2, clips=3, clip_frames=25, block=3, switch_fraction=0.0)
+    specs = clip_specs(args, pipe.vae.config.scale_factor_temporal)
+    mean, std = latent_stats(pipe.vae)
+    frames = pipe.vae.config.scale_factor_temporal * (args.block - 1) + 1
+
+    def encode(params_list):
+        videos = np.stack([render_stream_clip(p, 32, 32, frames, None) for p in params_list])
+        with torch.no_grad():
+            return ((pipe.vae.encode(clips_to_video(videos)).latent_dist.mode() - mean) / std)[:, :, : args.block]
+
+    params = [p for p, _, _ in specs]
+    own = encode([replace(p, start_x=(p.start_x - 6 / 32) % 1.0, start_y=(p.start_y + 3 / 32) % 1.0) for p in params])
+    stats = {}
+    target, weight = first_block_target(pipe, specs, [0, 1, 2], own, args, stats)
+    assert target.shape == own.shape and weight.flatten().tolist() == [1.0, 1.0, 1.0]
+    # The model's own clean shape comes back (the detector finds the centre to ~1 px) ...
+    off = (target - own).abs().mean()
+    assert off < 0.25 * (encode(params) - own).abs().mean(), off
+    # ... and a block with no shape of the prompted colour is left out of the loss.
+    blank = encode([replace(p, radius=0.01) for p in params])
+    _, weight = first_block_target(pipe, specs, [0, 1, 2], blank, args, stats)
+    assert weight.flatten().tolist() == [0.0, 0.0, 0.0] and stats["first_steps"] == 2
