@@ -144,7 +144,8 @@ SUMMARY_KEYS = ("adherence_first", "adherence_block100", "adherence_first10", "a
 
 
 def bench_setting(pipe, config, prompts, blocks, seeds, chunk, guidance=None):
-    results = []
+    """Scores averaged over every prompt and seed, and per prompt (over seeds) under ``per_prompt``."""
+    results = {prompt: [] for prompt in prompts}
     for prompt in prompts:
         for seed in seeds:
             t0 = time.perf_counter()
@@ -152,8 +153,13 @@ def bench_setting(pipe, config, prompts, blocks, seeds, chunk, guidance=None):
             ms = 1000 * (time.perf_counter() - t0) / blocks
             r = analyse(frames, block_prompts, chunk)
             r["ms_per_block"] = ms
-            results.append(r)
-    return {k: float(np.nanmean([r[k] for r in results])) for k in SUMMARY_KEYS}
+            results[prompt].append(r)
+
+    def mean(rows):
+        return {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS}
+
+    return {**mean([r for rows in results.values() for r in rows]),
+            "per_prompt": {prompt: mean(rows) for prompt, rows in results.items()}}
 
 
 def switch_prompt(prompt: str, rng: np.random.Generator) -> str:
@@ -209,7 +215,8 @@ def bench_long(pipe, config, blocks):
 
 
 @torch.no_grad()
-def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int = 2, steps: int = 4, seed: int = 0) -> dict:
+def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int = 2, steps: int = 4, seed: int = 0,
+                   guidance: float = 1.0, switch: bool = False) -> dict:
     """The model's continuation on its own: a ground-truth context, one block sampled after it.
 
     A stream's motion needs two things, a first block that moves and a
@@ -222,13 +229,21 @@ def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int =
     along the prompt (the world's is 1.4..1.9 px). It also reports the
     x0 error at sigma 1 with each clip's own context and with another clip's,
     so the gap says how much the model reads its context.
+
+    ``guidance`` other than 1 samples with classifier-free guidance. With
+    ``switch`` each clip's direction changes (a prompt switch, the colour
+    kept) at the block that is sampled, under the new prompt: the step is
+    then measured along the new direction, and along the old one too
+    (``old_px_per_frame``), which says whether the text turns the shape or
+    the context's motion carries on.
     """
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from scripts.train_toy_causal import _MaskedSelfAttn, few_step_sigmas, rope_tables, teacher_forcing_mask
     from scripts.train_toy_model import clips_to_video, encode_prompts, latent_stats
     from supergen.models import load_diffusers_pipeline, read_native_size, resolve_model
-    from supergen.toyworld import render_stream_clip, sample_stream_params
+    from supergen.backbones.base import cfg_combine
+    from supergen.toyworld import PromptSwitch, render_stream_clip, sample_stream_params, switched_prompt
 
     pipe = load_diffusers_pipeline(model)
     height, width, _ = read_native_size(resolve_model(model))
@@ -242,10 +257,18 @@ def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int =
     rng = np.random.default_rng(seed)
     params = [sample_stream_params(rng) for _ in range(clips)]
     t_scale = pipe.vae.config.scale_factor_temporal
-    videos = np.stack([render_stream_clip(p, height, width, t_scale * b * (context_blocks + 1) - 1) for p in params])
+    switches = [None] * clips
+    if switch:  # at the sampled block's first video frame (latent frame context_blocks * b)
+        frame = t_scale * (context_blocks * b - 1) + 1
+        switches = [PromptSwitch(frame=frame, colour=p.colour,
+                                 direction=[d for d in _UNIT if d != p.direction][rng.integers(len(_UNIT) - 1)])
+                    for p in params]
+    videos = np.stack([render_stream_clip(p, height, width, t_scale * b * (context_blocks + 1) - 1, sw)
+                       for p, sw in zip(params, switches)])
     z = (pipe.vae.encode(clips_to_video(videos)).latent_dist.mode() - mean) / std
-    text = encode_prompts(pipe, sorted({p.prompt for p in params}))
-    cond = torch.stack([text[p.prompt] for p in params])
+    prompts = [switched_prompt(p, sw) if sw else p.prompt for p, sw in zip(params, switches)]
+    text = encode_prompts(pipe, sorted(set(prompts)))
+    cond = torch.stack([text[q] for q in prompts])
     gh, gw = z.shape[-2] // net.config.patch_size[1], z.shape[-1] // net.config.patch_size[2]
     tpf, n_ctx = gh * gw, context_blocks * b
     mask = teacher_forcing_mask(context_blocks + 1, 1, b).repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
@@ -255,9 +278,13 @@ def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int =
 
     def velocity(context, x, sigma):
         t_F = torch.cat([torch.zeros(clips, n_ctx + b), torch.full((clips, b), float(sigma) * 1000)], dim=1)
-        seq = torch.cat([context, x], dim=2)
-        return net(hidden_states=seq, timestep=t_F.repeat_interleave(tpf, 1), encoder_hidden_states=cond,
-                   return_dict=False)[0][:, :, -b:]
+        seq, t = torch.cat([context, x], dim=2), t_F.repeat_interleave(tpf, 1)
+        v = net(hidden_states=seq, timestep=t, encoder_hidden_states=cond, return_dict=False)[0][:, :, -b:]
+        if guidance == 1.0:
+            return v
+        empty = text[""][None].expand_as(cond)
+        return cfg_combine(net(hidden_states=seq, timestep=t, encoder_hidden_states=empty, return_dict=False)[0][:, :, -b:],
+                           v, guidance)
 
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(z[:, :, :b].shape, generator=gen)
@@ -271,16 +298,17 @@ def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int =
     video = pipe.vae.decode(torch.cat([z[:, :, :n_ctx], x], dim=2) * std + mean).sample
     frames = ((video.permute(0, 2, 3, 4, 1).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
     first = t_scale * (n_ctx - 1)  # the last context frame; the generated block follows it
-    moved, truth = [], []
-    for p, f, v in zip(params, frames, videos):
-        unit = np.array(_UNIT[p.direction])
-        for clip, out in ((f, moved), (v, truth)):
+    moved, truth, old = [], [], []
+    for p, sw, f, v in zip(params, switches, frames, videos):
+        unit = np.array(_UNIT[sw.direction if sw else p.direction])
+        for clip, out, u in ((f, moved, unit), (v, truth, unit), (f, old, np.array(_UNIT[p.direction]))):
             steps_px = wrapped_steps(shape_track(clip[first:], p.colour), height, width)
-            along = [float(s @ unit) for s in steps_px if not np.isnan(s).any()]
+            along = [float(s @ u) for s in steps_px if not np.isnan(s).any()]
             out.append(float(np.mean(along)) if along else float("nan"))
     for blk in net.blocks:
         blk.attn1.set_processor(WanAttnProcessor())
-    return {"clips": clips, "px_per_frame": float(np.nanmean(moved)), "truth_px_per_frame": float(np.nanmean(truth)),
+    return {"clips": clips, "guidance": guidance, "switch": switch, "px_per_frame": float(np.nanmean(moved)),
+            "truth_px_per_frame": float(np.nanmean(truth)), "old_px_per_frame": float(np.nanmean(old)),
             "moving_share": float(np.mean([m >= MIN_BOUNDARY_STEP_PX for m in moved])),
             "x0_mse_own_context": errors["own"], "x0_mse_other_context": errors["other"]}
 
@@ -323,6 +351,10 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--teacher-forced", type=non_negative_int, default=0,
                         help="also sample one block after a ground-truth context for this many world clips")
+    parser.add_argument("--teacher-forced-switch", type=non_negative_int, default=0,
+                        help="also sample one block after a ground-truth context whose direction then changes "
+                             "(under the new prompt, at the stream's guidance), for this many world clips")
+    parser.add_argument("--per-prompt", action="store_true", help="also print each setting's scores per prompt")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -348,6 +380,13 @@ def main() -> None:
               f"{s['step_within_px']:.2f} / {s['step_boundary_px']:.2f} | {s['one_object']:.2f} | "
               f"{s['drift_adherence']:.2f} / {s['drift_area']:.2f} / {s['drift_brightness']:.2f} | {s['flicker']:.3f} | "
               f"{s['flicker_boundary_ratio']:.2f} | {s['ms_per_block']:.0f} |", flush=True)
+        if args.per_prompt:
+            for prompt, r in s["per_prompt"].items():
+                print(f"|   {prompt} | {r['adherence_first']:.2f} | {r['adherence_block100']:.2f} | {r['colour']:.2f} | "
+                      f"{r['shape']:.2f} | {r['direction']:.2f} | {r['continuity']:.2f} | {r['step_within_px']:.2f} / "
+                      f"{r['step_boundary_px']:.2f} | {r['one_object']:.2f} | {r['drift_adherence']:.2f} / "
+                      f"{r['drift_area']:.2f} / {r['drift_brightness']:.2f} | {r['flicker']:.3f} | "
+                      f"{r['flicker_boundary_ratio']:.2f} | {r['ms_per_block']:.0f} |", flush=True)
     if args.switch_trials:
         sw = bench_switches(pipe, base, args.switch_trials, args.switch_after, guidance=args.guidance)
         report["switches"] = sw
@@ -363,6 +402,15 @@ def main() -> None:
               "another clip's context |\n|---:|---:|---:|---:|")
         print(f"| {tf['clips']} | {tf['px_per_frame']:.2f} ({tf['truth_px_per_frame']:.2f}) | {tf['moving_share']:.2f} | "
               f"{tf['x0_mse_own_context']:.3f} / {tf['x0_mse_other_context']:.3f} |", flush=True)
+    if args.teacher_forced_switch:
+        g = args.guidance if args.guidance is not None else pipe.default_stream_guidance_scale
+        tf = teacher_forced(args.model, args.teacher_forced_switch, block=base.block_frames, steps=base.steps,
+                            guidance=g, switch=True)
+        report["teacher_forced_switch"] = tf
+        print(f"\n| clips (direction switched at the sampled block, CFG {g:g}) | px/frame along the new direction "
+              "(truth) | along the old direction | clips moving the new way >= 0.5 px/frame |\n|---:|---:|---:|---:|")
+        print(f"| {tf['clips']} | {tf['px_per_frame']:.2f} ({tf['truth_px_per_frame']:.2f}) | {tf['old_px_per_frame']:.2f} | "
+              f"{tf['moving_share']:.2f} |", flush=True)
     if args.long:
         report["long"] = bench_long(pipe, base, args.long)
         print("\nlong stream:", json.dumps(report["long"]))

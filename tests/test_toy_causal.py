@@ -67,3 +67,17 @@ def test_teacher_forced_continuation_is_measured_against_the_world():
     assert 1.4 <= r["truth_px_per_frame"] <= 1.9, r
     assert np.isfinite(r["px_per_frame"]) and 0.0 <= r["moving_share"] <= 1.0
     assert r["x0_mse_own_context"] < 0.9 * r["x0_mse_other_context"], r
+
+
+def test_teacher_forced_switch_measures_the_new_direction():
+    # With a switch the world's clip turns at the sampled block: its truth moves 1.4..1.9 px a frame the new
+    # way, and the model's step is measured both ways (the shipped model carries the old direction on:
+    # docs/benchmarks.md, "Prompt switches").
+    from scripts.bench_stream_quality import teacher_forced
+
+    r = teacher_forced("toy-causal", clips=8, guidance=3.0, switch=True)
+    assert r["switch"] and r["guidance"] == 3.0
+    assert 1.4 <= r["truth_px_per_frame"] <= 1.9, r
+    assert np.isfinite(r["px_per_frame"]) and np.isfinite(r["old_px_per_frame"])
+    plain = teacher_forced("toy-causal", clips=8, guidance=3.0)
+    assert not plain["switch"] and abs(plain["old_px_per_frame"] - plain["px_per_frame"]) < 1e-9
