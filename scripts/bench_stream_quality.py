@@ -22,6 +22,11 @@ mode: after ``--switch-after`` blocks the prompt changes colour and direction;
 the result is the number of blocks until the new colour and direction hold
 (and keep holding for 3 blocks). ``--long N`` streams N blocks of the default
 setting and reports latency and KV-cache bytes (flat or not).
+``--teacher-forced N`` samples one block after a ground-truth context of N
+world clips (the continuation alone), ``--teacher-forced-switch N`` the same
+with the clip's direction changed at that block under the new prompt (does
+the text turn the shape, or does the context's motion carry on?), and
+``--per-prompt`` prints each setting's scores per prompt as well.
 
     OMP_NUM_THREADS=1 python scripts/bench_stream_quality.py --model toy-causal --blocks 120 --json runs/bsq.json
 """

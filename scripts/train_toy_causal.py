@@ -49,6 +49,15 @@ it; and the trained block, rolled out as in ``--rollout-fraction``, targets
 that re-rendered continuation: one clean shape moving on the prompted way
 from the model's own last position.
 
+Three refinements of that, tried as a fifth stage and not shipped (the
+numbers are in docs/benchmarks.md, "Stage 5 attempts"): ``--dagger-sink``
+makes the dagger views' sink the model's own first block too, as in a
+stream; ``--switch-view-fraction`` ends that share of views on the first or
+second block after a prompt switch; ``--first-dagger-fraction`` does DAgger
+on the first block itself (the model's own sample, labelled with the world's
+block drawn where the model put the shape, trained on the model's rollout
+from the same noise).
+
 The other two modes: ``--rollout-fraction`` trains a block from the few-step
 sampler's own state (Self-Forcing's rollout, one block after a context, the
 target the velocity to the ground truth), and ``--first-blocks`` regresses
