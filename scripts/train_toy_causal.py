@@ -134,7 +134,7 @@ logger = logging.getLogger("train_toy_causal")
 
 #: Stream settings written to supergen.json (chosen with scripts/bench_stream_quality.py).
 STREAM_DEFAULTS = {"block_frames": 3, "window": 9, "sink": 3, "steps": 4, "schedule": "block", "kv_write": "rerun",
-                   "on_prompt_change": "keep"}
+                   "on_prompt_change": "restart"}
 
 
 class _MaskedSelfAttn(WanAttnProcessor):

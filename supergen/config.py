@@ -30,7 +30,7 @@ EXCHANGE_MODES = ("region", "allgather")
 BACKENDS = ("auto", "nccl", "gloo")
 PARALLEL_MODES = ("auto", "tile")
 STREAM_SCHEDULES = ("block", "rolling")
-PROMPT_CHANGE_MODES = ("keep", "recache", "flush")
+PROMPT_CHANGE_MODES = ("keep", "recache", "flush", "restart")
 
 logger = logging.getLogger(__name__)
 
@@ -427,9 +427,12 @@ class StreamConfig:
             context: ``keep`` it (its keys/values were computed under the old
             prompt); ``recache`` it, re-running the cached clean frames under the
             new prompt (LongLive's KV re-cache; one clean forward per cached
-            block, once per switch); or ``flush`` it to the sink plus the last
-            latent frame (Infinity-RoPE's KV flush). Measured on ``toy-causal`` in
-            docs/benchmarks.md ("Streaming quality").
+            block, once per switch); ``flush`` it to the sink plus the last
+            latent frame (Infinity-RoPE's KV flush); or ``restart``: drop it all,
+            sink included, so the next block starts like a stream's first (a hard
+            cut: the new prompt alone decides it, nothing carries the old motion
+            on, and the shape's position does not carry on either). Measured on
+            ``toy-causal`` in docs/benchmarks.md ("Streaming quality").
     """
 
     block_frames: int = field(default=3, metadata=cli("--block-frames", "latent frames per block", model_default=True))
@@ -446,7 +449,8 @@ class StreamConfig:
         "step (last_step)", model_default=True, choices=KV_WRITE_MODES))
     on_prompt_change: str = field(default="keep", metadata=cli(
         "--on-prompt-change", "what a prompt change (demo: apply prompt) does to the cached context: keep it, "
-        "re-run it under the new prompt (recache), or flush it to the sink (flush)", model_default=True,
+        "re-run it under the new prompt (recache), flush it to the sink (flush), or drop it all and start afresh "
+        "(restart)", model_default=True,
         choices=PROMPT_CHANGE_MODES))
 
     def __post_init__(self) -> None:

@@ -10,10 +10,10 @@ The prompt can change between blocks with :meth:`VideoStream.set_prompt`: the
 blocks that start after the call use it (with ``schedule="rolling"`` the
 blocks already in the joint window finish under the new prompt), and
 ``StreamConfig.on_prompt_change`` says what happens to the cached context
-(kept, re-cached under the new prompt, or flushed to the sink). ``close()``
-(or leaving a ``with`` block, or breaking out of a ``for`` loop over a
-``with``-managed stream) restores the transformer's attention processors and
-frees the caches at once.
+(kept, re-cached under the new prompt, flushed to the sink, or dropped for a
+fresh start). ``close()`` (or leaving a ``with`` block, or breaking out of a
+``for`` loop over a ``with``-managed stream) restores the transformer's
+attention processors and frees the caches at once.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class VideoStream:
         self._blocks_started = 0
         self._closed = False
         # Clean latents of the frames in the KV cache (sink, then window), for a KV re-cache.
+        self._decoder_reset_at: int | None = None
         self._sink_latents: list[torch.Tensor] = []
         self._window_latents: list[torch.Tensor] = []
         self.prompt_changes: list[dict] = []
@@ -143,10 +144,16 @@ class VideoStream:
         elif cache is not None and mode == "flush":
             cache.flush(keep_frames=1)
             del self._window_latents[:-1]
+        elif cache is not None and mode == "restart":
+            cache.reset()
+            self._sink_latents.clear()
+            self._window_latents.clear()
+            # The next block is a first block again: decode it with a fresh causal VAE state too.
+            self._decoder_reset_at = self._blocks_started
         self.prompt_changes.append({"before_block": self._blocks_started, "prompt": prompt, "mode": mode,
                                     "seconds": time.perf_counter() - t0})
         logger.info("prompt changed before block %d (%s the cached context): %r", self._blocks_started,
-                    {"keep": "keeping", "recache": "re-caching", "flush": "flushing"}[mode], prompt)
+                    {"keep": "keeping", "recache": "re-caching", "flush": "flushing", "restart": "dropping"}[mode], prompt)
 
     def _recache(self) -> None:
         """Re-run the cached clean frames under the current prompt, block by block, as they were first written."""
@@ -218,6 +225,8 @@ class VideoStream:
             for index, clean in enumerate(latents):
                 self._remember(clean)
                 t_denoised = time.perf_counter()
+                if index == self._decoder_reset_at:
+                    self.decoder.reset()
                 video = self.decoder.decode(clean)
                 frames = self.adapter.postprocess(video)
                 if self.output_type == "uint8":

@@ -421,3 +421,29 @@ def test_prompt_change_modes_differ_and_flush_shrinks_the_context_to_sink_plus_o
     for mode in ("recache", "flush"):
         assert torch.equal(outs[mode][:, :, :3], outs["keep"][:, :, :3])
         assert (outs[mode][:, :, 3:] - outs["keep"][:, :, 3:]).abs().max() > 1e-4
+
+
+def test_restart_drops_the_whole_context_so_what_follows_forgets_the_old_prompt(tiny):
+    # After a restart the next block starts like a stream's first: its context is empty, and the blocks
+    # that follow are the same whatever came before the switch (only the noise, drawn in order, is shared).
+    other = "a green dog running through snow at night"
+    cfg = StreamConfig(block_frames=1, window=3, sink=1, steps=2, on_prompt_change="restart")
+    after, contexts = {}, {}
+    for before in (PROMPT, "a red circle moving left over a blue sky"):
+        with tiny.stream(before, num_blocks=5, stream=cfg, seed=0) as s:
+            blocks = [next(s) for _ in range(3)]
+            s.set_prompt(other)
+            blocks += list(s)
+            assert s.prompt_changes[0]["mode"] == "restart"
+        # ... and is decoded as one too (a fresh causal VAE state: as many frames as the stream's first block).
+        sizes = [len(b.frames) for b in blocks]
+        assert sizes[3] == sizes[0] and sizes[4] == sizes[1], sizes
+        after[before] = torch.cat([b.latents for b in blocks[3:]], dim=2)
+        contexts[before] = [b.metrics["context_frames"] for b in blocks]
+    assert contexts[PROMPT] == [1, 2, 3, 1, 2]  # block 3 commits into an empty cache
+    assert torch.equal(after[PROMPT], after["a red circle moving left over a blue sky"])
+    with tiny.stream(PROMPT, num_blocks=5, stream=dataclasses.replace(cfg, on_prompt_change="keep"), seed=0) as s:
+        kept = [next(s) for _ in range(3)]
+        s.set_prompt(other)
+        kept = torch.cat([b.latents for b in [*kept, *s][3:]], dim=2)
+    assert (kept - after[PROMPT]).abs().max() > 1e-4  # keeping the context does change what follows
