@@ -506,8 +506,8 @@ def first_block_target(pipe, specs: list, clips: list[int], x: torch.Tensor, arg
             params = replace(params, start_x=(centre[1] + 0.5) / width % 1.0, start_y=(centre[0] + 0.5) / height % 1.0)
         videos.append(render_stream_clip(params, height, width, frames, None))
     zs = (pipe.vae.encode(clips_to_video(np.stack(videos))).latent_dist.mode() - mean) / std
-    stats["first_steps"] = stats.get("first_steps", 0) + 1
-    stats["first_lost"] = stats.get("first_lost", 0.0) + 1 - float(np.mean(weight))
+    stats["first_steps"] += 1
+    stats["first_lost"] += 1 - float(np.mean(weight))
     return zs[:, :, : args.block], torch.tensor(weight)[:, None]
 
 
@@ -645,7 +645,7 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     if specs is not None and [p.prompt for p, _, _ in specs] != list(data["pre"]):
         raise SystemExit(f"{work / 'latents.pt'} was not made by these data settings (--seed, --clips, --clip-frames, "
                          "--block, --switch-fraction): the dagger oracle cannot re-render its clips; use a new --work")
-    dagger_stats = {"steps": 0, "lost": 0.0, "shift": 0.0}
+    dagger_stats = {"steps": 0, "lost": 0.0, "shift": 0.0, "first_steps": 0, "first_lost": 0.0}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
     ckpt = work / "causal.pt"
@@ -717,7 +717,7 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
                 logger.info("dagger views: the model's shape %.2f px from the world's, lost in %.0f%% (%d views)",
                             dagger_stats["shift"] / n, 100 * dagger_stats["lost"] / n, n)
                 dagger_stats.update(steps=0, lost=0.0, shift=0.0)
-            if dagger_stats.get("first_steps"):
+            if dagger_stats["first_steps"]:
                 logger.info("first-block dagger: no shape of the prompted colour in %.0f%% of first frames (%d steps)",
                             100 * dagger_stats["first_lost"] / dagger_stats["first_steps"], dagger_stats["first_steps"])
                 dagger_stats.update(first_steps=0, first_lost=0.0)
@@ -804,6 +804,10 @@ def main(argv=None) -> None:
     parser.add_argument("--export-every", type=int, default=500, help="also export the EMA pipeline this often (0: only at the end)")
     parser.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many optimizer steps in this invocation")
     args = parser.parse_args(argv)
+    if args.dagger_sink and not args.dagger_fraction > 0:
+        parser.error("--dagger-sink acts in dagger views only; give --dagger-fraction > 0 too")
+    if args.switch_view_fraction > 0 and not args.switch_fraction > 0:
+        parser.error("--switch-view-fraction needs clips with a prompt switch; give --switch-fraction > 0")
     log = start_run(args)
     torch.manual_seed(args.seed)
     pipe = load_diffusers_pipeline(args.base)

@@ -85,8 +85,9 @@ class VideoStream:
         self._frames_out = 0
         self._blocks_started = 0
         self._closed = False
-        # Clean latents of the frames in the KV cache (sink, then window), for a KV re-cache.
+        # The block a `restart` prompt change decodes with a fresh VAE state (it starts the stream afresh).
         self._decoder_reset_at: int | None = None
+        # Clean latents of the frames in the KV cache (sink, then window), for a KV re-cache.
         self._sink_latents: list[torch.Tensor] = []
         self._window_latents: list[torch.Tensor] = []
         self.prompt_changes: list[dict] = []

@@ -202,11 +202,24 @@ def test_switch_views_end_on_the_first_blocks_after_a_prompt_switch():
     ("--dagger-blocks", "0", "0 must be an integer >= 1"),
     ("--dagger-guidance", "-1", "-1 must be a number >= 0"),
     ("--switch-view-fraction", "1.2", "1.2 is not a fraction in [0, 1]"),
+    ("--first-dagger-fraction", "-1", "-1 is not a fraction in [0, 1]"),
 ])
 def test_bad_training_options_are_refused_in_one_line(tmp_path, flag, value, message):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
                           flag, value], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and f"argument {flag}: {message}" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--dagger-sink"], "--dagger-sink acts in dagger views only; give --dagger-fraction > 0 too"),
+    (["--switch-view-fraction", "0.5", "--switch-fraction", "0"],
+     "--switch-view-fraction needs clips with a prompt switch; give --switch-fraction > 0"),
+])
+def test_options_that_would_do_nothing_are_refused_in_one_line(tmp_path, options, message):
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
+                          *options], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith(message)
     assert not (tmp_path / "w").exists()
 
 
@@ -281,7 +294,7 @@ def test_first_block_target_draws_the_world_where_the_model_put_its_shape():
 
     params = [p for p, _, _ in specs]
     own = encode([replace(p, start_x=(p.start_x - 6 / 32) % 1.0, start_y=(p.start_y + 3 / 32) % 1.0) for p in params])
-    stats = {}
+    stats = {"first_steps": 0, "first_lost": 0.0}
     target, weight = first_block_target(pipe, specs, [0, 1, 2], own, args, stats)
     assert target.shape == own.shape and weight.flatten().tolist() == [1.0, 1.0, 1.0]
     # The model's own clean shape comes back (the detector finds the centre to ~1 px) ...
