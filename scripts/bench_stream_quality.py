@@ -26,7 +26,10 @@ setting and reports latency and KV-cache bytes (flat or not).
 world clips (the continuation alone), ``--teacher-forced-switch N`` the same
 with the clip's direction changed at that block under the new prompt (does
 the text turn the shape, or does the context's motion carry on?), and
-``--per-prompt`` prints each setting's scores per prompt as well.
+``--per-prompt`` prints each setting's scores per prompt as well. ``--vocab N`` streams every
+world prompt for N blocks and scores each colour, shape, direction and
+background; ``--vocab-weights FILE`` turns those scores into
+``train_toy_causal.py --prompt-weights`` (more views of what fails).
 
     OMP_NUM_THREADS=1 python scripts/bench_stream_quality.py --model toy-causal --blocks 120 --json runs/bsq.json
 """
@@ -49,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.train_toy_model import non_negative_int  # noqa: E402
 from supergen import StreamConfig, SuperGenPipeline  # noqa: E402
 from supergen.config import PROMPT_CHANGE_MODES  # noqa: E402
+from supergen.io import atomic_path  # noqa: E402
 from supergen.metrics import (  # noqa: E402
     adherence,
     centred_on_shape,
@@ -59,7 +63,7 @@ from supergen.metrics import (  # noqa: E402
     tracked_colour,
     wrapped_steps,
 )
-from supergen.toyworld import COLOURS, DIRECTIONS, parse_prompt  # noqa: E402
+from supergen.toyworld import COLOURS, DIRECTIONS, all_prompts, parse_prompt  # noqa: E402
 
 PROMPTS = (
     "a red circle moving left over a blue sky",
@@ -330,6 +334,43 @@ def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int =
             "x0_mse_own_context": errors["own"], "x0_mse_other_context": errors["other"]}
 
 
+VOCAB_KEYS = ("colour", "direction", "one_object", "continuity")
+#: Floor of a prompt's training weight from --vocab-weights (every prompt keeps some views).
+VOCAB_WEIGHT_FLOOR = 0.25
+
+
+def bench_vocab(pipe, config, blocks, guidance=None, prompts=None):
+    """Every world prompt streamed for ``blocks`` blocks (seed = its index): scores per prompt and per factor.
+
+    Short streams over the whole vocabulary say where the model fails (which
+    colour, shape, direction or background), which the few long streams of
+    the main table cannot. ``weights`` is a ``--prompt-weights`` file for
+    ``scripts/train_toy_causal.py``: the floor plus the prompt's shortfall,
+    ``1 - mean(colour, direction, one object)``, so failing prompts get more views.
+    ``prompts`` limits it to those (default: every prompt of the world).
+    """
+    rows = {}
+    for i, prompt in enumerate(prompts or all_prompts()):
+        frames, block_prompts, _ = stream_blocks(pipe, prompt, config, blocks, seed=i, guidance=guidance)
+        r = analyse(frames, block_prompts)
+        rows[prompt] = {k: r[k] for k in VOCAB_KEYS}
+    factors = {}
+    for name in ("colour", "shape", "direction", "background"):
+        for prompt, r in rows.items():
+            value = getattr(parse_prompt(prompt), name)
+            factors.setdefault(f"{name} {value}", []).append(r)
+    table = {k: {m: float(np.nanmean([r[m] for r in v])) for m in VOCAB_KEYS} for k, v in factors.items()}
+    table["all"] = {m: float(np.nanmean([r[m] for r in rows.values()])) for m in VOCAB_KEYS}
+    weights = {p: VOCAB_WEIGHT_FLOOR + 1.0 - float(np.mean([r["colour"], r["direction"], r["one_object"]]))
+               for p, r in rows.items()}
+    return {"blocks": blocks, "per_prompt": rows, "per_factor": table, "weights": weights}
+
+
+def write_json_atomically(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
+
+
 def sweep(default: StreamConfig):
     b = default.block_frames
     half = max(b, round(default.window / 2 / b) * b)
@@ -372,9 +413,15 @@ def main() -> None:
                         help="also sample one block after a ground-truth context whose direction then changes "
                              "(under the new prompt, at the stream's guidance), for this many world clips")
     parser.add_argument("--per-prompt", action="store_true", help="also print each setting's scores per prompt")
+    parser.add_argument("--vocab", type=non_negative_int, default=0,
+                        help="also stream every world prompt for this many blocks and score each factor")
+    parser.add_argument("--vocab-weights", default=None,
+                        help="with --vocab: write train_toy_causal.py --prompt-weights from those scores here")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.vocab_weights and not args.vocab:
+        parser.error("--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too")
     torch.set_num_threads(args.threads)
     pipe = SuperGenPipeline.from_pretrained(args.model, device="cpu")
     base = pipe.default_stream_config
@@ -430,12 +477,21 @@ def main() -> None:
               "(truth) | along the old direction | clips moving the new way >= 0.5 px/frame |\n|---:|---:|---:|---:|")
         print(f"| {tf['clips']} | {tf['px_per_frame']:.2f} ({tf['truth_px_per_frame']:.2f}) | {tf['old_px_per_frame']:.2f} | "
               f"{tf['moving_share']:.2f} |", flush=True)
+    if args.vocab:
+        vocab = bench_vocab(pipe, base, args.vocab, guidance=args.guidance)
+        report["vocab"] = vocab
+        print(f"\n| every world prompt, {args.vocab} blocks each | colour | direction | one object | continuity |"
+              "\n|---|---:|---:|---:|---:|")
+        for name, r in vocab["per_factor"].items():
+            print(f"| {name} | {r['colour']:.2f} | {r['direction']:.2f} | {r['one_object']:.2f} | "
+                  f"{r['continuity']:.2f} |", flush=True)
+        if args.vocab_weights:
+            write_json_atomically(args.vocab_weights, vocab["weights"])
     if args.long:
         report["long"] = bench_long(pipe, base, args.long)
         print("\nlong stream:", json.dumps(report["long"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomically(args.json, report)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ the dagger stages took it to 0.58 and one object from 59% to 75% of frames.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -125,6 +126,7 @@ from supergen.toyworld import (  # noqa: E402
     COLOURS,
     DIRECTIONS,
     PromptSwitch,
+    all_prompts,
     render_stream_clip,
     sample_stream_params,
     switched_prompt,
@@ -336,6 +338,41 @@ def draw_view(gen: torch.Generator, args, latent_frames: int, rollout: bool = Fa
             "from_start": from_start}
 
 
+def draw_clips(data: dict, n_clips: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` training clips: uniform, or by ``data["clip_weights"]`` (``--prompt-weights``) when set."""
+    weights = data.get("clip_weights")
+    if weights is None:
+        return torch.randint(n_clips, (count,), generator=gen)
+    return torch.multinomial(weights, count, replacement=True, generator=gen)
+
+
+def read_prompt_weights(path: Path) -> dict[str, float]:
+    """``--prompt-weights``: a JSON object weighing every toy-world prompt (>= 0, some > 0); one-line errors."""
+
+    def refuse(what: str):
+        raise SystemExit(f"--prompt-weights {path}: {what}; write one weight >= 0 per prompt of the world "
+                         "(scripts/bench_stream_quality.py --vocab-weights writes such a file)")
+
+    try:
+        weights = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        refuse(f"cannot read a JSON object from it ({type(err).__name__})")
+    if not isinstance(weights, dict):
+        refuse("expected a JSON object {prompt: weight}")
+    missing = [p for p in all_prompts() if p not in weights]
+    unknown = sorted(set(weights) - set(all_prompts()))
+    bad = [p for p, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0]
+    if missing:
+        refuse(f"{len(missing)} world prompts have no weight (e.g. {missing[0]!r})")
+    if unknown:
+        refuse(f"{unknown[0]!r} is not a toy-world prompt")
+    if bad:
+        refuse(f"the weight of {bad[0]!r} is not a number >= 0")
+    if not any(w > 0 for w in weights.values()):
+        refuse("every weight is 0")
+    return {p: float(w) for p, w in weights.items()}
+
+
 def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: torch.Tensor, shift: float,
                rollout: bool = False, drop: bool = True, switch_view: bool = False):
     """One step's inputs: latents x (B,C,F,H,W), per-frame timesteps, targets, loss weights, text.
@@ -356,7 +393,7 @@ def make_batch(data: dict, text: dict, gen: torch.Generator, args, sigma_table: 
     if switch_view:
         clip_idx = switched[torch.randint(len(switched), (args.batch,), generator=gen)]
     else:
-        clip_idx = torch.randint(n_clips, (args.batch,), generator=gen)
+        clip_idx = draw_clips(data, n_clips, args.batch, gen)
     xs, conds, weights, starts = [], [], [], []
     for i in clip_idx.tolist():
         z = latents[i].float()
@@ -525,7 +562,7 @@ def first_block_dagger(model, pipe, specs: list, data: dict, text: dict, args, s
     world's. The caller has set the processors to the first block's view.
     """
     b, lh, lw = args.block, *data["latents"].shape[-2:]
-    clips = torch.randint(len(specs), (args.batch,), generator=gen).tolist()
+    clips = draw_clips(data, len(specs), args.batch, gen).tolist()
     cond = torch.stack([text[data["pre"][c]] for c in clips])
     noise = torch.randn(args.batch, model.config.in_channels, b, lh, lw, generator=gen)
     sig = torch.cat([sigma_table, sigma_table.new_zeros(1)])
@@ -791,6 +828,9 @@ def main(argv=None) -> None:
                         help="in dagger views, the sink is the model's own first block too (as in a stream)")
     parser.add_argument("--switch-view-fraction", type=fraction, default=0.0,
                         help="views whose last block is the first or second after a prompt switch")
+    parser.add_argument("--prompt-weights", type=Path,
+                        help="JSON {prompt: weight}: draw training clips by the weight of their prompt (more views "
+                             "of the prompts the model fails; bench_stream_quality.py --vocab-weights writes one)")
     parser.add_argument("--context-noise", type=float, default=0.05, help="most noise std on the clean context")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=8)
@@ -808,6 +848,7 @@ def main(argv=None) -> None:
         parser.error("--dagger-sink acts in dagger views only; give --dagger-fraction > 0 too")
     if args.switch_view_fraction > 0 and not args.switch_fraction > 0:
         parser.error("--switch-view-fraction needs clips with a prompt switch; give --switch-fraction > 0")
+    prompt_weights = read_prompt_weights(args.prompt_weights) if args.prompt_weights else None
     log = start_run(args)
     torch.manual_seed(args.seed)
     pipe = load_diffusers_pipeline(args.base)
@@ -815,6 +856,13 @@ def main(argv=None) -> None:
     for part in (pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
     data = build_dataset(pipe, args, args.work)
+    if prompt_weights is not None:
+        data["clip_weights"] = torch.tensor([prompt_weights[p] for p in data["pre"]], dtype=torch.float64)
+        if not data["clip_weights"].sum() > 0:
+            raise SystemExit(f"--prompt-weights {args.prompt_weights}: every prompt of this dataset weighs 0")
+        share = data["clip_weights"] / data["clip_weights"].sum()
+        logger.info("prompt weights: clips drawn by their prompt's weight, the heaviest 10%% of clips get %.0f%% "
+                    "of the draws", 100 * share.sort(descending=True).values[: max(1, len(share) // 10)].sum())
     logger.info("dataset: %d clips of %d latent frames, %d with a prompt switch", len(data["pre"]),
                 data["latents"].shape[2], int((data["switch_at"] < data["latents"].shape[2]).sum()))
     ema = train(pipe, args, args.work, log, data)

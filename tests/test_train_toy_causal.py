@@ -118,10 +118,16 @@ SELF_FORCING = ["--rollout-fraction", "0.5", "--first-blocks", "4", "--first-blo
 
 
 def test_rollout_and_first_block_training_resume_to_the_same_weights(tmp_path):
+    from supergen.toyworld import all_prompts
+
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
-    _train(straight, *SELF_FORCING, "--steps", "6")
+    # Clips drawn by their prompt's weight too (--prompt-weights): a resumed run draws the same clips.
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({p: 1.0 + k % 4 for k, p in enumerate(all_prompts())}))
+    options = [*SELF_FORCING, "--prompt-weights", str(weights), "--steps", "6"]
+    _train(straight, *options)
     for _ in range(2):
-        _train(pieces, *SELF_FORCING, "--steps", "6", "--max-steps", "3")
+        _train(pieces, *options, "--max-steps", "3")
     assert _rows(pieces) == _rows(straight)
     rows = _rows(straight)
     assert len(rows) == 6 and all(float(loss) > 0 for _, _, loss in rows)
@@ -304,3 +310,71 @@ def test_first_block_target_draws_the_world_where_the_model_put_its_shape():
     blank = encode([replace(p, radius=0.01) for p in params])
     _, weight = first_block_target(pipe, specs, [0, 1, 2], blank, args, stats)
     assert weight.flatten().tolist() == [0.0, 0.0, 0.0] and stats["first_steps"] == 2
+
+
+def test_prompt_weights_draw_clips_by_their_prompt():
+    from types import SimpleNamespace
+
+    from scripts.train_toy_causal import draw_clips, make_batch
+
+    n, frames = 6, 13
+    latents = torch.arange(n).float().view(n, 1, 1, 1, 1).expand(n, 2, frames, 2, 2).contiguous()
+    data = {"latents": latents, "pre": [f"p{i}" for i in range(n)], "post": [f"p{i}" for i in range(n)],
+            "switch_at": torch.full((n,), frames)}
+    text = {"": torch.zeros(1, 4), **{f"p{i}": torch.full((1, 4), float(i)) for i in range(n)}}
+    args = SimpleNamespace(block=3, max_context_blocks=1, max_sink_blocks=0, start_fraction=0.0, noisy_blocks=1,
+                           start_blocks=2, batch=8, cfg_drop=0.0, schedule_fraction=0.5, context_noise=0.0)
+    sigmas = torch.tensor([1.0, 0.9, 0.7, 0.4])
+    uniform = [c for s in range(20) for c in make_batch(data, text, torch.Generator().manual_seed(s), args, sigmas,
+                                                        3.0)["clips"]]
+    assert set(uniform) == set(range(n))
+    # Weight only on clips 1 and 4 (3:1): every view comes from them, in about that ratio, its latents too.
+    data["clip_weights"] = torch.tensor([0, 3, 0, 0, 1, 0], dtype=torch.float64)
+    drawn = []
+    for s in range(20):
+        batch = make_batch(data, text, torch.Generator().manual_seed(s), args, sigmas, 3.0)
+        assert all(float(batch["x0"][k, 0, 0, 0, 0]) == c for k, c in enumerate(batch["clips"]))
+        drawn += batch["clips"]
+    assert set(drawn) == {1, 4} and 0.6 < drawn.count(1) / len(drawn) < 0.9
+    first = draw_clips(data, n, 400, torch.Generator().manual_seed(0)).tolist()
+    assert set(first) == {1, 4} and 0.65 < first.count(1) / 400 < 0.85
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json", "cannot read a JSON object from it (JSONDecodeError)"),
+    ("[1, 2]", "expected a JSON object {prompt: weight}"),
+    ("{}", "144 world prompts have no weight (e.g. 'a red circle moving left over a blue sky')"),
+    ("ALL|a red circle moving up over the moon|1", "'a red circle moving up over the moon' is not a toy-world prompt"),
+    ("ALL|a red circle moving left over a blue sky|-1",
+     "the weight of 'a red circle moving left over a blue sky' is not a number >= 0"),
+    ("ZERO", "every weight is 0"),
+])
+def test_bad_prompt_weights_are_refused_in_one_line(tmp_path, content, message):
+    from scripts.train_toy_causal import read_prompt_weights
+    from supergen.toyworld import all_prompts
+
+    if content.startswith("ALL|"):
+        _, prompt, weight = content.split("|")
+        content = json.dumps({**{p: 1.0 for p in all_prompts()}, prompt: float(weight)})
+    elif content == "ZERO":
+        content = json.dumps({p: 0 for p in all_prompts()})
+    weights = tmp_path / "weights.json"
+    weights.write_text(content)
+    with pytest.raises(SystemExit) as err:
+        read_prompt_weights(weights)
+    text = str(err.value)
+    assert "\n" not in text and text == (f"--prompt-weights {weights}: {message}; write one weight >= 0 per prompt "
+                                         "of the world (scripts/bench_stream_quality.py --vocab-weights writes such "
+                                         "a file)")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({p: float(k % 3) for k, p in enumerate(all_prompts())}))
+    assert read_prompt_weights(good)[all_prompts()[4]] == 1.0
+
+
+def test_bad_prompt_weights_stop_the_trainer_before_it_starts(tmp_path):
+    weights = tmp_path / "weights.json"
+    weights.write_text("{}")
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
+                          "--prompt-weights", str(weights)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "world prompts have no weight" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists()
