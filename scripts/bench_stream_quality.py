@@ -183,6 +183,43 @@ def switch_prompt(prompt: str, rng: np.random.Generator) -> str:
     return f"a {colour} {facts.shape} moving {direction} over a {facts.background}"
 
 
+@torch.no_grad()
+def world_reference(model, prompts, blocks, seeds, block, chunk=10, vae=True):
+    """What a perfect model would score: the world's own stream clips, cut into the stream's blocks.
+
+    For each prompt and seed a world clip of that prompt (``sample_stream_params``
+    for the rest, seeded) as long as ``blocks`` stream blocks, optionally sent
+    through the model's VAE and back (encode, decode), scored by
+    :func:`analyse` exactly as streams are. With ``vae`` this is the ceiling
+    the VAE leaves the transformer; without, it checks the detectors (1.00).
+    """
+    from scripts.train_toy_model import clips_to_video
+    from supergen.models import load_diffusers_pipeline, read_native_size, resolve_model
+    from supergen.toyworld import render_stream_clip, sample_stream_params
+
+    pipe = load_diffusers_pipeline(model)
+    height, width, _ = read_native_size(resolve_model(model))
+    t_scale = pipe.vae.config.scale_factor_temporal
+    sizes = [1 + (block - 1) * t_scale] + [block * t_scale] * (blocks - 1)
+    rows = []
+    for prompt in prompts:
+        facts = parse_prompt(prompt)
+        for seed in seeds:
+            params = dataclasses.replace(sample_stream_params(np.random.default_rng(seed)), colour=facts.colour,
+                                         shape=facts.shape, direction=facts.direction, background=facts.background)
+            # A few frames more: the VAE encodes whole temporal chunks and drops a remainder.
+            video = render_stream_clip(params, height, width, sum(sizes) + 4 * t_scale)
+            if vae:
+                z = pipe.vae.encode(clips_to_video(video[None])).latent_dist.mode()
+                x = pipe.vae.decode(z).sample[0]
+                video = ((x.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            video = video[: sum(sizes)]
+            cuts = np.cumsum(sizes)[:-1]
+            frames = np.split(video, cuts)
+            rows.append(analyse(frames, [prompt] * blocks, chunk))
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS if k != "ms_per_block"}
+
+
 def bench_switches(pipe, base, trials, after, hold=3, horizon=8, seed=0, guidance=None):
     """Per mode: blocks until the new colour and direction hold (for ``hold`` blocks), over ``trials`` switches."""
     rng = np.random.default_rng(seed)
@@ -413,6 +450,8 @@ def main() -> None:
                         help="also sample one block after a ground-truth context whose direction then changes "
                              "(under the new prompt, at the stream's guidance), for this many world clips")
     parser.add_argument("--per-prompt", action="store_true", help="also print each setting's scores per prompt")
+    parser.add_argument("--reference", action="store_true",
+                        help="also score the world's own clips through the model's VAE (the ceiling) and without")
     parser.add_argument("--vocab", type=non_negative_int, default=0,
                         help="also stream every world prompt for this many blocks and score each factor")
     parser.add_argument("--vocab-weights", default=None,
@@ -436,6 +475,16 @@ def main() -> None:
     header = ("| setting | adh. block 1 | adh. block 100 | colour | shape | direction | continuity | step in/across px "
               "| one object | drift adh./area/bright. | flicker | boundary/inside | ms/block |")
     print(header + "\n|---|" + "---:|" * 12)
+    if args.reference:
+        for name, vae in (("world through the VAE (ceiling)", True), ("world (detector check)", False)):
+            s = world_reference(args.model, PROMPTS[: args.prompts], args.blocks, range(args.seeds),
+                                base.block_frames, args.chunk, vae=vae)
+            report.setdefault("reference", {})[name] = s
+            print(f"| {name} | {s['adherence_first']:.2f} | {s['adherence_block100']:.2f} | {s['colour']:.2f} | "
+                  f"{s['shape']:.2f} | {s['direction']:.2f} | {s['continuity']:.2f} | {s['step_within_px']:.2f} / "
+                  f"{s['step_boundary_px']:.2f} | {s['one_object']:.2f} | {s['drift_adherence']:.2f} / "
+                  f"{s['drift_area']:.2f} / {s['drift_brightness']:.2f} | {s['flicker']:.3f} | "
+                  f"{s['flicker_boundary_ratio']:.2f} | - |", flush=True)
     for name, cfg in chosen:
         s = bench_setting(pipe, cfg, PROMPTS[: args.prompts], args.blocks, range(args.seeds), args.chunk, args.guidance)
         report["settings"][name] = {"config": dataclasses.asdict(cfg), **s}

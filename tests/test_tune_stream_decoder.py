@@ -1,0 +1,96 @@
+"""scripts/tune_stream_decoder.py: the decoder alone moves, reproducibly and resumably; the rest ships unchanged."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from supergen import SuperGenPipeline
+from supergen.models import SHIPPED_MODELS
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# 13-frame clips at 16x16, one clip a step: seconds per step on one thread.
+TINY = ["--model", "toy-causal", "--size", "16", "16", "--clip-frames", "13", "--batch", "1", "--steps", "4",
+        "--log-every", "1", "--ckpt-every", "100", "--threads", "1", "--seed", "5"]
+
+
+def _tune(work: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "tune_stream_decoder.py"), "--work", str(work),
+                           "--output", str(output), *TINY, *extra], capture_output=True, text=True, timeout=300)
+
+
+def _vae(folder: Path) -> dict:
+    return load_file(next((folder / "vae").glob("*.safetensors")))
+
+
+def test_decoder_tuning_moves_only_the_decoder_and_resumes_to_the_same_weights(tmp_path):
+    straight = _tune(tmp_path / "w1", tmp_path / "out1")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    for _ in range(2):
+        piece = _tune(tmp_path / "w2", tmp_path / "out2", "--max-steps", "2")
+        assert piece.returncode == 0, piece.stderr[-2000:]
+    rows = [[(r["phase"], r["step"], r["loss"]) for r in csv.DictReader((tmp_path / w / "loss.csv").open())]
+            for w in ("w1", "w2")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4 and all(float(r[2]) > 0 for r in rows[0])
+    a, b = _vae(tmp_path / "out1"), _vae(tmp_path / "out2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    shipped = _vae(SHIPPED_MODELS["toy-causal"])
+    moved = {k for k in a if not torch.equal(a[k], shipped[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved), sorted(moved)[:5]
+    assert len(moved) > len([k for k in a if k.startswith("decoder.")]) // 2
+    # Everything else is the source model's, byte for byte.
+    for part in ("transformer", "text_encoder"):
+        src = load_file(next((SHIPPED_MODELS["toy-causal"] / part).glob("*.safetensors")))
+        out = load_file(next((tmp_path / "out1" / part).glob("*.safetensors")))
+        assert all(torch.equal(src[k], out[k]) for k in src)
+    assert (tmp_path / "out1" / "supergen.json").read_text() == (SHIPPED_MODELS["toy-causal"] / "supergen.json").read_text()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.old"))
+
+    # The tuned model loads by folder and streams.
+    pipe = SuperGenPipeline.from_pretrained(str(tmp_path / "out1"), device="cpu")
+    with pipe.stream("a red circle moving left over a blue sky", num_blocks=2) as stream:
+        frames = [blk.frames for blk in stream]
+    assert [f.shape for f in frames] == [(5, 32, 32, 3), (6, 32, 32, 3)]
+    assert all(np.isfinite(f.astype(float)).all() for f in frames)
+
+
+def test_shape_weight_marks_the_shapes_pixels_of_each_frame():
+    from scripts.tune_stream_decoder import shape_weight, stream_clips
+
+    clips, colours = stream_clips(3, 4, 16, 16, 9, switch_fraction=1.0)
+    assert clips.shape == (4, 9, 16, 16, 3) and colours.shape == (4, 9, 3)
+    assert any(len({tuple(c) for c in clip}) == 2 for clip in colours)  # a switch changes the colour mid-clip
+    w = shape_weight(clips, colours, 9.0)
+    share = (w > 1).float().mean(dim=(0, 1, 3, 4))
+    # World shapes cover ~10-20% of a frame (radius 0.19-0.24 of the side): every frame has some, none is all shape.
+    assert torch.all(share > 0.03) and torch.all(share < 0.4), share
+    assert set(torch.unique(w).tolist()) == {1.0, 10.0}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--switch-fraction", "2"], "argument --switch-fraction: 2 is not a fraction in [0, 1]"),
+    (["--latent-noise", "-1"], "argument --latent-noise: -1 must be a number >= 0"),
+    (["--model", "toy", "--output", "NOTES"], "exists and is not a model folder; give a new path or a model folder"),
+])
+def test_bad_options_are_refused_in_one_line(tmp_path, capsys, extra, message):
+    from scripts.tune_stream_decoder import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    argv = [*TINY, "--work", str(tmp_path / "w"), "--output", str(tmp_path / "out"), *extra]
+    argv = [str(tmp_path / "notes") if a == "NOTES" else a for a in argv]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and last.endswith(message), last
+    assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
