@@ -376,15 +376,16 @@ VOCAB_KEYS = ("colour", "direction", "one_object", "continuity")
 VOCAB_WEIGHT_FLOOR = 0.25
 
 
-def bench_vocab(pipe, config, blocks, guidance=None, prompts=None):
+def bench_vocab(pipe, config, blocks, guidance=None, prompts=None, power=1.0):
     """Every world prompt streamed for ``blocks`` blocks (seed = its index): scores per prompt and per factor.
 
     Short streams over the whole vocabulary say where the model fails (which
     colour, shape, direction or background), which the few long streams of
     the main table cannot. ``weights`` is a ``--prompt-weights`` file for
     ``scripts/train_toy_causal.py``: the floor plus the prompt's shortfall,
-    ``1 - mean(colour, direction, one object)``, so failing prompts get more views.
-    ``prompts`` limits it to those (default: every prompt of the world).
+    ``1 - mean(colour, direction, one object)``, raised to ``power`` (> 1 leans
+    harder on the failing prompts) and never under the floor, so failing
+    prompts get more views. ``prompts`` limits it to those (default: every prompt of the world).
     """
     rows = {}
     for i, prompt in enumerate(prompts or all_prompts()):
@@ -398,8 +399,8 @@ def bench_vocab(pipe, config, blocks, guidance=None, prompts=None):
             factors.setdefault(f"{name} {value}", []).append(r)
     table = {k: {m: float(np.nanmean([r[m] for r in v])) for m in VOCAB_KEYS} for k, v in factors.items()}
     table["all"] = {m: float(np.nanmean([r[m] for r in rows.values()])) for m in VOCAB_KEYS}
-    weights = {p: VOCAB_WEIGHT_FLOOR + 1.0 - float(np.mean([r["colour"], r["direction"], r["one_object"]]))
-               for p, r in rows.items()}
+    weights = {p: max((VOCAB_WEIGHT_FLOOR + 1.0 - float(np.mean([r["colour"], r["direction"], r["one_object"]])))
+                      ** power, VOCAB_WEIGHT_FLOOR) for p, r in rows.items()}
     return {"blocks": blocks, "per_prompt": rows, "per_factor": table, "weights": weights}
 
 
@@ -456,9 +457,13 @@ def main() -> None:
                         help="also stream every world prompt for this many blocks and score each factor")
     parser.add_argument("--vocab-weights", default=None,
                         help="with --vocab: write train_toy_causal.py --prompt-weights from those scores here")
+    parser.add_argument("--vocab-power", type=float, default=1.0,
+                        help="those weights raised to this power (2: lean harder on the failing prompts)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if not args.vocab_power > 0:
+        parser.error(f"--vocab-power {args.vocab_power} must be > 0")
     if args.vocab_weights and not args.vocab:
         parser.error("--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too")
     torch.set_num_threads(args.threads)
@@ -527,7 +532,7 @@ def main() -> None:
         print(f"| {tf['clips']} | {tf['px_per_frame']:.2f} ({tf['truth_px_per_frame']:.2f}) | {tf['old_px_per_frame']:.2f} | "
               f"{tf['moving_share']:.2f} |", flush=True)
     if args.vocab:
-        vocab = bench_vocab(pipe, base, args.vocab, guidance=args.guidance)
+        vocab = bench_vocab(pipe, base, args.vocab, guidance=args.guidance, power=args.vocab_power)
         report["vocab"] = vocab
         print(f"\n| every world prompt, {args.vocab} blocks each | colour | direction | one object | continuity |"
               "\n|---|---:|---:|---:|---:|")

@@ -12,10 +12,11 @@ ceiling no transformer could pass.
 This trains the decoder (and ``post_quant_conv``) alone on long wrapped
 stream clips (``sample_stream_params``, a prompt switch in some), their latents
 from the frozen encoder over the whole clip as ``train_toy_causal.py`` encodes
-its training set, sampled from the posterior as the VAE was trained (and
-``--latent-noise`` more, in units of the latent std), decoded whole (the
-stream's block-by-block decode equals that), with the shape's pixels weighted
-up as ``train_toy_model.py`` does.
+its training set (the posterior's mode; ``--latents posterior`` samples it as
+the VAE was trained), plus a little Gaussian noise (``--latent-noise``, in
+units of the latent std) so the decoder also takes a transformer's slightly-off
+latents, decoded whole (the stream's block-by-block decode equals that), with
+the shape's pixels weighted up as ``train_toy_model.py`` does.
 The transformer needs nothing new: its latents mean what they meant.
 
 Seeded and resumable like the other trainers (a step's clips and noise come
@@ -116,8 +117,9 @@ def tune(pipe, args, work: Path, log) -> None:
         vae.eval()
         with torch.no_grad():
             dist = vae.encode(video).latent_dist
-        # A posterior sample, as the VAE was trained, plus any extra noise.
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        # The latents the causal trainer trains on (the mode), or a posterior sample as the VAE was trained;
+        # then the extra noise.
+        z = dist.mode() if args.latents == "mode" else dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
         z = z + args.latent_noise * std * torch.randn(z.shape, generator=gen)
         vae.decoder.train()
         recon = vae.decode(z).sample
@@ -176,8 +178,10 @@ def main(argv=None) -> None:
     parser.add_argument("--clip-frames", type=positive_int, default=61,
                         help="video frames per clip (61: 31 latent frames, as the causal trainer's clips)")
     parser.add_argument("--switch-fraction", type=fraction, default=0.3, help="clips with a prompt switch")
-    parser.add_argument("--latent-noise", type=non_negative_float, default=0.0,
-                        help="Gaussian noise on the posterior sample, in units of the latent std")
+    parser.add_argument("--latents", choices=("mode", "posterior"), default="mode",
+                        help="decode the encoder's mode (what the transformer learned) or a posterior sample")
+    parser.add_argument("--latent-noise", type=non_negative_float, default=0.1,
+                        help="Gaussian noise on those latents, in units of the latent std")
     parser.add_argument("--shape-weight", type=non_negative_float, default=9.0,
                         help="extra loss weight on shape pixels")
     parser.add_argument("--steps", type=positive_int, default=300)

@@ -85,18 +85,19 @@ def test_teacher_forced_switch_measures_the_new_direction():
 
 def test_vocab_scores_each_factor_and_weighs_failing_prompts_up(causal):
     # Two prompts that differ in colour and background, 2 blocks each: per prompt and per factor scores in
-    # [0, 1], and a --prompt-weights entry per prompt of floor + (1 - mean(colour, direction, one object)).
+    # [0, 1], and a --prompt-weights entry per prompt of floor + (1 - mean(colour, direction, one object)),
+    # squared here (--vocab-power 2), never under the floor.
     from scripts.bench_stream_quality import VOCAB_WEIGHT_FLOOR, bench_vocab
 
     prompts = [PROMPT, "a white circle moving left over a dark night"]
-    r = bench_vocab(causal, causal.default_stream_config, 2, prompts=prompts)
+    r = bench_vocab(causal, causal.default_stream_config, 2, prompts=prompts, power=2.0)
     assert list(r["per_prompt"]) == prompts and r["blocks"] == 2
     assert {"colour red", "colour white", "background blue sky", "background dark night", "shape circle",
             "direction left", "all"} == set(r["per_factor"])
     for p, row in r["per_prompt"].items():
         assert all(0.0 <= row[k] <= 1.0 for k in ("colour", "direction", "one_object"))
         want = VOCAB_WEIGHT_FLOOR + 1 - np.mean([row["colour"], row["direction"], row["one_object"]])
-        assert r["weights"][p] == pytest.approx(want)
+        assert r["weights"][p] == pytest.approx(max(want ** 2, VOCAB_WEIGHT_FLOOR))
     # A factor shared by both prompts is their mean.
     assert r["per_factor"]["shape circle"]["colour"] == pytest.approx(
         np.mean([row["colour"] for row in r["per_prompt"].values()]))
