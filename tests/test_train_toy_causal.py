@@ -210,10 +210,13 @@ def test_switch_views_end_on_the_first_blocks_after_a_prompt_switch():
     ("--switch-view-fraction", "1.2", "1.2 is not a fraction in [0, 1]"),
     ("--first-dagger-fraction", "-1", "-1 is not a fraction in [0, 1]"),
 ])
-def test_bad_training_options_are_refused_in_one_line(tmp_path, flag, value, message):
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
-                          flag, value], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and f"argument {flag}: {message}" in run.stderr.strip().splitlines()[-1]
+def test_bad_training_options_are_refused_in_one_line(tmp_path, capsys, flag, value, message):
+    # In-process: argparse refuses before any work (the script's own entry point is main()).
+    from scripts.train_toy_causal import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--work", str(tmp_path / "w"), flag, value])
+    assert err.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "w").exists()
 
 
@@ -222,10 +225,12 @@ def test_bad_training_options_are_refused_in_one_line(tmp_path, flag, value, mes
     (["--switch-view-fraction", "0.5", "--switch-fraction", "0"],
      "--switch-view-fraction needs clips with a prompt switch; give --switch-fraction > 0"),
 ])
-def test_options_that_would_do_nothing_are_refused_in_one_line(tmp_path, options, message):
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
-                          *options], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith(message)
+def test_options_that_would_do_nothing_are_refused_in_one_line(tmp_path, capsys, options, message):
+    from scripts.train_toy_causal import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--work", str(tmp_path / "w"), *options])
+    assert err.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
     assert not (tmp_path / "w").exists()
 
 
@@ -372,9 +377,11 @@ def test_bad_prompt_weights_are_refused_in_one_line(tmp_path, content, message):
 
 
 def test_bad_prompt_weights_stop_the_trainer_before_it_starts(tmp_path):
+    from scripts.train_toy_causal import main
+
     weights = tmp_path / "weights.json"
     weights.write_text("{}")
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "train_toy_causal.py"), "--work", str(tmp_path / "w"),
-                          "--prompt-weights", str(weights)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "world prompts have no weight" in run.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as err:
+        main(["--work", str(tmp_path / "w"), "--prompt-weights", str(weights)])
+    assert "world prompts have no weight" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "w").exists()
