@@ -102,3 +102,18 @@ def test_vocab_scores_each_factor_and_weighs_failing_prompts_up(causal):
     # A factor shared by both prompts is their mean.
     assert r["per_factor"]["shape circle"]["colour"] == pytest.approx(
         np.mean([row["colour"] for row in r["per_prompt"].values()]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vocab-weights", "w.json"], "--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too"),
+    (["--vocab", "2", "--vocab-power", "0"], "--vocab-power 0.0 must be > 0"),
+])
+def test_bench_refuses_vocab_options_in_one_line_before_loading(monkeypatch, capsys, tmp_path, argv, message):
+    from scripts import bench_stream_quality
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench_stream_quality.py", *argv])
+    with pytest.raises(SystemExit) as err:
+        bench_stream_quality.main()
+    assert err.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert not (tmp_path / "w.json").exists()
