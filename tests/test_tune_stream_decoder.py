@@ -94,3 +94,63 @@ def test_bad_options_are_refused_in_one_line(tmp_path, capsys, extra, message):
     assert err.value.code == 2 and last.endswith(message), last
     assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def _world_clip(seed: int, colour: str, shape: str, frames: int = 6):
+    import dataclasses
+
+    from supergen.toyworld import render_stream_clip, sample_stream_params
+
+    params = dataclasses.replace(sample_stream_params(np.random.default_rng(seed)), colour=colour, shape=shape,
+                                 background="dark night", start_x=0.5, start_y=0.5)
+    return render_stream_clip(params, 32, 32, frames), params.prompt
+
+
+def test_world_label_keeps_a_world_clip_and_cleans_what_a_model_gets_wrong():
+    from scripts.tune_stream_decoder import world_label
+    from supergen.metrics import object_counts, shape_track
+
+    clip, prompt = _world_clip(1, "white", "triangle")
+    label, found, painted = world_label(clip, prompt)
+    assert label.shape == clip.shape and label.dtype == np.uint8 and found.all()
+    # The world's own clip comes back: the shape where it was, one object, only the texture near it smoothed.
+    assert np.abs(shape_track(label, "white") - shape_track(clip, "white")).max() < 0.5
+    assert (object_counts(label, wrap=True) == 1).all()
+    assert np.abs(label.astype(int) - clip.astype(int)).mean() < 3
+
+    # What a stream gets wrong: the white shape drawn lavender-purple in frame 1, a stray red speck in frame 2,
+    # nothing at all in frame 3.
+    bad = clip.copy()
+    shape = np.linalg.norm(clip.astype(float) - [245, 245, 245], axis=-1) < 70
+    bad[1][shape[1]] = (165, 70, 210)
+    bad[2, 2:6, 2:6] = (225, 35, 35)
+    bad[3] = clip[3, 0, 0]
+    label, found, painted = world_label(bad, prompt)
+    assert painted[2, 2:6, 2:6].all() and not painted[3].any()
+    assert found.tolist() == [True, True, True, False, True, True]
+    counts = object_counts(label, wrap=True)
+    assert counts.tolist() == [1, 1, 1, 0, 1, 1]
+    track = shape_track(label, "white")
+    assert np.abs(track[1] - shape_track(clip, "white")[1]).max() < 0.5  # white again, where the purple was
+    assert np.array_equal(label[3], bad[3])  # no shape: kept as the stream drew it
+    assert np.linalg.norm(label[2, 2:6, 2:6].astype(float) - [225, 35, 35], axis=-1).min() > 100  # speck gone
+
+
+def test_own_streams_train_resumably_and_a_work_folder_keeps_its_set(tmp_path):
+    own = ["--own-streams", "2", "--own-blocks", "2", "--own-batch", "1", "--steps", "2"]
+    straight = _tune(tmp_path / "w1", tmp_path / "out1", *own)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert "own streams 2/2" in straight.stderr
+    for _ in range(2):
+        piece = _tune(tmp_path / "w2", tmp_path / "out2", *own, "--max-steps", "1")
+        assert piece.returncode == 0, piece.stderr[-2000:]
+        assert "own streams" not in piece.stderr or _ == 0  # made once, then read back
+    a, b = _vae(tmp_path / "out1"), _vae(tmp_path / "out2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = _tune(tmp_path / "w3", tmp_path / "out3", "--steps", "2")
+    c = _vae(tmp_path / "out3")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the own streams changed what was learned
+    data = torch.load(tmp_path / "w1" / "own_streams.pt", weights_only=False)
+    assert data["latents"].shape[:3] == (2, 8, 6) and data["targets"].shape[1:] == (11, 32, 32, 3)
+    other = _tune(tmp_path / "w1", tmp_path / "out1", *own[:2], "--own-blocks", "3", *own[4:])
+    assert other.returncode != 0 and "use a new --work" in other.stderr.strip().splitlines()[-1]
