@@ -664,6 +664,12 @@ def oracle_block(pipe, specs: list, batch: dict, truth_x: torch.Tensor, data: di
     return torch.stack([zs[k, :, start : start + b] for k, start in enumerate(batch["starts"])])
 
 
+def stage_lr(args, step: int) -> float:
+    """The learning rate of ``step``: warm-up, then cosine to ``--steps``, both counted from ``--lr-restart``
+    (a stage resumed from an earlier run's checkpoint runs its own schedule)."""
+    return cosine_lr(args.lr, step - args.lr_restart, args.steps - args.lr_restart, warmup=args.warmup)
+
+
 def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -741,7 +747,7 @@ def train(pipe, args, work: Path, log: LossLog, data: dict) -> torch.nn.Module:
         per_frame = ((pred - batch["target"]) ** 2).mean(dim=(1, 3, 4))  # (B, nb*block)
         w = batch["weight"].repeat_interleave(args.block, dim=1)
         loss = (per_frame * w).sum() / w.sum().clamp_min(1.0)
-        lr = cosine_lr(args.lr, step, args.steps, warmup=args.warmup)
+        lr = stage_lr(args, step)
         optimizer_step(model, opt, loss, lr, ema=ema)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % args.log_every == 0:
@@ -836,6 +842,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--lr-restart", type=non_negative_int, default=0, metavar="STEP",
+                        help="restart the learning-rate schedule (warm-up, then cosine to --steps) at this step: a "
+                             "stage resumed from an earlier run's checkpoint trains at --lr, not at the tail of the "
+                             "earlier run's cosine")
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale written to supergen.json")
@@ -848,6 +858,8 @@ def main(argv=None) -> None:
         parser.error("--dagger-sink acts in dagger views only; give --dagger-fraction > 0 too")
     if args.switch_view_fraction > 0 and not args.switch_fraction > 0:
         parser.error("--switch-view-fraction needs clips with a prompt switch; give --switch-fraction > 0")
+    if args.lr_restart >= args.steps:
+        parser.error(f"--lr-restart {args.lr_restart} must be below --steps {args.steps}")
     prompt_weights = read_prompt_weights(args.prompt_weights) if args.prompt_weights else None
     log = start_run(args)
     torch.manual_seed(args.seed)

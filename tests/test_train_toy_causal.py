@@ -209,6 +209,7 @@ def test_switch_views_end_on_the_first_blocks_after_a_prompt_switch():
     ("--dagger-guidance", "-1", "-1 must be a number >= 0"),
     ("--switch-view-fraction", "1.2", "1.2 is not a fraction in [0, 1]"),
     ("--first-dagger-fraction", "-1", "-1 is not a fraction in [0, 1]"),
+    ("--lr-restart", "-1", "-1 must be an integer >= 0"),
 ])
 def test_bad_training_options_are_refused_in_one_line(tmp_path, capsys, flag, value, message):
     # In-process: argparse refuses before any work (the script's own entry point is main()).
@@ -224,6 +225,7 @@ def test_bad_training_options_are_refused_in_one_line(tmp_path, capsys, flag, va
     (["--dagger-sink"], "--dagger-sink acts in dagger views only; give --dagger-fraction > 0 too"),
     (["--switch-view-fraction", "0.5", "--switch-fraction", "0"],
      "--switch-view-fraction needs clips with a prompt switch; give --switch-fraction > 0"),
+    (["--lr-restart", "400", "--steps", "400"], "--lr-restart 400 must be below --steps 400"),
 ])
 def test_options_that_would_do_nothing_are_refused_in_one_line(tmp_path, capsys, options, message):
     from scripts.train_toy_causal import main
@@ -232,6 +234,21 @@ def test_options_that_would_do_nothing_are_refused_in_one_line(tmp_path, capsys,
         main(["--work", str(tmp_path / "w"), *options])
     assert err.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
     assert not (tmp_path / "w").exists()
+
+
+def test_lr_restart_gives_a_resumed_stage_its_own_warm_up_and_cosine():
+    from types import SimpleNamespace
+
+    from scripts.train_toy_causal import stage_lr
+
+    plain = SimpleNamespace(lr=2e-4, steps=1700, warmup=10, lr_restart=0)
+    stage = SimpleNamespace(lr=2e-4, steps=1700, warmup=10, lr_restart=1400)
+    # Without a restart, step 1400 of 1700 sits near the cosine's 10% floor.
+    assert stage_lr(plain, 1400) < 0.3 * 2e-4
+    assert [stage_lr(stage, 1400 + k) for k in (0, 9)] == pytest.approx([2e-5, 2e-4], rel=3e-3)  # warm-up
+    assert stage_lr(stage, 1550) == pytest.approx(2e-4 * 0.55, rel=1e-3)  # half-way down
+    assert stage_lr(stage, 1699) == pytest.approx(2e-5, rel=1e-2)  # floor
+    assert stage_lr(SimpleNamespace(lr=2e-4, steps=300, warmup=10, lr_restart=0), 150) == stage_lr(stage, 1550)
 
 
 def test_dagger_oracle_continues_from_where_the_context_left_the_shape():
