@@ -108,12 +108,10 @@ def stream_clips(seed: int, count: int, height: int, width: int, frames: int, sw
     return np.stack(clips), np.asarray(colours, dtype=np.float64)
 
 
-def shape_weight(clips: np.ndarray, colours: np.ndarray, extra: float, also: np.ndarray | None = None) -> torch.Tensor:
-    """Per-pixel loss weight ``(N,1,F,H,W)``: 1, plus ``extra`` where the pixel is (close to) the shape's colour
-    or ``also`` ``(N,F,H,W)`` is set."""
+def shape_weight(clips: np.ndarray, colours: np.ndarray, extra: float) -> torch.Tensor:
+    """Per-pixel loss weight ``(N,1,F,H,W)``: 1, plus ``extra`` where the pixel is (close to) the shape's colour."""
     dist = np.linalg.norm(clips.astype(np.float64) - colours[:, :, None, None, :], axis=-1)
-    marked = dist < 60.0 if also is None else (dist < 60.0) | also
-    return 1.0 + extra * torch.from_numpy(marked).float()[:, None]
+    return 1.0 + extra * torch.from_numpy(dist < 60.0).float()[:, None]
 
 
 def world_label(frames: np.ndarray, prompt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -273,9 +271,9 @@ def tune(pipe, args, work: Path, log) -> None:
             recon_own = vae.decode(own["latents"][pick] * own_std + own_mean).sample
             n_own = min(recon_own.shape[2], target.shape[1])
             rgb = own_rgb[pick][:, None, :].expand(-1, n_own, -1).numpy()
-            # What the label repainted (the shape, fringes, strays) weighs like the shape.
-            weight_own = shape_weight(target[:, :n_own], rgb, args.shape_weight,
-                                      own["painted"][pick][:, :n_own].numpy())
+            # What the label repainted (the shape, fringes, strays) weighs at least 1 + --painted-weight.
+            weight_own = torch.maximum(shape_weight(target[:, :n_own], rgb, args.shape_weight),
+                                       1.0 + args.painted_weight * own["painted"][pick][:, None, :n_own].float())
             err_own = (recon_own[:, :, :n_own] - clips_to_video(target)[:, :, :n_own]) ** 2
             loss = 0.5 * (loss + (weight_own * err_own).mean() / weight_own.mean())
         lr = cosine_lr(args.lr, step, args.steps, warmup=args.warmup)
@@ -340,6 +338,9 @@ def main(argv=None) -> None:
                         "the model put its shape (DAgger for the decoder; 0: world clips only)")
     parser.add_argument("--own-blocks", type=positive_int, default=10, help="blocks per own stream")
     parser.add_argument("--own-batch", type=positive_int, default=2, help="own streams per step (with --own-streams)")
+    parser.add_argument("--painted-weight", type=non_negative_float, default=0.0,
+                        help="the pixels an own stream's label repainted (fringes, strays) weigh at least 1 + this "
+                             "(as --shape-weight does for the shape)")
     parser.add_argument("--steps", type=positive_int, default=300)
     parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)

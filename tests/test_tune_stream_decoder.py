@@ -150,6 +150,12 @@ def test_own_streams_train_resumably_and_a_work_folder_keeps_its_set(tmp_path):
     plain = _tune(tmp_path / "w3", tmp_path / "out3", "--steps", "2")
     c = _vae(tmp_path / "out3")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the own streams changed what was learned
+    (tmp_path / "w4").mkdir()
+    (tmp_path / "w4" / "own_streams.pt").write_bytes((tmp_path / "w1" / "own_streams.pt").read_bytes())
+    painted = _tune(tmp_path / "w4", tmp_path / "out4", *own, "--painted-weight", "9")
+    assert painted.returncode == 0 and "own streams 2/2" not in painted.stderr  # the same set, read back
+    d = _vae(tmp_path / "out4")
+    assert any(not torch.equal(a[k], d[k]) for k in a)  # the repainted pixels' weight changed the step
     data = torch.load(tmp_path / "w1" / "own_streams.pt", weights_only=False)
     assert data["latents"].shape[:3] == (2, 8, 6) and data["targets"].shape[1:] == (11, 32, 32, 3)
     other = _tune(tmp_path / "w1", tmp_path / "out1", *own[:2], "--own-blocks", "3", *own[4:])
