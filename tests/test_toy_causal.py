@@ -43,7 +43,8 @@ def test_toy_causal_keeps_its_direction_across_block_boundaries_where_toy_does_n
     # The bound the issue asks for: toy-causal keeps the direction across most block boundaries, toy
     # (trained on 9-frame clips) across almost none. 12 blocks, the same stream settings for both models,
     # each at its own guidance (3 for both). Measured: toy-causal continuity 1.00, direction 1.00, one
-    # object 0.83 (its decoder's rim reads as a purple speck in some frames); toy 0.18 / 0.00
+    # object 0.83 (a magenta fringe in the first blocks reads as a purple speck in some frames; the same with
+    # the decoder tuned on its own streams); toy 0.18 / 0.00
     # (docs/benchmarks.md; over 120 blocks and 4 prompts it is lower).
     config = causal.default_stream_config
     toy = SuperGenPipeline.from_pretrained("toy", device="cpu")
