@@ -336,11 +336,11 @@ def main(argv=None) -> None:
     parser.add_argument("--own-streams", type=non_negative_int, default=0,
                         help="also train on this many of the model's own streams, labelled by the world drawn where "
                         "the model put its shape (DAgger for the decoder; 0: world clips only)")
-    parser.add_argument("--own-blocks", type=positive_int, default=10, help="blocks per own stream")
-    parser.add_argument("--own-batch", type=positive_int, default=2, help="own streams per step (with --own-streams)")
-    parser.add_argument("--painted-weight", type=non_negative_float, default=0.0,
+    parser.add_argument("--own-blocks", type=positive_int, help="blocks per own stream (default 10)")
+    parser.add_argument("--own-batch", type=positive_int, help="own streams per step (default 2)")
+    parser.add_argument("--painted-weight", type=non_negative_float,
                         help="the pixels an own stream's label repainted (fringes, strays) weigh at least 1 + this "
-                             "(as --shape-weight does for the shape)")
+                             "(as --shape-weight does for the shape; default 0)")
     parser.add_argument("--steps", type=positive_int, default=300)
     parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -351,6 +351,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.lr > 0:
         parser.error(f"--lr {args.lr} must be > 0")
+    own_options = {"--own-blocks": args.own_blocks, "--own-batch": args.own_batch,
+                   "--painted-weight": args.painted_weight}
+    given = [name for name, value in own_options.items() if value is not None]
+    if given and not args.own_streams:
+        parser.error(f"{', '.join(given)} act on own streams only; give --own-streams N > 0 too")
+    args.own_blocks = 10 if args.own_blocks is None else args.own_blocks
+    args.own_batch = 2 if args.own_batch is None else args.own_batch
+    args.painted_weight = 0.0 if args.painted_weight is None else args.painted_weight
     source = Path(resolve_model(args.model))
     if not (source / "vae").is_dir():
         parser.error(f"--model {args.model}: {source} has no vae/ folder; give a local Diffusers model folder")

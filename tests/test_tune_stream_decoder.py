@@ -80,6 +80,11 @@ def test_shape_weight_marks_the_shapes_pixels_of_each_frame():
     (["--switch-fraction", "2"], "argument --switch-fraction: 2 is not a fraction in [0, 1]"),
     (["--latent-noise", "-1"], "argument --latent-noise: -1 must be a number >= 0"),
     (["--model", "toy", "--output", "NOTES"], "exists and is not a model folder; give a new path or a model folder"),
+    (["--own-streams", "-1"], "argument --own-streams: -1 must be an integer >= 0"),
+    (["--own-blocks", "0", "--own-streams", "2"], "argument --own-blocks: 0 must be an integer >= 1"),
+    (["--painted-weight", "9"], "--painted-weight act on own streams only; give --own-streams N > 0 too"),
+    (["--own-batch", "3", "--own-blocks", "4"],
+     "--own-blocks, --own-batch act on own streams only; give --own-streams N > 0 too"),
 ])
 def test_bad_options_are_refused_in_one_line(tmp_path, capsys, extra, message):
     from scripts.tune_stream_decoder import main
