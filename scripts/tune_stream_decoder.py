@@ -128,7 +128,7 @@ def world_label(frames: np.ndarray, prompt: str) -> tuple[np.ndarray, np.ndarray
     blob is kept as it is. Returns the uint8 frames ``(F, H, W, 3)``, which
     frames had a shape ``(F,)`` and which pixels were painted ``(F, H, W)``.
     """
-    from supergen.metrics import COLOUR_TOLERANCE, MIN_AREA_FRACTION, _circular_centre, _components
+    from supergen.metrics import MIN_AREA_FRACTION, _circular_centre, _colour_mask, _components
 
     facts = parse_prompt(prompt)
     f = np.asarray(frames, dtype=np.float64)
@@ -137,8 +137,7 @@ def world_label(frames: np.ndarray, prompt: str) -> tuple[np.ndarray, np.ndarray
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     top, bottom = (np.asarray(c, dtype=np.float64) for c in BACKGROUNDS[facts.background][:2])
     gradient = top + (bottom - top) * (yy / max(height - 1, 1))[..., None]
-    near = {c: np.linalg.norm(f - np.asarray(rgb, np.float64), axis=-1) < COLOUR_TOLERANCE
-            for c, rgb in COLOURS.items()}
+    near = {c: _colour_mask(f, c) for c in COLOURS}
     order = [facts.colour] + [c for c in COLOURS if c != facts.colour]
     centres, sizes = [], []
     for t in range(num):
