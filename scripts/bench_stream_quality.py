@@ -374,17 +374,26 @@ def teacher_forced(model: str, clips: int, block: int = 3, context_blocks: int =
 VOCAB_KEYS = ("colour", "direction", "one_object", "continuity")
 #: Floor of a prompt's training weight from --vocab-weights (every prompt keeps some views).
 VOCAB_WEIGHT_FLOOR = 0.25
+#: The scores whose shortfall --vocab-weights weighs by default.
+VOCAB_WEIGHT_FACTORS = ("colour", "direction", "one_object")
 
 
-def bench_vocab(pipe, config, blocks, guidance=None, prompts=None, power=1.0):
+def vocab_weights(rows: dict, power: float = 1.0, factors=VOCAB_WEIGHT_FACTORS) -> dict:
+    """``--prompt-weights`` from per-prompt vocabulary scores: the floor plus the prompt's shortfall,
+    ``1 - mean(factors)``, raised to ``power`` and never under the floor."""
+    return {p: max((VOCAB_WEIGHT_FLOOR + 1.0 - float(np.nanmean([r[f] for f in factors]))) ** power,
+                   VOCAB_WEIGHT_FLOOR) for p, r in rows.items()}
+
+
+def bench_vocab(pipe, config, blocks, guidance=None, prompts=None, power=1.0, weigh=VOCAB_WEIGHT_FACTORS):
     """Every world prompt streamed for ``blocks`` blocks (seed = its index): scores per prompt and per factor.
 
     Short streams over the whole vocabulary say where the model fails (which
     colour, shape, direction or background), which the few long streams of
     the main table cannot. ``weights`` is a ``--prompt-weights`` file for
     ``scripts/train_toy_causal.py``: the floor plus the prompt's shortfall,
-    ``1 - mean(colour, direction, one object)``, raised to ``power`` (> 1 leans
-    harder on the failing prompts) and never under the floor, so failing
+    ``1 - mean(weigh)`` (default colour, direction, one object), raised to
+    ``power`` (> 1 leans harder on the failing prompts) and never under the floor, so failing
     prompts get more views. ``prompts`` limits it to those (default: every prompt of the world).
     """
     rows = {}
@@ -399,8 +408,7 @@ def bench_vocab(pipe, config, blocks, guidance=None, prompts=None, power=1.0):
             factors.setdefault(f"{name} {value}", []).append(r)
     table = {k: {m: float(np.nanmean([r[m] for r in v])) for m in VOCAB_KEYS} for k, v in factors.items()}
     table["all"] = {m: float(np.nanmean([r[m] for r in rows.values()])) for m in VOCAB_KEYS}
-    weights = {p: max((VOCAB_WEIGHT_FLOOR + 1.0 - float(np.mean([r["colour"], r["direction"], r["one_object"]])))
-                      ** power, VOCAB_WEIGHT_FLOOR) for p, r in rows.items()}
+    weights = vocab_weights(rows, power, weigh)
     return {"blocks": blocks, "per_prompt": rows, "per_factor": table, "weights": weights}
 
 
@@ -459,11 +467,17 @@ def main() -> None:
                         help="with --vocab: write train_toy_causal.py --prompt-weights from those scores here")
     parser.add_argument("--vocab-power", type=float, default=1.0,
                         help="those weights raised to this power (2: lean harder on the failing prompts)")
+    parser.add_argument("--vocab-factors", default=",".join(VOCAB_WEIGHT_FACTORS),
+                        help=f"the scores whose mean shortfall --vocab-weights weighs, comma-separated, of {', '.join(VOCAB_KEYS)}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not args.vocab_power > 0:
         parser.error(f"--vocab-power {args.vocab_power} must be > 0")
+    factors = tuple(f for f in args.vocab_factors.split(",") if f)
+    bad = [f for f in factors if f not in VOCAB_KEYS]
+    if bad or not factors:
+        parser.error(f"--vocab-factors {args.vocab_factors!r}: give one or more of {', '.join(VOCAB_KEYS)}, comma-separated")
     if args.vocab_weights and not args.vocab:
         parser.error("--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too")
     torch.set_num_threads(args.threads)
@@ -532,7 +546,8 @@ def main() -> None:
         print(f"| {tf['clips']} | {tf['px_per_frame']:.2f} ({tf['truth_px_per_frame']:.2f}) | {tf['old_px_per_frame']:.2f} | "
               f"{tf['moving_share']:.2f} |", flush=True)
     if args.vocab:
-        vocab = bench_vocab(pipe, base, args.vocab, guidance=args.guidance, power=args.vocab_power)
+        vocab = bench_vocab(pipe, base, args.vocab, guidance=args.guidance, power=args.vocab_power,
+                            weigh=factors)
         report["vocab"] = vocab
         print(f"\n| every world prompt, {args.vocab} blocks each | colour | direction | one object | continuity |"
               "\n|---|---:|---:|---:|---:|")

@@ -105,7 +105,27 @@ def test_vocab_scores_each_factor_and_weighs_failing_prompts_up(causal):
         np.mean([row["colour"] for row in r["per_prompt"].values()]))
 
 
+def test_vocab_weights_weigh_the_chosen_factors_shortfall():
+    # --vocab-factors direction,continuity: a prompt that keeps its colour but loses its direction weighs more
+    # than one that loses its colour alone; with the default factors it is the other way round.
+    from scripts.bench_stream_quality import VOCAB_WEIGHT_FLOOR, vocab_weights
+
+    rows = {"turns": {"colour": 1.0, "direction": 0.2, "one_object": 1.0, "continuity": 0.4},
+            "fades": {"colour": 0.1, "direction": 1.0, "one_object": 0.5, "continuity": 1.0},
+            "fine": {"colour": 1.0, "direction": 1.0, "one_object": 1.0, "continuity": 1.0}}
+    motion = vocab_weights(rows, 2.0, ("direction", "continuity"))
+    assert motion["turns"] == pytest.approx((VOCAB_WEIGHT_FLOOR + 0.7) ** 2)
+    assert motion["fades"] == pytest.approx(VOCAB_WEIGHT_FLOOR) == motion["fine"]
+    plain = vocab_weights(rows)
+    assert plain["fades"] == pytest.approx(VOCAB_WEIGHT_FLOOR + 1 - 1.6 / 3)
+    assert plain["fades"] > plain["turns"] > plain["fine"]
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--vocab", "2", "--vocab-factors", "direction,speed"],
+     "--vocab-factors 'direction,speed': give one or more of colour, direction, one_object, continuity, comma-separated"),
+    (["--vocab", "2", "--vocab-factors", ","],
+     "--vocab-factors ',': give one or more of colour, direction, one_object, continuity, comma-separated"),
     (["--vocab-weights", "w.json"], "--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too"),
     (["--vocab", "2", "--vocab-power", "0"], "--vocab-power 0.0 must be > 0"),
 ])
