@@ -29,7 +29,8 @@ the text turn the shape, or does the context's motion carry on?), and
 ``--per-prompt`` prints each setting's scores per prompt as well. ``--vocab N`` streams every
 world prompt for N blocks and scores each colour, shape, direction and
 background; ``--vocab-weights FILE`` turns those scores into
-``train_toy_causal.py --prompt-weights`` (more views of what fails).
+``train_toy_causal.py --prompt-weights`` (more views of what fails;
+``--vocab-factors`` says which scores' shortfall counts).
 
     OMP_NUM_THREADS=1 python scripts/bench_stream_quality.py --model toy-causal --blocks 120 --json runs/bsq.json
 """
