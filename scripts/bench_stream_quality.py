@@ -386,14 +386,14 @@ def vocab_weights(rows: dict, power: float = 1.0, factors=VOCAB_WEIGHT_FACTORS) 
                    VOCAB_WEIGHT_FLOOR) for p, r in rows.items()}
 
 
-def bench_vocab(pipe, config, blocks, guidance=None, prompts=None, power=1.0, weigh=VOCAB_WEIGHT_FACTORS):
+def bench_vocab(pipe, config, blocks, guidance=None, prompts=None, power=1.0, factors=VOCAB_WEIGHT_FACTORS):
     """Every world prompt streamed for ``blocks`` blocks (seed = its index): scores per prompt and per factor.
 
     Short streams over the whole vocabulary say where the model fails (which
     colour, shape, direction or background), which the few long streams of
     the main table cannot. ``weights`` is a ``--prompt-weights`` file for
     ``scripts/train_toy_causal.py``: the floor plus the prompt's shortfall,
-    ``1 - mean(weigh)`` (default colour, direction, one object), raised to
+    ``1 - mean(factors)`` (default colour, direction, one object), raised to
     ``power`` (> 1 leans harder on the failing prompts) and never under the floor, so failing
     prompts get more views. ``prompts`` limits it to those (default: every prompt of the world).
     """
@@ -402,14 +402,14 @@ def bench_vocab(pipe, config, blocks, guidance=None, prompts=None, power=1.0, we
         frames, block_prompts, _ = stream_blocks(pipe, prompt, config, blocks, seed=i, guidance=guidance)
         r = analyse(frames, block_prompts)
         rows[prompt] = {k: r[k] for k in VOCAB_KEYS}
-    factors = {}
+    by_factor = {}
     for name in ("colour", "shape", "direction", "background"):
         for prompt, r in rows.items():
             value = getattr(parse_prompt(prompt), name)
-            factors.setdefault(f"{name} {value}", []).append(r)
-    table = {k: {m: float(np.nanmean([r[m] for r in v])) for m in VOCAB_KEYS} for k, v in factors.items()}
+            by_factor.setdefault(f"{name} {value}", []).append(r)
+    table = {k: {m: float(np.nanmean([r[m] for r in v])) for m in VOCAB_KEYS} for k, v in by_factor.items()}
     table["all"] = {m: float(np.nanmean([r[m] for r in rows.values()])) for m in VOCAB_KEYS}
-    weights = vocab_weights(rows, power, weigh)
+    weights = vocab_weights(rows, power, factors)
     return {"blocks": blocks, "per_prompt": rows, "per_factor": table, "weights": weights}
 
 
@@ -479,6 +479,8 @@ def main() -> None:
     bad = [f for f in factors if f not in VOCAB_KEYS]
     if bad or not factors:
         parser.error(f"--vocab-factors {args.vocab_factors!r}: give one or more of {', '.join(VOCAB_KEYS)}, comma-separated")
+    if factors == ("continuity",) and args.vocab == 1:
+        parser.error("--vocab-factors continuity needs block boundaries; give --vocab 2 or more")
     if args.vocab_weights and not args.vocab:
         parser.error("--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too")
     torch.set_num_threads(args.threads)
@@ -548,7 +550,7 @@ def main() -> None:
               f"{tf['moving_share']:.2f} |", flush=True)
     if args.vocab:
         vocab = bench_vocab(pipe, base, args.vocab, guidance=args.guidance, power=args.vocab_power,
-                            weigh=factors)
+                            factors=factors)
         report["vocab"] = vocab
         print(f"\n| every world prompt, {args.vocab} blocks each | colour | direction | one object | continuity |"
               "\n|---|---:|---:|---:|---:|")

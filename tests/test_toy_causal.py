@@ -126,6 +126,8 @@ def test_vocab_weights_weigh_the_chosen_factors_shortfall():
      "--vocab-factors 'direction,speed': give one or more of colour, direction, one_object, continuity, comma-separated"),
     (["--vocab", "2", "--vocab-factors", ","],
      "--vocab-factors ',': give one or more of colour, direction, one_object, continuity, comma-separated"),
+    (["--vocab", "1", "--vocab-factors", "continuity"],
+     "--vocab-factors continuity needs block boundaries; give --vocab 2 or more"),
     (["--vocab-weights", "w.json"], "--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too"),
     (["--vocab", "2", "--vocab-power", "0"], "--vocab-power 0.0 must be > 0"),
 ])
