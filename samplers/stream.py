@@ -18,6 +18,13 @@ Both loops are model-agnostic. They take:
 once more at timestep 0 (clean keys/values, as Self-Forcing does; one forward
 more per block); ``last_step`` keeps the keys/values of its last denoising
 forward (one forward fewer, keys from a slightly noisy input).
+
+``context_noise`` (``rerun`` only) adds Gaussian noise of that standard
+deviation to a finished block before its clean re-run, so the context the
+next blocks attend to is as noisy as the one a causal student was trained on
+(CausVid's and Self-Forcing's ``context_noise``; ``train_toy_causal.py
+--context-noise``). The yielded block stays the clean sample; 0 (the default)
+draws nothing and leaves the stream bit for bit as before.
 """
 
 from __future__ import annotations
@@ -39,6 +46,23 @@ def _clean_timesteps(frames: int) -> torch.Tensor:
     return torch.zeros(frames)
 
 
+def _check(kv_write: str, context_noise: float) -> None:
+    if kv_write not in KV_WRITE_MODES:
+        raise ValueError(f"kv_write={kv_write!r} is not one of {', '.join(KV_WRITE_MODES)}")
+    if not context_noise >= 0:
+        raise ValueError(f"context_noise={context_noise} must be >= 0 (the noise std added to the written context)")
+    if context_noise > 0 and kv_write != "rerun":
+        raise ValueError(f"context_noise={context_noise} needs kv_write='rerun': it noises the clean re-run's input")
+
+
+def _write_clean(model, x: torch.Tensor, context_noise: float, generator) -> None:
+    if context_noise > 0:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        x = x + context_noise * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    model.predict(x, _clean_timesteps(x.shape[2]), write_frames=x.shape[2])
+
+
 def _step(scheduler, pred, t, x, generator):
     # Stochastic samplers (FlowMatchEuler with stochastic_sampling) draw fresh
     # noise in step(): give them the stream's generator so a seed reproduces.
@@ -52,10 +76,10 @@ def block_stream(
     make_scheduler: Callable[[], object],
     kv_write: str = "rerun",
     generator: torch.Generator | None = None,
+    context_noise: float = 0.0,
 ) -> Iterator[torch.Tensor]:
     """Few-step block schedule: denoise one block fully, commit it, move on. Yields clean blocks."""
-    if kv_write not in KV_WRITE_MODES:
-        raise ValueError(f"kv_write={kv_write!r} is not one of {', '.join(KV_WRITE_MODES)}")
+    _check(kv_write, context_noise)
     while (x := next_noise()) is not None:
         frames = x.shape[2]
         scheduler = make_scheduler()
@@ -66,7 +90,7 @@ def block_stream(
             pred = model.predict(x, t.reshape(1).expand(frames).float(), write_frames=write)
             x = _step(scheduler, pred, t, x, generator)
         if kv_write == "rerun":
-            model.predict(x, _clean_timesteps(frames), write_frames=frames)
+            _write_clean(model, x, context_noise, generator)
         yield x
 
 
@@ -87,6 +111,7 @@ def rolling_stream(
     make_scheduler: Callable[[], object],
     kv_write: str = "rerun",
     generator: torch.Generator | None = None,
+    context_noise: float = 0.0,
 ) -> Iterator[torch.Tensor]:
     """Rolling Forcing's joint window: up to ``steps`` blocks denoised together, oldest cleanest.
 
@@ -96,8 +121,7 @@ def rolling_stream(
     to each other inside the window both ways. After a warm-up of ``steps - 1``
     forwards one block comes out per forward.
     """
-    if kv_write not in KV_WRITE_MODES:
-        raise ValueError(f"kv_write={kv_write!r} is not one of {', '.join(KV_WRITE_MODES)}")
+    _check(kv_write, context_noise)
     window: list[_WindowEntry] = []
     source_open = True
     while True:
@@ -122,5 +146,5 @@ def rolling_stream(
         if exits:
             window.pop(0)
             if kv_write == "rerun":
-                model.predict(oldest.x, _clean_timesteps(frames[0]), write_frames=frames[0])
+                _write_clean(model, oldest.x, context_noise, generator)
             yield oldest.x

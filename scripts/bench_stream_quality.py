@@ -418,6 +418,9 @@ def write_json_atomically(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2))
 
 
+CONTEXT_NOISES = (0.0, 0.05, 0.15)
+
+
 def sweep(default: StreamConfig):
     b = default.block_frames
     half = max(b, round(default.window / 2 / b) * b)
@@ -428,7 +431,9 @@ def sweep(default: StreamConfig):
                 ("window 2 blocks", dataclasses.replace(default, window=2 * b, sink=min(default.sink, 2 * b))),
                 ("window 4 blocks", dataclasses.replace(default, window=4 * b)),
                 ("rolling schedule", dataclasses.replace(default, schedule="rolling")),
-                ("kv write last_step", dataclasses.replace(default, kv_write="last_step"))]
+                ("kv write last_step", dataclasses.replace(default, kv_write="last_step", context_noise=0.0))]
+    if default.kv_write == "rerun":  # the context-noise sweep: none, the training's most (0.05), 3x that
+        settings += [(f"context noise {c:g}", dataclasses.replace(default, context_noise=c)) for c in CONTEXT_NOISES]
     seen, out = set(), []
     for name, cfg in settings:
         key = dataclasses.astuple(cfg)
@@ -439,7 +444,8 @@ def sweep(default: StreamConfig):
 
 
 def describe(cfg: StreamConfig) -> str:
-    return f"sink {cfg.sink}, window {cfg.window}, {cfg.schedule}, {cfg.kv_write}"
+    noise = f" + context noise {cfg.context_noise:g}" if cfg.context_noise else ""
+    return f"sink {cfg.sink}, window {cfg.window}, {cfg.schedule}, {cfg.kv_write}{noise}"
 
 
 def main() -> None:
@@ -470,6 +476,9 @@ def main() -> None:
                         help="those weights raised to this power (2: lean harder on the failing prompts)")
     parser.add_argument("--vocab-factors", default=",".join(VOCAB_WEIGHT_FACTORS),
                         help=f"the scores whose mean shortfall --vocab-weights weighs, comma-separated, of {', '.join(VOCAB_KEYS)}")
+    parser.add_argument("--context-noise", type=float, default=None,
+                        help="the default setting's context noise (StreamConfig.context_noise; default: the model's); "
+                             "the switch, vocabulary and long runs use it too")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -486,6 +495,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = SuperGenPipeline.from_pretrained(args.model, device="cpu")
     base = pipe.default_stream_config
+    if args.context_noise is not None:
+        try:
+            base = dataclasses.replace(base, context_noise=args.context_noise)
+        except ValueError as err:
+            parser.error(f"--context-noise: {err}")
     report = {"model": args.model, "blocks": args.blocks, "guidance": args.guidance, "default": dataclasses.asdict(base), "settings": {}}
     print(f"model {args.model}, {args.blocks} blocks x {args.prompts} prompts x {args.seeds} seeds; default: {describe(base)}")
     chosen = sweep(base)

@@ -423,6 +423,9 @@ class StreamConfig:
         kv_write: ``rerun`` writes a finished block's keys/values with one more
             forward at timestep 0 (Self-Forcing); ``last_step`` keeps those of its
             last denoising forward (one forward fewer per block).
+        context_noise: with ``rerun``, the std of Gaussian noise added to a finished
+            block before its clean re-run writes it to the cache (CausVid's context
+            noise; the output block stays clean). 0 writes the sample as it is.
         on_prompt_change: what ``VideoStream.set_prompt`` does to the cached
             context: ``keep`` it (its keys/values were computed under the old
             prompt); ``recache`` it, re-running the cached clean frames under the
@@ -447,6 +450,9 @@ class StreamConfig:
     kv_write: str = field(default="rerun", metadata=cli(
         "--kv-write", "write a finished block's keys/values by a clean re-run (rerun), or from its last denoising "
         "step (last_step)", model_default=True, choices=KV_WRITE_MODES))
+    context_noise: float = field(default=0.0, metadata=cli(
+        "--context-noise", "with --kv-write rerun, noise std added to a finished block before it is written to the "
+        "KV cache (0: none)", model_default=True))
     on_prompt_change: str = field(default="keep", metadata=cli(
         "--on-prompt-change", "what a prompt change (demo: apply prompt) does to the cached context: keep it, "
         "re-run it under the new prompt (recache), flush it to the sink (flush), or drop it all and start afresh "
@@ -461,6 +467,10 @@ class StreamConfig:
         _choice("schedule", self.schedule, STREAM_SCHEDULES)
         _choice("kv_write", self.kv_write, KV_WRITE_MODES)
         _choice("on_prompt_change", self.on_prompt_change, PROMPT_CHANGE_MODES)
+        _finite_number("context_noise", self.context_noise, 0.0, 1.0)
+        if self.context_noise > 0 and self.kv_write != "rerun":
+            raise ValueError(f"context_noise={self.context_noise} needs kv_write='rerun' (last_step writes the "
+                             "last denoising forward's keys, there is no clean re-run to noise)")
         if self.window < self.block_frames:
             raise ValueError(
                 f"window={self.window} latent frames is shorter than one block ({self.block_frames}); "

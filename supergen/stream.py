@@ -118,9 +118,9 @@ class VideoStream:
         config = self.config
         logger.info(
             "stream %dx%d, blocks of %d latent frames, %s schedule with %d steps, sink %d + window %d latent frames, "
-            "kv write %s, %s",
+            "kv write %s (context noise %g), %s",
             self.width, self.height, config.block_frames, config.schedule, config.steps, config.sink, config.window,
-            config.kv_write, "KV-cached" if cached else "uncached (full history re-run)",
+            config.kv_write, config.context_noise, "KV-cached" if cached else "uncached (full history re-run)",
         )
 
     # --- control ------------------------------------------------------------------
@@ -222,7 +222,8 @@ class VideoStream:
         with torch.no_grad():
             self._started = time.perf_counter()
             block_start = self._started
-            latents = loop(self.model, self._next_noise, self._make_scheduler, self.config.kv_write, self._generator)
+            latents = loop(self.model, self._next_noise, self._make_scheduler, self.config.kv_write, self._generator,
+                           context_noise=self.config.context_noise)
             for index, clean in enumerate(latents):
                 self._remember(clean)
                 t_denoised = time.perf_counter()
@@ -293,6 +294,7 @@ class VideoStream:
                 "sink": self.config.sink,
                 "schedule": self.config.schedule,
                 "kv_write": self.config.kv_write,
+                "context_noise": self.config.context_noise,
                 "on_prompt_change": self.config.on_prompt_change,
                 "prompt_changes": list(self.prompt_changes),
             },

@@ -20,7 +20,7 @@ LATENT_HW = (8, 12)  # the tiny model's native 64x96 pixels
 
 
 def _latents(tiny, *, cached, sink, window, blocks, block_frames=2, steps=2, kv_write="rerun", schedule="block",
-             guidance=3.0, seed=0, encoder=None):
+             guidance=3.0, seed=0, encoder=None, context_noise=0.0):
     """Clean latents of ``blocks`` blocks from the raw loop (no decode), and the stream model used."""
     adapter = tiny.adapter
     encoder = encoder or adapter
@@ -44,7 +44,8 @@ def _latents(tiny, *, cached, sink, window, blocks, block_frames=2, steps=2, kv_
                 return s
 
             loop = rolling_stream if schedule == "rolling" else block_stream
-            out = torch.cat(list(loop(model, noise, scheduler, kv_write)), dim=2)
+            kwargs = dict(generator=gen, context_noise=context_noise) if context_noise else {}
+            out = torch.cat(list(loop(model, noise, scheduler, kv_write, **kwargs)), dim=2)
     finally:
         model.remove()
     return out, model
@@ -175,6 +176,38 @@ def test_cached_blocks_equal_uncached_with_sink_and_rolling_window(tiny, case):
     # The window rolled away from the sink, so the cache re-indexed the sink next to the
     # window and the reference had to give each segment its own positions.
     assert model.cache.evicted_frames > 0 and uncached.view_forwards > 0
+
+
+@pytest.mark.parametrize("schedule", ["block", "rolling"])
+def test_context_noise_reaches_the_cache_not_the_output_and_cached_equals_uncached(tiny, schedule):
+    case = dict(sink=1, window=3, blocks=4, steps=2, schedule=schedule)
+    clean, _ = _latents(tiny, cached=True, **case)
+    noisy, model = _latents(tiny, cached=True, context_noise=0.2, **case)
+    again, _ = _latents(tiny, cached=True, context_noise=0.2, **case)
+    reference, _ = _latents(tiny, cached=False, context_noise=0.2, **case)
+    b = 2  # _latents' block_frames
+    # The first block never sees a context: the yielded sample is the clean one, not the noised write.
+    assert torch.equal(noisy[:, :, :b], clean[:, :, :b])
+    # What follows attends to a noised context: it moves (the noise drawn also shifts the seed's later noise).
+    assert (noisy[:, :, b:] - clean[:, :, b:]).abs().max() > 0.1
+    assert torch.equal(noisy, again)  # the stream's generator draws it: a seed reproduces
+    # The uncached reference re-runs the same noised history: the KV cache stays exact with it.
+    assert torch.allclose(noisy, reference, atol=1e-4, rtol=0), (noisy - reference).abs().max()
+    assert model.cache.evicted_frames > 0
+
+
+def test_context_noise_stream_setting_is_logged_in_metrics_and_zero_is_bit_exact(tiny):
+    config = StreamConfig(block_frames=2, window=4, sink=0, steps=2)
+    with tiny.stream(PROMPT, num_blocks=3, stream=config, guidance_scale=3.0, seed=0) as stream:
+        plain = torch.cat([blk.latents for blk in stream], dim=2)
+    zero = dataclasses.replace(config, context_noise=0.0)
+    with tiny.stream(PROMPT, num_blocks=3, stream=zero, guidance_scale=3.0, seed=0) as stream:
+        assert torch.equal(torch.cat([blk.latents for blk in stream], dim=2), plain)
+    noisy = dataclasses.replace(config, context_noise=0.1)
+    with tiny.stream(PROMPT, num_blocks=3, stream=noisy, guidance_scale=3.0, seed=0) as stream:
+        out = torch.cat([blk.latents for blk in stream], dim=2)
+        assert stream.metrics["stream"]["context_noise"] == 0.1
+    assert torch.equal(out[:, :, :2], plain[:, :, :2]) and not torch.equal(out, plain)
 
 
 def test_joint_window_of_one_step_is_the_block_schedule(tiny):
@@ -314,6 +347,9 @@ def test_stream_bad_requests_fail_before_model_work(tiny, kwargs, match):
         (dict(schedule="diagonal"), "schedule"),
         (dict(kv_write="never"), "kv_write"),
         (dict(steps=0), "steps"),
+        (dict(context_noise=-0.1), "context_noise"),
+        (dict(context_noise=float("nan")), "context_noise"),
+        (dict(context_noise=0.1, kv_write="last_step"), "needs kv_write='rerun'"),
     ],
 )
 def test_stream_config_errors(kwargs, match):
