@@ -221,7 +221,7 @@ def world_reference(model, prompts, blocks, seeds, block, chunk=10, vae=True):
     return {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS if k != "ms_per_block"}
 
 
-def bench_switches(pipe, base, trials, after, hold=3, horizon=8, seed=0, guidance=None):
+def bench_switches(pipe, base, trials, after, hold=3, horizon=8, seed=0, guidance=None, modes=PROMPT_CHANGE_MODES):
     """Per mode: blocks until the new colour and direction hold (for ``hold`` blocks), over ``trials`` switches."""
     rng = np.random.default_rng(seed)
     plan = []
@@ -229,7 +229,7 @@ def bench_switches(pipe, base, trials, after, hold=3, horizon=8, seed=0, guidanc
         prompt = PROMPTS[i % len(PROMPTS)]
         plan.append((prompt, switch_prompt(prompt, rng), i))
     out = {}
-    for mode in PROMPT_CHANGE_MODES:
+    for mode in modes:
         config = dataclasses.replace(base, on_prompt_change=mode)
         latencies, colour_latencies, adherences, jumps = [], [], [], []
 
@@ -458,6 +458,8 @@ def main() -> None:
     parser.add_argument("--settings", default="all", help="'all' (the sweep), 'default', or comma-separated names")
     parser.add_argument("--switch-trials", type=int, default=0)
     parser.add_argument("--switch-after", type=int, default=12)
+    parser.add_argument("--switch-modes", default=",".join(PROMPT_CHANGE_MODES),
+                        help="comma-separated on_prompt_change modes the switch trials compare")
     parser.add_argument("--long", type=int, default=0, help="also stream this many blocks for latency/memory")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--teacher-forced", type=non_negative_int, default=0,
@@ -490,6 +492,15 @@ def main() -> None:
         parser.error(f"--vocab-factors {args.vocab_factors!r}: give one or more of {', '.join(VOCAB_KEYS)}, comma-separated")
     if factors == ("continuity",) and args.vocab == 1:
         parser.error("--vocab-factors continuity needs block boundaries; give --vocab 2 or more")
+    switch_modes = tuple(m for m in args.switch_modes.split(",") if m)
+    unknown = sorted(set(switch_modes) - set(PROMPT_CHANGE_MODES))
+    if unknown or not switch_modes:
+        parser.error(f"--switch-modes {args.switch_modes!r}: give one or more of {', '.join(PROMPT_CHANGE_MODES)}")
+    if args.context_noise is not None:
+        try:
+            StreamConfig(context_noise=args.context_noise)
+        except ValueError as err:
+            parser.error(f"--context-noise: {err}")
     if args.vocab_weights and not args.vocab:
         parser.error("--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too")
     torch.set_num_threads(args.threads)
@@ -537,7 +548,8 @@ def main() -> None:
                       f"{r['drift_area']:.2f} / {r['drift_brightness']:.2f} | {r['flicker']:.3f} | "
                       f"{r['flicker_boundary_ratio']:.2f} | {r['ms_per_block']:.0f} |", flush=True)
     if args.switch_trials:
-        sw = bench_switches(pipe, base, args.switch_trials, args.switch_after, guidance=args.guidance)
+        sw = bench_switches(pipe, base, args.switch_trials, args.switch_after, guidance=args.guidance,
+                            modes=switch_modes)
         report["switches"] = sw
         print("\n| on_prompt_change | new colour + direction hold within 2 blocks | never hold | median blocks to hold "
               "| new colour holds within 2 blocks | adherence after switch | shape's step across the switch px "

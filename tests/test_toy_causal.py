@@ -130,6 +130,9 @@ def test_vocab_weights_weigh_the_chosen_factors_shortfall():
      "--vocab-factors continuity needs block boundaries; give --vocab 2 or more"),
     (["--vocab-weights", "w.json"], "--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too"),
     (["--vocab", "2", "--vocab-power", "0"], "--vocab-power 0.0 must be > 0"),
+    (["--switch-trials", "2", "--switch-modes", "restart,rewind"],
+     "--switch-modes 'restart,rewind': give one or more of keep, recache, flush, restart"),
+    (["--context-noise", "-0.1"], "--context-noise: context_noise=-0.1 must be a finite number >= 0 and <= 1"),
 ])
 def test_bench_refuses_vocab_options_in_one_line_before_loading(monkeypatch, capsys, tmp_path, argv, message):
     from scripts import bench_stream_quality
