@@ -443,9 +443,27 @@ def sweep(default: StreamConfig):
     return out
 
 
+def stream_overrides(items) -> dict:
+    """``FIELD=VALUE`` strings as StreamConfig overrides, each value parsed as its field's type and checked."""
+    fields = {f.name: f for f in dataclasses.fields(StreamConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"{item!r} is not FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        kind = type(fields[name].default)
+        try:
+            out[name] = kind(text)
+        except ValueError:
+            noun = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise ValueError(f"{item!r}: {name} takes {noun}") from None
+    StreamConfig(**out)  # each value's own check, before any model loads
+    return out
+
+
 def describe(cfg: StreamConfig) -> str:
     noise = f" + context noise {cfg.context_noise:g}" if cfg.context_noise else ""
-    return f"sink {cfg.sink}, window {cfg.window}, {cfg.schedule}, {cfg.kv_write}{noise}"
+    return f"sink {cfg.sink}, window {cfg.window}, {cfg.schedule}, {cfg.kv_write}, {cfg.steps} steps{noise}"
 
 
 def main() -> None:
@@ -478,9 +496,9 @@ def main() -> None:
                         help="those weights raised to this power (2: lean harder on the failing prompts)")
     parser.add_argument("--vocab-factors", default=",".join(VOCAB_WEIGHT_FACTORS),
                         help=f"the scores whose mean shortfall --vocab-weights weighs, comma-separated, of {', '.join(VOCAB_KEYS)}")
-    parser.add_argument("--context-noise", type=float, default=None,
-                        help="the default setting's context noise (StreamConfig.context_noise; default: the model's); "
-                             "the switch, vocabulary and long runs use it too")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a StreamConfig field of the default setting (e.g. context_noise=0.05, "
+                             "steps=6; repeatable); the sweep, switch, vocabulary and long runs start from it")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -496,21 +514,19 @@ def main() -> None:
     unknown = sorted(set(switch_modes) - set(PROMPT_CHANGE_MODES))
     if unknown or not switch_modes:
         parser.error(f"--switch-modes {args.switch_modes!r}: give one or more of {', '.join(PROMPT_CHANGE_MODES)}")
-    if args.context_noise is not None:
-        try:
-            StreamConfig(context_noise=args.context_noise)
-        except ValueError as err:
-            parser.error(f"--context-noise: {err}")
+    try:
+        overrides = stream_overrides(args.set)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     if args.vocab_weights and not args.vocab:
         parser.error("--vocab-weights comes from the --vocab scores; give --vocab N (blocks per prompt) too")
     torch.set_num_threads(args.threads)
     pipe = SuperGenPipeline.from_pretrained(args.model, device="cpu")
     base = pipe.default_stream_config
-    if args.context_noise is not None:
-        try:
-            base = dataclasses.replace(base, context_noise=args.context_noise)
-        except ValueError as err:
-            parser.error(f"--context-noise: {err}")
+    try:
+        base = dataclasses.replace(base, **overrides)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     report = {"model": args.model, "blocks": args.blocks, "guidance": args.guidance, "default": dataclasses.asdict(base), "settings": {}}
     print(f"model {args.model}, {args.blocks} blocks x {args.prompts} prompts x {args.seeds} seeds; default: {describe(base)}")
     chosen = sweep(base)

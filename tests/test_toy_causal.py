@@ -132,7 +132,10 @@ def test_vocab_weights_weigh_the_chosen_factors_shortfall():
     (["--vocab", "2", "--vocab-power", "0"], "--vocab-power 0.0 must be > 0"),
     (["--switch-trials", "2", "--switch-modes", "restart,rewind"],
      "--switch-modes 'restart,rewind': give one or more of keep, recache, flush, restart"),
-    (["--context-noise", "-0.1"], "--context-noise: context_noise=-0.1 must be a finite number >= 0 and <= 1"),
+    (["--set", "context_noise=-0.1"], "--set: context_noise=-0.1 must be a finite number >= 0 and <= 1"),
+    (["--set", "context_noise"], "--set: 'context_noise' is not FIELD=VALUE with FIELD one of block_frames, window, sink, "
+     "steps, schedule, kv_write, context_noise, on_prompt_change"),
+    (["--set", "steps=six"], "--set: 'steps=six': steps takes an integer"),
 ])
 def test_bench_refuses_vocab_options_in_one_line_before_loading(monkeypatch, capsys, tmp_path, argv, message):
     from scripts import bench_stream_quality
