@@ -432,7 +432,7 @@ def sweep(default: StreamConfig):
                 ("window 4 blocks", dataclasses.replace(default, window=4 * b)),
                 ("rolling schedule", dataclasses.replace(default, schedule="rolling")),
                 ("kv write last_step", dataclasses.replace(default, kv_write="last_step", context_noise=0.0))]
-    if default.kv_write == "rerun":  # the context-noise sweep: none, the training's most (0.05), 3x that
+    if default.kv_write == "rerun":  # none, a third of what stages 4-6 trained with, all of it (0.15)
         settings += [(f"context noise {c:g}", dataclasses.replace(default, context_noise=c)) for c in CONTEXT_NOISES]
     seen, out = set(), []
     for name, cfg in settings:
